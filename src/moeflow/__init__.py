@@ -3,10 +3,15 @@
 The DeepEP-compatible entry point is :class:`Buffer`; :mod:`moeflow.autograd` makes its dispatch
 and combine differentiable; :mod:`moeflow.quant` holds the FP8 cast; :func:`moeflow.launch.spawn`
 runs a function on local ranks; :mod:`moeflow.balance` plans expert placement (EPLB contract).
+:class:`MoELayer` puts them together: :class:`Router` -> dispatch -> :class:`GroupedExperts` ->
+combine, with shared experts and overlap.
 """
 
 from . import autograd, balance, layout, quant
 from .comm import Buffer, ByteCounters, DispatchHandle, EventOverlap
+from .experts import GroupedExperts, SwiGLU
+from .layer import MoELayer
+from .routing import Router, RouterOutput
 from .launch import RankError, spawn
 from .quant import per_token_cast_back, per_token_cast_to_fp8
 
@@ -16,4 +21,5 @@ __all__ = [
     "Buffer", "DispatchHandle", "EventOverlap", "ByteCounters",
     "autograd", "balance", "layout", "quant", "per_token_cast_to_fp8", "per_token_cast_back",
     "spawn", "RankError",
+    "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer",
 ]
