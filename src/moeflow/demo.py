@@ -46,8 +46,9 @@ class DemoConfig:
     top_k: int = 2
     ffn_hidden: int = 128          # per routed expert (fine-grained: small)
     num_shared_experts: int = 1
-    bias_update_rate: float = 1e-2  # aux-loss-free balancing (DeepSeek-V3 uses 1e-3 over far more steps); 0 = off
+    bias_update_rate: float = 3e-2  # aux-loss-free balancing (DeepSeek-V3 uses 1e-3 over far more steps); 0 = off
     aux_loss_coeff: float = 1e-2   # sequence-wise aux loss (DeepSeek-V3 uses 1e-4 at scale)
+    bias_decay: bool = True        # the bias rate follows the learning-rate schedule down to 0
     lr: float = 3e-3
     gate_lr_scale: float = 0.1
     eval_every: int = 50
@@ -182,6 +183,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
     dense = [p for n, p in model.named_parameters() if not _is_expert_param(n)]
     experts = [p for n, p in model.named_parameters() if _is_expert_param(n)]
     history = dict(step=[], loss=[], val_step=[], val_loss=[], tokens_per_s=[], expert_load=[],
+                   expert_load_per_layer=[],
                    max_over_mean_expert=[], max_over_mean_expert_per_layer=[], max_over_mean_rank=[],
                    bytes_per_step=[])
     bar = None
@@ -218,6 +220,10 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
             if p.grad is not None:  # None when no token reached this rank's experts
                 p.grad /= R
         opt.step()
+        for layer in model.moe_layers():
+            # DeepSeek-V3 stops the bias updates for its last tokens; decaying the rate with the
+            # learning rate lets the bias settle instead of flipping by a fixed step every update
+            layer.router.bias_update_rate = cfg.bias_update_rate * (lr / cfg.lr if cfg.bias_decay else 1.0)
         loads = [layer.router.update_bias() for layer in model.moe_layers()]
         load = torch.stack(loads).float()  # [layers, E], global counts this step
         per_rank = load.view(load.size(0), R, -1).sum(-1)
@@ -230,8 +236,9 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         history["loss"].append(loss_avg.item() / R)
         history["tokens_per_s"].append(tokens / dt)
         history["expert_load"].append(load.sum(0).tolist())
+        history["expert_load_per_layer"].append(load.tolist())
         per_layer = load.max(1).values / load.mean(1).clamp(min=1e-9)
-        history["max_over_mean_expert"].append(float(per_layer.mean()))
+        history["max_over_mean_expert"].append(_max_over_mean(load))
         history["max_over_mean_expert_per_layer"].append(per_layer.tolist())
         history["max_over_mean_rank"].append(float((per_rank.max(1).values / per_rank.mean(1)).mean()))
         history["bytes_per_step"].append(sent)
@@ -252,6 +259,9 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         tokens_per_s=sum(history["tokens_per_s"][-tail:]) / tail,
         max_over_mean_expert_last=sum(history["max_over_mean_expert"][-tail:]) / tail,
         max_over_mean_rank_last=sum(history["max_over_mean_rank"][-tail:]) / tail,
+        # the same over the load summed across the last 10% of steps: what the bias can balance,
+        # without one batch's sampling noise (a step routes only B * S * R tokens)
+        max_over_mean_expert_window=_max_over_mean(torch.tensor(history["expert_load_per_layer"][-tail:]).sum(0)),
         bytes_per_step=sum(history["bytes_per_step"][-tail:]) / tail,
         num_params=sum(p.numel() for p in dense) + R * sum(p.numel() for p in experts),
         history=history,
@@ -261,13 +271,20 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
     return report
 
 
+def _max_over_mean(load_LE: torch.Tensor) -> float:
+    """Busiest expert over the mean, per layer, averaged over layers."""
+    return float((load_LE.max(-1).values / load_LE.mean(-1).clamp(min=1e-9)).mean())
+
+
 @torch.no_grad()
 def _evaluate(model, val_data, cfg, batch, R) -> float:
     g = torch.Generator().manual_seed(12345 + dist.get_rank())
     total = torch.zeros(1)
+    model.eval()  # the routers must not count validation tokens into the expert-bias update
     for _ in range(cfg.eval_batches):
         x, y = batch(val_data, g)
         total += F.cross_entropy(model(x).view(-1, 256), y.reshape(-1))
+    model.train()
     dist.all_reduce(total)  # mean over ranks, for the report
     return total.item() / (cfg.eval_batches * R)
 

@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
           f"(unigram baseline {report['unigram_val_loss']:.3f})")
     print(f"throughput {report['tokens_per_s']:,.0f} tokens/s; "
           f"{report['bytes_per_step'] / 2**20:.2f} MiB moved per step per rank")
-    print(f"expert load max/mean {report['max_over_mean_expert_last']:.3f} over experts, "
-          f"{report['max_over_mean_rank_last']:.3f} over ranks (last 10% of steps, "
-          f"expert bias {'off' if args.no_bias else 'on'})")
+    print(f"expert load max/mean (expert bias {'off' if args.no_bias else 'on'}, last 10% of steps): "
+          f"{report['max_over_mean_expert_last']:.3f} over experts per step, "
+          f"{report['max_over_mean_expert_window']:.3f} over experts summed over those steps, "
+          f"{report['max_over_mean_rank_last']:.3f} over ranks per step")
     print(f"wrote {args.out}/report.json and {args.out}/training.png in {report['seconds']:.0f} s")
     return 0
