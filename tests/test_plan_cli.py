@@ -3,7 +3,6 @@ that ``--previous`` reads back, and fails with a named error on bad input."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -11,6 +10,8 @@ import torch
 
 from moeflow.balance import Placement, imbalance, plan
 from moeflow.cli import main
+
+from _files import write_loads
 
 ARGS = ["--replicas", "24", "--groups", "4", "--nodes", "2", "--gpus", "4"]
 
@@ -23,12 +24,7 @@ def loads():
 @pytest.mark.parametrize("fmt", ["npy", "csv", "json"])
 def test_plan_reads_each_format_and_writes_the_planned_placement(tmp_path, capsys, loads, fmt):
     src = tmp_path / f"loads.{fmt}"
-    if fmt == "npy":
-        np.save(src, loads)
-    elif fmt == "csv":
-        np.savetxt(src, loads, delimiter=",")
-    else:
-        src.write_text(json.dumps({"loads": loads.tolist()}))
+    write_loads(src, loads, json_key="loads")
     out = tmp_path / "p.json"
     assert main(["plan", str(src), *ARGS, "--out", str(out)]) == 0
     text = capsys.readouterr().out

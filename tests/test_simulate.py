@@ -3,7 +3,6 @@ concrete routing, every DeepEP H800 figure within 15%, the CLI, and named errors
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -13,6 +12,8 @@ import torch
 from moeflow.cli import main
 from moeflow.simulate import (DEEPEP_H800, ClusterSpec, Reach, bytes_per_token, compare_deepep, expected_reach,
                               link_bytes, simulate_dispatch_combine)
+
+from _files import write_loads
 
 
 def _miss(E, K, u):
@@ -194,12 +195,7 @@ def test_cli_models_a_cluster(capsys):
 def test_cli_reads_a_load_file(tmp_path, capsys, fmt):
     loads = np.random.default_rng(0).pareto(1.1, (3, 64)) + 0.1
     src = tmp_path / f"loads.{fmt}"
-    if fmt == "npy":
-        np.save(src, loads)
-    elif fmt == "csv":
-        np.savetxt(src, loads, delimiter=",")
-    else:
-        src.write_text(json.dumps(loads.tolist()))
+    write_loads(src, loads)
     args = ["simulate", "--nodes", "2", "--gpus-per-node", "4", "--experts", "64", "--loads", str(src),
             "--samples", "2000"]
     assert main(args) == 0
