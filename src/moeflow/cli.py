@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moeflow.commands.demo", "train a small DeepSeek-style MoE LM expert-parallel on local ranks"),
     "bench": ("moeflow.commands.bench", "time dispatch+combine on local ranks against baselines"),
+    "bench-layer": ("moeflow.commands.bench_layer", "time MoE layer forward+backward against no-dedup and DeepSpeed-MoE layers"),
     "bench-ll": ("moeflow.commands.bench_ll", "time low-latency dispatch+combine against raw all-to-alls of its static buffers"),
     "plan": ("moeflow.commands.plan", "plan expert placement (replicas, GPUs, nodes) from per-expert loads"),
     "simulate": ("moeflow.commands.simulate", "model dispatch/combine time on a cluster you don't have"),
