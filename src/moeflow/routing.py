@@ -1,8 +1,9 @@
-"""``Router``: scores, (group-limited) top-k, expert bias, balance losses.
+"""``Router``: scores, (group- and node-limited) top-k, expert bias, balance losses.
 
 Shape letters:
     T  tokens (batch x sequence, flattened)   D  hidden size
     E  routed experts                         K  top-k
+    N  nodes the experts lie on               M  max nodes per token
     G  expert groups                          B  sequences, S  sequence length (T = B * S)
 
 Routing runs in fp32 whatever the input dtype: the gate's logits, the scores, the bias and the
@@ -81,6 +82,12 @@ class Router(nn.Module):
             ``num_groups`` equal contiguous groups, a group scores the sum of its top-2 biased
             scores (top-1 when a group holds one expert), and a token picks its K experts inside
             its ``topk_groups`` best groups only. ``num_groups=1`` is plain top-k.
+        num_nodes, max_nodes_per_token: node-limited routing (DeepSeek-V3): the E experts lie
+            contiguously on ``num_nodes`` nodes (expert-parallel group size / ranks per node), a
+            node scores the sum of its top ``ceil(K / max_nodes_per_token)`` biased scores, and a
+            token picks its K experts on its ``max_nodes_per_token`` best nodes only, so it
+            crosses to at most that many nodes. None = no limit. Combines with group-limited
+            routing (applied after it) when groups nest inside nodes.
         route_scale: multiplies the weights (DeepSeek-V3 uses 2.5 with sigmoid).
         norm_topk_prob: normalise each token's K weights to sum 1; default True for sigmoid
             (whose scores do not sum to 1), False for softmax.
@@ -101,7 +108,8 @@ class Router(nn.Module):
                  norm_topk_prob: Optional[bool] = None, bias_update_rate: float = 0.0,
                  aux_loss_coeff: float = 0.0, seq_aux_loss_coeff: float = 0.0,
                  global_aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
-                 group: Optional[dist.ProcessGroup] = None) -> None:
+                 group: Optional[dist.ProcessGroup] = None, num_nodes: int = 1,
+                 max_nodes_per_token: Optional[int] = None) -> None:
         super().__init__()
         for name, value in (("hidden", hidden), ("num_experts", num_experts), ("num_groups", num_groups)):
             if not isinstance(value, int) or value < 1:
@@ -117,6 +125,7 @@ class Router(nn.Module):
         if topk_groups * (num_experts // num_groups) < top_k:
             raise ValueError(f"Router: `top_k`={top_k} exceeds the {topk_groups * (num_experts // num_groups)} "
                              f"experts of topk_groups={topk_groups} groups of {num_experts // num_groups}")
+        self._check_node_limit(num_experts, top_k, num_groups, topk_groups, num_nodes, max_nodes_per_token)
         if not route_scale > 0:
             raise ValueError(f"Router: `route_scale` must be > 0, got {route_scale!r}")
         for name, value in (("bias_update_rate", bias_update_rate), ("aux_loss_coeff", aux_loss_coeff),
@@ -127,6 +136,8 @@ class Router(nn.Module):
         self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
         self.score_func = score_func
         self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.num_nodes = num_nodes
+        self.max_nodes_per_token = num_nodes if max_nodes_per_token is None else max_nodes_per_token
         self.route_scale = route_scale
         self.norm_topk_prob = (score_func == "sigmoid") if norm_topk_prob is None else bool(norm_topk_prob)
         self.bias_update_rate = bias_update_rate
@@ -144,6 +155,26 @@ class Router(nn.Module):
         # aux loss's frequencies (only counted while that loss is on)
         self.register_buffer("global_counts_since_update", torch.zeros(num_experts + 1, dtype=torch.int64),
                              persistent=False)
+
+    @staticmethod
+    def _check_node_limit(E: int, K: int, G: int, topk_groups: int, num_nodes: int,
+                          max_nodes_per_token: Optional[int]) -> None:
+        if not isinstance(num_nodes, int) or num_nodes < 1 or E % num_nodes:
+            raise ValueError(f"Router: `num_nodes` must be a positive int dividing num_experts={E}, got {num_nodes!r}")
+        if max_nodes_per_token is None:
+            return
+        M = max_nodes_per_token
+        if not isinstance(M, int) or not 1 <= M <= num_nodes:
+            raise ValueError(f"Router: `max_nodes_per_token` must lie in [1, num_nodes={num_nodes}], got {M!r}")
+        if M * (E // num_nodes) < K:
+            raise ValueError(f"Router: `top_k`={K} exceeds the {M * (E // num_nodes)} experts of "
+                             f"max_nodes_per_token={M} nodes of {E // num_nodes}")
+        if M < num_nodes and topk_groups < G and (G % num_nodes or topk_groups > M * (G // num_nodes)):
+            # Otherwise a kept group could straddle a dropped node, or more groups be wanted than
+            # the kept nodes hold.
+            raise ValueError(f"Router: group-limited routing (num_groups={G}, topk_groups={topk_groups}) combines "
+                             f"with max_nodes_per_token={M} only when num_nodes={num_nodes} divides num_groups and "
+                             f"topk_groups <= max_nodes_per_token * num_groups / num_nodes")
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype) / .half() cast floating buffers too; the bias keeps its fp32 value
@@ -216,9 +247,16 @@ class Router(nn.Module):
                             global_aux_loss=glob.detach(), z_loss=z.detach(), num_tokens_per_expert=counts_E)
 
     def _select(self, biased_TE: torch.Tensor) -> torch.Tensor:
-        """``[T, E]`` biased scores -> ``[T, K]`` int64 ids, restricted to the best groups."""
+        """``[T, E]`` biased scores -> ``[T, K]`` int64 ids, restricted to the best nodes and groups."""
         T, E = biased_TE.shape
-        G = self.num_groups
+        G, N, M = self.num_groups, self.num_nodes, self.max_nodes_per_token
+        if M < N:
+            biased_TNE = biased_TE.view(T, N, E // N)
+            per_node = min(-(-self.top_k // M), E // N)       # ceil(K / M) best experts per node
+            node_scores_TN = biased_TNE.topk(per_node, dim=-1).values.sum(-1)
+            keep_TN = torch.zeros(T, N, dtype=torch.bool, device=biased_TE.device)
+            keep_TN.scatter_(1, node_scores_TN.topk(M, dim=-1).indices, True)
+            biased_TE = biased_TNE.masked_fill(~keep_TN.unsqueeze(-1), float("-inf")).view(T, E)
         if self.topk_groups < G:
             biased_TGE = biased_TE.view(T, G, E // G)
             group_scores_TG = biased_TGE.topk(min(2, E // G), dim=-1).values.sum(-1)
