@@ -301,15 +301,27 @@ def test_node_limited_routing_matches_reference(cfg):
     assert int(nodes_reached.max()) <= cfg["max_nodes_per_token"]
 
 
-def test_node_limit_is_applied_in_the_layer():
-    """MoELayer passes max_nodes_per_token with its Buffer's node count: 2 emulated nodes of 1
-    rank on one process group of 2 ranks is more than this test wants, so use the Router the
-    way the layer builds it and check that the limit binds where free routing crosses nodes."""
-    free = _router(score_func="sigmoid", num_experts=16, top_k=4)(_x(64)).topk_idx
-    limited = _router(score_func="sigmoid", num_experts=16, top_k=4, num_nodes=4,
-                      max_nodes_per_token=1)(_x(64)).topk_idx
-    assert (free // 4 != free[:, :1] // 4).any()            # free routing crosses nodes ...
-    assert (limited // 4 == limited[:, :1] // 4).all()      # ... the limited one never does
+def _layer_node_limit_fn():
+    from moeflow.comm.buffer import Buffer
+    from moeflow.layer import MoELayer
+
+    torch.manual_seed(0)   # the same gate on both ranks
+    buffer = Buffer(dist.group.WORLD, ranks_per_node=1)          # 2 emulated nodes of 1 rank
+    layer = MoELayer(D, 8, 16, 4, buffer=buffer, score_func="sigmoid", max_nodes_per_token=1)
+    free = MoELayer(D, 8, 16, 4, buffer=buffer, score_func="sigmoid")
+    free.load_state_dict(layer.state_dict())
+    x = _x(32, seed=dist.get_rank())
+    layer(x), free(x)
+    return (layer.router.num_nodes, layer.last_router_output.topk_idx, free.last_router_output.topk_idx)
+
+
+def test_layer_limits_tokens_to_its_buffers_nodes():
+    """MoELayer gives its Router the Buffer's node count: on 2 emulated nodes (8 experts each)
+    with max_nodes_per_token=1 no token reaches both nodes, where free routing does."""
+    for num_nodes, limited, free in spawn(_layer_node_limit_fn, 2, timeout_s=60):
+        assert num_nodes == 2
+        assert (limited // 8 == limited[:, :1] // 8).all()
+        assert (free // 8 != free[:, :1] // 8).any()
 
 
 @pytest.mark.parametrize("kw,match", [

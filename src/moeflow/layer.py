@@ -112,6 +112,9 @@ class MoELayer(nn.Module):
             parallelism see the same weights as with a single rank.
         score_func, num_groups, topk_groups, route_scale, bias_update_rate, aux_loss_coeff,
         seq_aux_loss_coeff, global_aux_loss_coeff, z_loss_coeff: passed to :class:`Router`.
+        max_nodes_per_token: node-limited routing: a token's experts lie on at most this many
+            of the Buffer's nodes (``group size / ranks_per_node``; experts counted on the nodes
+            of the default contiguous split); None = no limit. Passed to :class:`Router`.
         num_chunks: C, token chunks pipelined through dispatch / experts / combine; ``"auto"``
             picks ``max(1, min(4, T // 1024))`` per call (chunks under ~1k tokens pay more in
             per-message latency than they hide).
@@ -131,6 +134,7 @@ class MoELayer(nn.Module):
                  route_scale: float = 1.0, norm_topk_prob: Optional[bool] = None,
                  bias_update_rate: float = 0.0, aux_loss_coeff: float = 0.0, seq_aux_loss_coeff: float = 0.0,
                  global_aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
+                 max_nodes_per_token: Optional[int] = None,
                  num_chunks: Union[int, str] = 1, capacity_factor: Optional[float] = None,
                  wire_dtype: Optional[torch.dtype] = None, buffer: Optional[Buffer] = None) -> None:
         super().__init__()
@@ -149,7 +153,8 @@ class MoELayer(nn.Module):
                              topk_groups=topk_groups, route_scale=route_scale, norm_topk_prob=norm_topk_prob,
                              bias_update_rate=bias_update_rate, aux_loss_coeff=aux_loss_coeff,
                              seq_aux_loss_coeff=seq_aux_loss_coeff, global_aux_loss_coeff=global_aux_loss_coeff,
-                             z_loss_coeff=z_loss_coeff, group=group)
+                             z_loss_coeff=z_loss_coeff, group=group, num_nodes=self.buffer.num_nodes,
+                             max_nodes_per_token=max_nodes_per_token)
         self.experts = GroupedExperts(self.num_local_experts, hidden, ffn_hidden)
         self.shared = SwiGLU(hidden, ffn_hidden * num_shared_experts) if num_shared_experts else None
         self.last_router_output = None
