@@ -151,14 +151,19 @@ class NoDedupMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[T, D]``; returns ``[T, D]``."""
+        route = self.router(x)
+        return self.routed(x, route.topk_idx, route.topk_weights)
+
+    def routed(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Everything after the router: ``x`` ``[T, D]``, ``topk_idx`` ``[T, K]`` int64 global expert
+        ids, ``topk_weights`` ``[T, K]`` float32 -> ``[T, D]``."""
         T, D = x.shape
         R, L, E = self.num_ranks, self.num_local_experts, self.num_experts
-        route = self.router(x)
-        K = route.topk_idx.size(1)
-        flat_expert = route.topk_idx.flatten()                                 # [T * K]
+        K = topk_idx.size(1)
+        flat_expert = topk_idx.flatten()                                       # [T * K]
         order = torch.argsort(flat_expert, stable=True)                        # pairs by expert, so by rank
         pair_token = order // K                                                # [S]
-        pair_weight = route.topk_weights.flatten().index_select(0, order)      # [S] fp32
+        pair_weight = topk_weights.flatten().index_select(0, order)            # [S] fp32
         send_counts = torch.bincount(flat_expert, minlength=E).view(R, L)      # [R, L] pairs per expert
         recv_counts = torch.empty_like(send_counts)
         # per-expert counts: the receiver sizes its rows and its permutation from them
@@ -181,6 +186,14 @@ class _RowScale(nn.Module):
 
     def forward(self, x, topk_idx, topk_weights, num_tokens_per_expert=None):
         return x * topk_weights.sum(1, keepdim=True).to(x.dtype)
+
+
+class _SortedIdentity(nn.Module):
+    """Stands in for the no-dedup layer's experts when timing its communication alone (its
+    weights are applied on the source rank, so their gradients need nothing here)."""
+
+    def forward_sorted(self, x_sorted, num_tokens_per_expert):
+        return x_sorted
 
 
 # ----------------------------------------------------------------------------- rank side
@@ -277,6 +290,8 @@ def _bench_rank(cfg: dict) -> dict:
     # Overlap set-up: the routing and, per chunk count, what each chunk's dispatch delivers.
     comm_layer = moe_layer(1, None)
     comm_layer.experts = _RowScale()
+    no_dedup_comm = NoDedupMoE(D, F, E, K)
+    no_dedup_comm.experts = _SortedIdentity()
     with torch.no_grad():
         route = layers["moeflow"].router(x)
     topk_idx = route.topk_idx
@@ -301,6 +316,10 @@ def _bench_rank(cfg: dict) -> dict:
         x.grad = topk_weights.grad = None
         comm_layer._routed(x, topk_idx, topk_weights).backward(grad_y)
 
+    def no_dedup_comm_step() -> None:
+        x.grad = topk_weights.grad = None
+        no_dedup_comm.routed(x, topk_idx, topk_weights).backward(grad_y)
+
     def compute_step(C: int) -> None:
         layer = layers["moeflow"]
         for p in layer.parameters():
@@ -312,6 +331,7 @@ def _bench_rank(cfg: dict) -> dict:
         torch.autograd.backward(outs, grads)
 
     runs = {name: (lambda n=name: step(n)) for name in layers}
+    runs["comm_no_dedup"] = no_dedup_comm_step
     for C in cfg["chunks"]:
         runs[f"comm_C{C}"] = lambda C=C: comm_step(C)
         runs[f"compute_C{C}"] = lambda C=C: compute_step(C)
@@ -339,6 +359,7 @@ def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
     tokens = R * cfg["T"]
     columns = {k: dict(ms=v * 1e3, tokens_per_s=tokens / v) for k, v in t.items()
                if not k.startswith(("comm_", "compute_"))}
+    comm_ms = {k: v * 1e3 for k, v in t.items() if k.startswith("comm_")}
     diffs = {name: dict(y=max(r["diffs"][name]["y"] for r in per_rank),
                         grad_x=max(r["diffs"][name]["grad_x"] for r in per_rank))
              for name in per_rank[0]["diffs"]}
@@ -347,6 +368,11 @@ def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
     if "deepspeed" in t:
         ratios["vs_deepspeed"] = t["deepspeed"] / t["moeflow"]
         ratios["bf16_vs_deepspeed"] = t["deepspeed"] / t["moeflow_bf16"]
+    # Communication alone (same routing, no router, no experts): what deduplication changes.
+    ratios["comm_vs_no_dedup"] = t["comm_no_dedup"] / t["comm_C1"] if "comm_C1" in t else None
+    # moeflow cannot beat its own compute: with free communication it would reach this.
+    computes = [t[k] for k in t if k.startswith("compute_")]
+    ratios["ceiling_vs_no_dedup"] = t["no_dedup"] / min(computes) if computes else None
     overlap = []
     for C in cfg["chunks"]:
         layer = t["moeflow"] if C == 1 else t[f"moeflow_C{C}"]
@@ -354,8 +380,10 @@ def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
         overlap.append(dict(chunks=C, layer_ms=layer * 1e3, comm_ms=comm * 1e3, compute_ms=compute * 1e3,
                             ratio=layer / max(comm, compute)))
     best = min(overlap, key=lambda o: o["layer_ms"]) if overlap else None
+    if best:
+        ratios["best_chunks_vs_no_dedup"] = t["no_dedup"] / (best["layer_ms"] / 1e3)
     return dict(ranks=R, tokens_per_rank=cfg["T"], hidden=cfg["D"], ffn=cfg["F"], experts=cfg["E"],
-                topk=cfg["K"], iters=cfg["iters"], columns=columns, ratios=ratios, max_abs_diff=diffs,
+                topk=cfg["K"], iters=cfg["iters"], columns=columns, comm_ms=comm_ms, ratios=ratios, max_abs_diff=diffs,
                 overlap=overlap, best_chunks=best["chunks"] if best else None,
                 targets=dict(vs_no_dedup=TARGET_VS_NO_DEDUP, vs_deepspeed=TARGET_VS_DEEPSPEED,
                              overlap=TARGET_OVERLAP))
@@ -380,6 +408,15 @@ def _print(s: dict) -> None:
     r = s["ratios"]
     print(f"  moeflow / no-dedup (fp32 wire both): {r['vs_no_dedup']:.2f}x   "
           f"{_mark(r['vs_no_dedup'], TARGET_VS_NO_DEDUP, True)}   (bf16 wire: {r['bf16_vs_no_dedup']:.2f}x)")
+    if r.get("best_chunks_vs_no_dedup") is not None:
+        print(f"  moeflow at its fastest chunk count (C={s['best_chunks']}) / no-dedup: "
+              f"{r['best_chunks_vs_no_dedup']:.2f}x")
+    if r["comm_vs_no_dedup"] is not None:
+        print(f"  communication alone (fwd+bwd, no router/experts): no-dedup {s['comm_ms']['comm_no_dedup']:.1f} ms, "
+              f"moeflow {s['comm_ms']['comm_C1']:.1f} ms -> {r['comm_vs_no_dedup']:.2f}x")
+    if r["ceiling_vs_no_dedup"] is not None:
+        print(f"  ceiling here: no-dedup layer / moeflow compute alone = {r['ceiling_vs_no_dedup']:.2f}x "
+              f"(what free communication would give)")
     if "vs_deepspeed" in r:
         print(f"  moeflow / DeepSpeed-MoE (fp32 wire both): {r['vs_deepspeed']:.2f}x   "
               f"{_mark(r['vs_deepspeed'], TARGET_VS_DEEPSPEED, True)}   (bf16 wire: {r['bf16_vs_deepspeed']:.2f}x)")

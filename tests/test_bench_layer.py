@@ -1,0 +1,114 @@
+"""``moeflow bench-layer`` at a tiny size: the report's structure and sanity (not speed), and the
+no-dedup baseline layer against the dense reference used for MoELayer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moeflow import spawn
+from moeflow.cli import main
+from moeflow.commands.bench_layer import NoDedupMoE
+
+TINY = ["--tokens", "48", "--hidden", "32", "--ffn", "16", "--experts", "8", "--topk", "3",
+        "--iters", "2", "--warmup", "0", "--chunks", "1", "2"]
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+def test_bench_layer_report(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    assert main(["bench-layer", "--ranks", "2", *TINY, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert (row["ranks"], row["tokens_per_rank"], row["hidden"], row["experts"], row["topk"]) == (2, 48, 32, 8, 3)
+    cols = row["columns"]
+    expected = {"moeflow", "moeflow_bf16", "no_dedup", "moeflow_C2"} | ({"deepspeed"} if HAS_DEEPSPEED else set())
+    assert set(cols) == expected
+    for name, c in cols.items():
+        assert c["ms"] > 0, name
+        # tokens/s counts every rank's tokens
+        assert c["tokens_per_s"] == pytest.approx(2 * 48 / (c["ms"] / 1e3)), name
+    r = row["ratios"]
+    assert r["vs_no_dedup"] == pytest.approx(cols["no_dedup"]["ms"] / cols["moeflow"]["ms"])
+    assert r["bf16_vs_no_dedup"] == pytest.approx(cols["no_dedup"]["ms"] / cols["moeflow_bf16"]["ms"])
+    if HAS_DEEPSPEED:
+        assert r["vs_deepspeed"] == pytest.approx(cols["deepspeed"]["ms"] / cols["moeflow"]["ms"])
+        assert "DeepSpeed-MoE, dropless" in text
+    # Every column computes the same layer (same weights, same routing) in fp32; bf16 on the wire
+    # costs bf16 rounding, no more.
+    diffs = row["max_abs_diff"]
+    for name in ("no_dedup", "moeflow_C2") + (("deepspeed",) if HAS_DEEPSPEED else ()):
+        assert diffs[name]["y"] < 1e-4 and diffs[name]["grad_x"] < 1e-4, (name, diffs[name])
+    assert 0 < diffs["moeflow_bf16"]["y"] < 5e-2
+    # Overlap: one row per chunk count; ratio = layer / max(comm, compute), best = fastest layer.
+    assert [o["chunks"] for o in row["overlap"]] == [1, 2]
+    for o in row["overlap"]:
+        assert o["comm_ms"] > 0 and o["compute_ms"] > 0
+        assert o["ratio"] == pytest.approx(o["layer_ms"] / max(o["comm_ms"], o["compute_ms"]))
+    assert row["overlap"][0]["layer_ms"] == pytest.approx(cols["moeflow"]["ms"])
+    assert row["best_chunks"] == min(row["overlap"], key=lambda o: o["layer_ms"])["chunks"]
+    assert row["targets"] == {"vs_no_dedup": 1.5, "vs_deepspeed": 1.2, "overlap": 1.2}
+    # Each ratio is printed beside its target.
+    assert f"moeflow / no-dedup (fp32 wire both): {r['vs_no_dedup']:.2f}x   target >= 1.5: " in text
+    assert "overlap at the fastest chunk count" in text and "target <= 1.2: " in text
+
+
+def test_bench_layer_rejects_bad_arguments():
+    with pytest.raises(SystemExit, match="--topk 9 exceeds --experts 8"):
+        main(["bench-layer", "--experts", "8", "--topk", "9"])
+    with pytest.raises(SystemExit, match="--experts 8 not divisible by 3 ranks"):
+        main(["bench-layer", "--ranks", "3", "--experts", "8", "--no-deepspeed"])
+
+
+# ----------------------------------------------------------------------------- the baseline itself
+D, FF, E, K = 16, 8, 8, 3
+
+
+def _weights():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(E, D, generator=g) * 0.3, torch.randn(E, D, FF, generator=g) * 0.3,
+            torch.randn(E, FF, D, generator=g) * 0.3, torch.randn(E, D, FF, generator=g) * 0.3)
+
+
+def _no_dedup_rank():
+    rank, R = dist.get_rank(), dist.get_world_size()
+    gate, w1, w2, w3 = _weights()
+    layer = NoDedupMoE(D, FF, E, K, norm_topk_prob=True)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(gate)
+        layer.experts.load_shard(w1, w2, w3, rank, R)
+    x = torch.randn(7 + 2 * rank, D, generator=torch.Generator().manual_seed(10 + rank)).requires_grad_()
+    y = layer(x)
+    (y * torch.arange(y.numel()).view_as(y).cos()).sum().backward()
+    return x.detach(), y.detach(), x.grad, layer.experts.w2.grad, layer.router.gate.weight.grad
+
+
+def test_no_dedup_layer_matches_dense_reference():
+    R = 4
+    out = spawn(_no_dedup_rank, R, timeout_s=120)
+    gate, w1, w2, w3 = (t.clone().requires_grad_() for t in _weights())
+    loss = 0
+    xs = []
+    for x, *_ in out:
+        x = x.clone().requires_grad_()
+        scores = (x @ gate.t()).softmax(-1)
+        w, idx = scores.topk(K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for t in range(x.size(0)):
+            for k in range(K):
+                e = int(idx[t, k])
+                y[t] += w[t, k] * ((torch.nn.functional.silu(x[t] @ w1[e]) * (x[t] @ w3[e])) @ w2[e])
+        loss = loss + (y * torch.arange(y.numel()).view_as(y).cos()).sum()
+        xs.append((x, y))
+    loss.backward()
+    L = E // R
+    for rank, ((x, y), (_, got_y, got_gx, got_gw2, got_ggate)) in enumerate(zip(xs, out)):
+        torch.testing.assert_close(got_y, y.detach(), rtol=1e-4, atol=1e-5, msg=f"rank {rank} output")
+        torch.testing.assert_close(got_gx, x.grad, rtol=1e-4, atol=1e-5, msg=f"rank {rank} grad x")
+        torch.testing.assert_close(got_gw2, w2.grad[rank * L:(rank + 1) * L], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sum(o[4] for o in out), gate.grad, rtol=1e-4, atol=1e-5)
