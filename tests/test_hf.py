@@ -145,10 +145,7 @@ def _compare(family, group):
                 loss=(ep_out.loss.item(), out.loss.item()))
 
 
-@pytest.mark.parametrize("world_size,ep_size", [(1, None), (2, None), (4, 2)])
-def test_same_logits_and_grads_as_unmodified_model(world_size, ep_size):
-    """4 ranks also run two expert-parallel groups of 2 (``group=``) beside the whole world."""
-    out = spawn(_parity_rank, world_size, FAMILIES, ep_size, timeout_s=180)
+def _assert_parity(out, ep_size):
     expected_moe = {"deepseek_v3": 2, "qwen3_moe": 2, "mixtral": 2}
     for rank, res in enumerate(out):
         assert len(res) == len(FAMILIES) * (1 if ep_size is None else 2)
@@ -160,3 +157,112 @@ def test_same_logits_and_grads_as_unmodified_model(world_size, ep_size):
             bad = sorted(((v, k) for k, v in r["errs"].items() if not v < 1e-4), reverse=True)
             assert not bad, f"rank {rank}, {family}, group {gname}: {len(bad)} differ, worst {bad[:4]}"
             assert abs(r["loss"][0] - r["loss"][1]) < 1e-5, (rank, family, gname, r["loss"])
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_same_logits_and_grads_as_unmodified_model(world_size):
+    _assert_parity(spawn(_parity_rank, world_size, FAMILIES, timeout_s=180), None)
+
+
+def _four_rank_fn():
+    # one spawn for every 4-rank check: each rank process pays ~2 s importing transformers
+    return _parity_rank(FAMILIES, 2), _generate_and_modes_rank()
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return spawn(_four_rank_fn, 4, timeout_s=240)
+
+
+def test_same_logits_and_grads_on_4_ranks_and_2_rank_groups(four_ranks):
+    """The whole world as one expert-parallel group, and two groups of 2 (``group=``)."""
+    _assert_parity([parity for parity, _ in four_ranks], 2)
+
+
+# ------------------------------------------------------------------ the model's other entry points
+def _generate_and_modes_rank():
+    """Greedy generation with the KV cache through the expert-parallel model (ranks with prompts
+    of different lengths, ``synced_gpus`` so they step together); train/eval, requires_grad and
+    dtype carried over; a block count that does not divide over the ranks refused."""
+    rank, R = dist.get_rank(), dist.get_world_size()
+    ref = _build("qwen3_moe").eval()
+    ids = torch.randint(0, VOCAB, (1, 3 + 2 * rank), generator=torch.Generator().manual_seed(7 + rank))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref_tokens = ref.generate(ids, **kw)
+        ep = expert_parallelize(copy.deepcopy(ref))
+        ep_tokens = ep.generate(ids, synced_gpus=True, **kw)
+
+    frozen = _build("deepseek_v3")
+    for m in frozen.modules():
+        if type(m).__name__ == "DeepseekV3MoE":
+            m.experts.down_proj.requires_grad_(False)
+            m.gate.float()  # transformers keeps this gate in fp32 (_keep_in_fp32_modules_strict)
+    frozen.bfloat16().eval()
+    for m in frozen.modules():
+        if type(m).__name__ == "DeepseekV3TopkRouter":
+            m.float()
+    expert_parallelize(frozen)
+    layers = [m for m in frozen.modules() if isinstance(m, MoELayer)]
+    modes = dict(
+        num_layers=len(layers), training=[m.training for m in layers],
+        requires_grad=[(m.experts.w1.requires_grad, m.experts.w2.requires_grad, m.router.gate.weight.requires_grad)
+                       for m in layers],
+        dtypes=[(m.experts.w1.dtype, m.shared.w1.dtype, m.router.gate.weight.dtype, m.router.expert_bias.dtype)
+                for m in layers])
+    with torch.no_grad():
+        logits = frozen(ids).logits
+    modes["bf16_logits_finite"] = bool(logits.isfinite().all()) and logits.dtype == torch.bfloat16
+
+    split_error = None
+    try:
+        expert_parallelize(_build("mixtral", num_experts=6))
+    except ValueError as e:
+        split_error = str(e)
+    return ref_tokens, ep_tokens, modes, split_error
+
+
+def test_generate_modes_and_uneven_split_on_4_ranks(four_ranks):
+    for rank, (_, (ref_tokens, ep_tokens, modes, split_error)) in enumerate(four_ranks):
+        assert ref_tokens.shape == (1, 3 + 2 * rank + 5)
+        assert torch.equal(ep_tokens, ref_tokens), rank
+        assert modes["num_layers"] == 2
+        assert modes["training"] == [False, False]
+        assert modes["requires_grad"] == [(True, False, True)] * 2
+        assert modes["dtypes"] == [(torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)] * 2
+        assert modes["bf16_logits_finite"]
+        assert split_error is not None and "has 6 experts" in split_error and "4 ranks" in split_error
+
+
+# ------------------------------------------------------------------------------ refused inputs
+def test_refuses_bad_arguments_and_unknown_blocks():
+    import transformers as tf
+
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        expert_parallelize("model")
+    with pytest.raises(TypeError, match=r"\['norm_topk_prob', 'top_k'\] come from the model"):
+        expert_parallelize(_build("mixtral"), top_k=4, norm_topk_prob=True)
+    with pytest.raises(ValueError, match="no MoE block found in Linear"):
+        expert_parallelize(nn.Linear(4, 4))
+    # Qwen2-MoE: routed experts plus a sigmoid-gated shared expert, which MoELayer does not have
+    cfg = tf.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=64, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    with pytest.raises(TypeError, match=r"model\.layers\.0\.mlp is a Qwen2MoeSparseMoeBlock, an MoE block of a "
+                                        "family moeflow does not know"):
+        expert_parallelize(tf.Qwen2MoeForCausalLM(cfg))
+    with pytest.raises(ValueError, match=r"router_jitter_noise=0\.1"):
+        expert_parallelize(_build("mixtral", router_jitter_noise=0.1))
+    with pytest.raises(ValueError, match=r"experts\.act_fn \(GELU.*\) is not SiLU"):
+        expert_parallelize(_build("qwen3_moe", hidden_act="gelu"))
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+            expert_parallelize(_build("deepseek_v3"))
+
+
+def test_moeflow_imports_without_transformers():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import moeflow, moeflow.integrations.hf as hf\n"
+            "assert 'DeepseekV3MoE' in hf.SUPPORTED_BLOCKS\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
