@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,17 @@ def test_bench_cli_small_run(tmp_path):
         assert r["dispatch_wire_bytes"] <= r["no_dedup_wire_bytes"] // 2 * 1.1
     assert rows[0]["metadata_overhead"] < 0.1
     assert rows[1]["fp8_vs_no_dedup_dispatch"] < 0.6
+
+
+def test_hf_expert_parallel_example_runs():
+    pytest.importorskip("transformers")
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_expert_parallel.py")],
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        m = re.match(rf"rank {rank}: 2 MoE layers, experts {4 * rank}-{4 * rank + 3} of 8 here; "
+                     r"max \|logit difference\| vs the unmodified model ([\d.e+-]+)$", line)
+        assert m, line
+        assert float(m.group(1)) < 1e-4  # float32 rounding, not a routing or weight error
