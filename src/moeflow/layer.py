@@ -2,14 +2,22 @@
 
 Shape letters:
     T  tokens on this rank (batch x sequence, flattened)    D  hidden size
-    K  top-k                                                 E  routed experts in the group
+    K  top-k                                                 E  routed (logical) experts in the group
     M  rows received by this rank                            C  chunks of the token pipeline
+    N  physical expert slots in the group (num_replicas)     S  slots on this rank (N / ranks)
+    R  ranks in the group
 
 Overlap: dispatch and combine are issued with ``async_finish`` and waited on only when their
 result is needed, so the shared experts run while chunk 0's tokens travel, and with C > 1 the
 experts work on chunk i while chunk i+1 is dispatched and chunk i-1 is combined. Backward runs
 the same communication without overlap (one combine per dispatch, one cached dispatch per
 combine).
+
+Placement: the router picks logical experts; each pair then goes to one physical slot holding a
+replica of its expert (``phy2log``), spread evenly over the replicas, and dispatch runs over the
+N slots (S per rank, split contiguously). With N = E and the identity placement (the default)
+the mapping is skipped: that path is unchanged. :meth:`MoELayer.apply_placement` moves expert
+weights and optimizer state between ranks in one all-to-all; docs/placement.md has the details.
 """
 
 from __future__ import annotations
@@ -17,10 +25,13 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .balance import Placement, plan
+from .balance.replicas import check_phy2log, default_phy2log, plan_migration, replica_tables, spread_over_replicas
 from .comm.buffer import Buffer, DispatchHandle, EventOverlap
 from .experts import GroupedExperts, SwiGLU
 from .routing import Router
@@ -123,9 +134,33 @@ class MoELayer(nn.Module):
             order.
         wire_dtype: dtype the tokens travel in (e.g. ``torch.bfloat16`` to halve fp32 traffic);
             None keeps the input dtype. Compute stays in the input dtype.
+        num_replicas: N, physical expert slots in the group (>= E, divisible by the group size);
+            None = E. Slot s lives on rank ``s // S`` and starts with logical expert ``s % E``
+            (the identity for N = E; extra slots repeat experts 0, 1, ...).
+        load_ema_decay: decay of the load averages kept by :meth:`update_bias` (0 = the last
+            step only).
 
     ``forward`` returns the output with the input's shape; ``self.last_router_output`` holds the
     router's losses and load statistics of the latest forward (see :class:`Router`).
+
+    Placement buffers: ``phy2log`` ``[N]`` int64 (saved with the model: it says which logical
+    expert each row of ``experts.w1`` etc. holds), ``log2phy`` ``[E, X]`` int64 (-1 padded) and
+    ``logcnt`` ``[E]`` int64 (derived, not saved). Load statistics (summed over the group, in
+    token-expert pairs per step, EMA over steps): :meth:`expert_load` ``[E]``,
+    :meth:`replica_load` ``[N]``, :meth:`rank_load` ``[R]``.
+
+    Rebalancing in a training loop (every call on every rank of the group)::
+
+        loss.backward()
+        for layer in moe_layers:
+            layer.sync_replica_grads()     # replicas of one expert get the sum of their gradients
+        optimizer.step()
+        optimizer.zero_grad()
+        for layer in moe_layers:
+            layer.update_bias()            # in place of layer.router.update_bias(): also the loads
+        if (step + 1) % rebalance_every == 0:
+            for layer in moe_layers:
+                layer.apply_placement(layer.plan_placement(), optimizer=optimizer)
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int,
@@ -136,18 +171,27 @@ class MoELayer(nn.Module):
                  global_aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
                  max_nodes_per_token: Optional[int] = None,
                  num_chunks: Union[int, str] = 1, capacity_factor: Optional[float] = None,
-                 wire_dtype: Optional[torch.dtype] = None, buffer: Optional[Buffer] = None) -> None:
+                 wire_dtype: Optional[torch.dtype] = None, buffer: Optional[Buffer] = None,
+                 num_replicas: Optional[int] = None, load_ema_decay: float = 0.9) -> None:
         super().__init__()
         self.buffer = buffer if buffer is not None else Buffer(group)
         R = self.buffer.group_size
         if num_experts % R:
             raise ValueError(f"MoELayer: `num_experts` ({num_experts}) must divide by the group size {R}")
+        N = num_experts if num_replicas is None else num_replicas
+        if isinstance(N, bool) or not isinstance(N, int) or N < num_experts or N % R:
+            raise ValueError(f"MoELayer: `num_replicas` must be an int >= num_experts={num_experts} and divisible "
+                             f"by the group size {R} (rank {self.buffer.rank}), got {num_replicas!r}")
+        if not 0.0 <= load_ema_decay < 1.0:
+            raise ValueError(f"MoELayer: `load_ema_decay` must lie in [0, 1), got {load_ema_decay!r}")
         if not (num_chunks == "auto" or (isinstance(num_chunks, int) and num_chunks >= 1)):
             raise ValueError(f"MoELayer: `num_chunks` must be a positive int or 'auto', got {num_chunks!r}")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"MoELayer: `capacity_factor` must be positive or None, got {capacity_factor!r}")
         self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
-        self.num_local_experts = num_experts // R
+        self.num_replicas = N
+        self.num_local_experts = N // R  # physical slots on this rank
+        self.load_ema_decay = load_ema_decay
         self.num_chunks, self.capacity_factor, self.wire_dtype = num_chunks, capacity_factor, wire_dtype
         self.router = Router(hidden, num_experts, top_k, score_func=score_func, num_groups=num_groups,
                              topk_groups=topk_groups, route_scale=route_scale, norm_topk_prob=norm_topk_prob,
@@ -158,6 +202,11 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(self.num_local_experts, hidden, ffn_hidden)
         self.shared = SwiGLU(hidden, ffn_hidden * num_shared_experts) if num_shared_experts else None
         self.last_router_output = None
+        # [N] int64, logical expert of each slot; saved: a checkpoint's expert rows follow it
+        self.register_buffer("phy2log", default_phy2log(num_experts, N).to(self.router.gate.weight.device))
+        self._set_tables(default_phy2log(num_experts, N))
+        self._init_load_stats(self.router.gate.weight.device)
+        self.register_load_state_dict_post_hook(MoELayer._after_load_state_dict)
 
     # ----------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,10 +220,25 @@ class MoELayer(nn.Module):
         self.last_router_output = route
         x_TD = x.reshape(-1, D)
         topk_idx, topk_weights = route.topk_idx, route.topk_weights
+        slot_idx = topk_idx                                    # [T, K] physical slots
+        if not self._identity:
+            slot_idx = self._to_slots(topk_idx)
+            if self.training:  # like the router's counts: pairs routed, before capacity drops
+                with torch.no_grad():
+                    flat = slot_idx.flatten()
+                    self.num_tokens_per_replica_since_update.scatter_add_(0, flat, torch.ones_like(flat))
         if self.capacity_factor is not None:
             topk_idx, topk_weights = self._drop_over_capacity(topk_idx, topk_weights)
-        y_TD = self._routed(x_TD, topk_idx, topk_weights)
+            slot_idx = topk_idx if self._identity else torch.where(topk_idx >= 0, slot_idx, -1)
+        y_TD = self._routed(x_TD, slot_idx, topk_weights)
         return y_TD.view(shape)
+
+    def _to_slots(self, topk_idx: torch.Tensor) -> torch.Tensor:
+        """``[T, K]`` logical ids -> physical slots, each expert's pairs spread over its replicas
+        (starting at a replica that depends on the rank, so the remainders spread over ranks)."""
+        if self._one_replica_each:  # a permutation: one gather
+            return torch.where(topk_idx >= 0, self.log2phy[:, 0][topk_idx.clamp(min=0)], -1)
+        return spread_over_replicas(topk_idx, self.log2phy, self.logcnt, offset=self.buffer.rank)
 
     def _routed(self, x_TD, topk_idx, topk_weights):
         T = x_TD.size(0)
@@ -185,7 +249,7 @@ class MoELayer(nn.Module):
             lo, hi = bounds[c], bounds[c + 1]
             pending = _Pending()
             recv = _DispatchAsync.apply(x_TD[lo:hi].to(wire), topk_weights[lo:hi], self.buffer,
-                                        topk_idx[lo:hi], self.num_experts, pending)
+                                        topk_idx[lo:hi], self.num_replicas, pending)
             return pending, recv
 
         shared_out = None
@@ -241,16 +305,20 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def load_global_weights(self, gate: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                             shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> None:
-        """Load this rank's shard of full weights (experts split evenly and contiguously).
+        """Load this rank's shard of full weights: slot s gets logical expert ``phy2log[s]``
+        (with the default placement and N = E: experts split evenly and contiguously).
 
         Args:
             gate: ``[E, D]`` router weight.
             w1, w3: ``[E, D, F]`` gate and up projections; w2: ``[E, F, D]`` down projection
-                (the layout of :class:`GroupedExperts`).
+                (the layout of :class:`GroupedExperts`), indexed by logical expert.
             shared: the shared SwiGLU's ``(w1 [D, F_s], w2 [F_s, D], w3 [D, F_s])``.
         """
-        L, rank = self.num_local_experts, self.buffer.rank
-        sl = slice(rank * L, (rank + 1) * L)
+        S, rank = self.num_local_experts, self.buffer.rank
+        if self._identity:
+            sl = slice(rank * S, (rank + 1) * S)
+        else:
+            sl = self._phy2log_host[rank * S:(rank + 1) * S].to(w1.device)
         self.router.gate.weight.copy_(gate)
         self.experts.w1.copy_(w1[sl])
         self.experts.w2.copy_(w2[sl])
@@ -261,3 +329,310 @@ class MoELayer(nn.Module):
             self.shared.w1.copy_(shared[0])
             self.shared.w2.copy_(shared[1])
             self.shared.w3.copy_(shared[2])
+
+    # ----------------------------------------------------------------------------- placement
+    def _set_tables(self, phy2log: torch.Tensor) -> None:
+        """Derive the routing tables and the replica-gradient sum plan from a valid ``phy2log``.
+
+        Host tensors are made on the CPU explicitly (the layer may be built under a
+        ``torch.device`` context)."""
+        E, N, R = self.num_experts, phy2log.numel(), self.buffer.group_size
+        S, rank, cpu = N // R, self.buffer.rank, torch.device("cpu")
+        phy2log = phy2log.to(cpu)
+        log2phy, logcnt = replica_tables(phy2log, E)
+        self._phy2log_host = phy2log.clone()
+        # host flags, so forward never asks the device: no mapping at all for the default placement
+        self._identity = N == E and bool((phy2log == torch.arange(E, device=cpu)).all())
+        self._one_replica_each = N == E
+        device = self.phy2log.device
+        for name, t in (("log2phy", log2phy), ("logcnt", logcnt)):  # derived: not saved
+            if name in self._buffers:
+                setattr(self, name, t.to(device))
+            else:
+                self.register_buffer(name, t.to(device), persistent=False)
+        # sync_replica_grads: the replicated experts are rows 0..n-1 of the summed buffer
+        rep = (logcnt > 1).nonzero().flatten()
+        row_of = torch.full((E,), -1, dtype=torch.int64, device=cpu)
+        row_of[rep] = torch.arange(rep.numel(), device=cpu)
+        mine = phy2log[rank * S:(rank + 1) * S]
+        local_slots = (row_of[mine] >= 0).nonzero().flatten()
+        self._replica_sum = (None if rep.numel() == 0
+                             else (local_slots, row_of[mine[local_slots]], int(rep.numel())))
+
+    def _init_load_stats(self, device) -> None:
+        E, N = self.num_experts, self.num_replicas
+        # [E] / [N] fp32 EMAs of the group's pairs per step; [N] int64 pairs routed to each slot from
+        # this rank since the last update_bias (counted only off the default placement: there they
+        # equal the router's counts)
+        self.register_buffer("expert_load_ema", torch.zeros(E, device=device), persistent=False)
+        self.register_buffer("replica_load_ema", torch.zeros(N, device=device), persistent=False)
+        self.register_buffer("num_tokens_per_replica_since_update",
+                             torch.zeros(N, dtype=torch.int64, device=device), persistent=False)
+        self._num_load_updates = 0
+        self.last_replica_load: Optional[torch.Tensor] = None
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) casts floating buffers; the load averages stay fp32 (counts past 256
+        # lose integers in bf16). Device moves still apply.
+        keep = {k: getattr(self, k) for k in ("expert_load_ema", "replica_load_ema") if hasattr(self, k)}
+        super()._apply(fn, recurse)
+        for k, old in keep.items():
+            if getattr(self, k).dtype != torch.float32:
+                setattr(self, k, old.to(device=getattr(self, k).device))
+        return self
+
+    @staticmethod
+    def _after_load_state_dict(module: "MoELayer", incompatible_keys) -> None:
+        # a loaded phy2log re-derives the tables (and is checked: a bad one would misroute silently)
+        p = check_phy2log(module.phy2log, module.num_experts, module.num_replicas, "MoELayer.load_state_dict",
+                          module.buffer.rank)
+        module._set_tables(p)
+
+    @torch.no_grad()
+    def update_bias(self) -> torch.Tensor:
+        """Per-step hook, in place of ``self.router.update_bias()``; call on every rank of the group.
+
+        Runs :meth:`Router.update_bias` (sums the step's logical load over the group, moves the
+        expert bias) and folds that load into :meth:`expert_load`. Off the default placement it
+        also sums the per-slot counts over the group (one all-reduce of N int64) into
+        :meth:`replica_load`; on it, slot loads are the expert loads. ``self.last_replica_load``
+        holds the step's ``[N]`` int64 slot loads.
+
+        Returns:
+            ``[E]`` int64, the group's pairs per logical expert since the last call.
+        """
+        load_E = self.router.update_bias()
+        if self._identity:
+            load_N = load_E
+        else:
+            load_N = self.num_tokens_per_replica_since_update.clone()
+            if self.buffer.group_size > 1:
+                # every slot's pairs from every rank: what each rank's experts computed
+                dist.all_reduce(load_N, group=self.buffer.group)
+            self.num_tokens_per_replica_since_update.zero_()
+        decay = self.load_ema_decay if self._num_load_updates else 0.0
+        self.expert_load_ema.mul_(decay).add_(load_E.to(self.expert_load_ema), alpha=1.0 - decay)
+        self.replica_load_ema.mul_(decay).add_(load_N.to(self.replica_load_ema), alpha=1.0 - decay)
+        self._num_load_updates += 1
+        self.last_replica_load = load_N
+        return load_E
+
+    def expert_load(self) -> torch.Tensor:
+        """``[E]`` float32, the group's pairs per logical expert per step (EMA over update_bias calls)."""
+        return self.expert_load_ema.clone()
+
+    def replica_load(self) -> torch.Tensor:
+        """``[N]`` float32, the group's pairs per physical slot per step (EMA); after
+        :meth:`apply_placement`, its prediction ``expert_load[e] / logcnt[e]`` until the next update."""
+        return self.replica_load_ema.clone()
+
+    def rank_load(self) -> torch.Tensor:
+        """``[R]`` float32, pairs per rank per step (EMA): the work of each rank's experts.
+        ``rank_load().max() / rank_load().mean()`` is the per-rank imbalance."""
+        return self.replica_load_ema.view(self.buffer.group_size, -1).sum(1)
+
+    def placement(self, num_nodes: int = 1) -> Placement:
+        """The current placement as a one-layer :class:`moeflow.balance.Placement`."""
+        return Placement.from_phy2log(self._phy2log_host[None], self.num_experts, self.buffer.group_size, num_nodes)
+
+    def plan_placement(self, num_replicas: Optional[int] = None, num_nodes: int = 1,
+                       num_groups: Optional[int] = None, tolerance: float = 0.02) -> Placement:
+        """Plan a placement for :meth:`expert_load` with :func:`moeflow.balance.plan`.
+
+        Pure host computation, no communication: every rank gets the same plan, since the loads
+        were summed over the group.
+
+        Args:
+            num_replicas: N of the plan; None keeps the layer's. With the layer's N the plan starts
+                from the current placement (``previous=``, few weight moves), else from scratch.
+            num_nodes: nodes the group spans (the planner keeps expert groups on one node).
+            num_groups: expert groups for the hierarchical policy; None = the router's ``num_groups``.
+            tolerance: allowed excess of the busiest rank over a plan from scratch (see ``plan``).
+
+        Returns:
+            A one-layer :class:`Placement` to pass to :meth:`apply_placement`.
+        """
+        if self._num_load_updates == 0:
+            raise ValueError("MoELayer.plan_placement: no load statistics yet; call update_bias() after "
+                             "training-mode forwards first")
+        N = self.num_replicas if num_replicas is None else num_replicas
+        previous = self.placement(num_nodes) if N == self.num_replicas else None
+        return plan(self.expert_load_ema.detach().cpu()[None], N, num_groups or self.router.num_groups,
+                    num_nodes, self.buffer.group_size, previous=previous, tolerance=tolerance)
+
+    @torch.no_grad()
+    def apply_placement(self, placement: Union[Placement, torch.Tensor], optimizer: Optional[torch.optim.Optimizer] = None,
+                        layer_index: int = 0) -> int:
+        """Move expert weights (and optimizer state) so that slot s holds logical expert ``phy2log[s]``.
+
+        Call on every rank of the group with the same placement, after ``optimizer.step()``
+        (the expert weights' ``.grad`` is reset to None: it belongs to the old slots). Slots that
+        keep their expert, or copy it from another slot on the same rank, are copied locally;
+        every other slot's rows (w1, w2, w3 and each per-slot optimizer state) travel in one
+        ``all_to_all_single`` of bytes, one flat buffer per destination. A new replica copies its
+        expert from a rank that holds it. The parameters stay the same ``nn.Parameter`` objects
+        (copied in place; resized through ``.data`` when N changes), so the optimizer keeps them.
+
+        Args:
+            placement: a :class:`moeflow.balance.Placement` for this group (``num_gpus`` = group
+                size, E logical experts; row ``layer_index`` is used), or a ``[N']`` integer
+                ``phy2log``. N' may differ from the layer's N (>= E, divisible by the group size).
+            optimizer: moves the state tensors shaped like the expert weights (Adam's
+                ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer``, ...) with their rows;
+                scalar state (Adam's ``step``) is per tensor and stays.
+            layer_index: the row of ``placement`` for this layer.
+
+        Returns:
+            Slots (over the group) whose weights crossed ranks.
+
+        Raises:
+            TypeError / ValueError: a bad placement (wrong group size or expert count, a
+                logical expert without a slot, ids out of range), state the layer cannot move,
+                or ranks that passed different placements (checked by one small all-reduce
+                before anything moves).
+        """
+        where, rank, R, E = "MoELayer.apply_placement", self.buffer.rank, self.buffer.group_size, self.num_experts
+        if isinstance(placement, Placement):
+            if placement.num_gpus != R or placement.num_logical_experts != E:
+                raise ValueError(f"{where}: `placement` is for num_gpus={placement.num_gpus} and "
+                                 f"{placement.num_logical_experts} logical experts; this layer has a group of "
+                                 f"{R} and num_experts={E} (rank {rank})")
+            if not 0 <= layer_index < placement.num_layers:
+                raise ValueError(f"{where}: `layer_index` must lie in [0, {placement.num_layers}) (rank {rank}), "
+                                 f"got {layer_index}")
+            placement = placement.phy2log[layer_index]
+        shape = list(placement.shape) if isinstance(placement, torch.Tensor) else list(np.shape(placement))
+        n = shape[0] if len(shape) == 1 else -1
+        if n < E or n % R:
+            raise ValueError(f"{where}: `phy2log` must be 1-D with num_replicas >= num_experts={E} entries, "
+                             f"divisible by the group size {R} (rank {rank}), got shape {shape}")
+        new = check_phy2log(placement, E, n, where, rank)
+        params = (self.experts.w1, self.experts.w2, self.experts.w3)
+        states = _slot_states(optimizer, params, where, rank)
+        self._check_same_everywhere(new, states)
+
+        migration = plan_migration(self._phy2log_host, new, R, rank)
+        moving = [p for p in params] + [t for _, _, t in states]
+        fresh = self._exchange(moving, migration, new.numel() // R)
+        for p, t in zip(params, fresh[:3]):
+            if p.shape == t.shape:
+                p.copy_(t)
+            else:
+                p.data = t
+            p.grad = None
+        for (state, key, _), t in zip(states, fresh[3:]):
+            state[key] = t
+        self.num_replicas = new.numel()
+        self.num_local_experts = self.experts.num_local_experts = new.numel() // R
+        device = self.phy2log.device
+        self.phy2log = new.to(device)
+        self._set_tables(new)
+        # slot statistics restart: their slots changed; predict them from the expert loads
+        self.num_tokens_per_replica_since_update = torch.zeros(new.numel(), dtype=torch.int64, device=device)
+        self.replica_load_ema = (self.expert_load_ema / self.logcnt.to(self.expert_load_ema))[self.phy2log]
+        return migration.moves
+
+    def _check_same_everywhere(self, new: torch.Tensor, states) -> None:
+        """Raise on every rank if the ranks' placements or optimizer state layouts differ."""
+        N = new.numel()
+        i = torch.arange(1, N + 1, dtype=torch.int64)
+        fingerprint = torch.tensor([N, int((new * i).sum()), int(((new + 1) ** 2 * (7 * i + 3)).sum()),
+                                    len(states), sum(t[0].numel() * t.element_size() for _, _, t in states)],
+                                   dtype=torch.int64)
+        if self.buffer.group_size > 1:
+            both = torch.cat([fingerprint, -fingerprint]).to(self.phy2log.device)
+            # one small all-reduce: a rank with another placement would exchange mismatched sizes
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.buffer.group)
+            both = both.cpu()
+            if not torch.equal(both[:5], -both[5:]):
+                raise ValueError(f"MoELayer.apply_placement: the ranks passed different placements or have "
+                                 f"different optimizer state for the expert weights (rank {self.buffer.rank}: "
+                                 f"num_replicas={N}, {len(states)} state tensors)")
+
+    def _exchange(self, tensors: list[torch.Tensor], migration, S_new: int) -> list[torch.Tensor]:
+        """New ``[S_new, ...]`` versions of ``tensors`` (each ``[S, ...]``, slot-major) per ``migration``."""
+        R = self.buffer.group_size
+        device = tensors[0].device
+        row_bytes = [t[0].numel() * t.element_size() for t in tensors]
+        recvs: list[torch.Tensor] = []
+        if migration.moves:  # the same count on every rank: all join the collective or none does
+            sends, in_splits = [], []
+            for d in range(R):
+                idx = migration.send_slots[d].to(device)
+                sends += [t.index_select(0, idx).reshape(-1).view(torch.uint8) for t in tensors]
+                in_splits.append(idx.numel() * sum(row_bytes))
+            out_splits = [s.numel() * sum(row_bytes) for s in migration.recv_slots]
+            send_buf = torch.cat(sends)  # the one flat buffer: per destination, tensor by tensor
+            recv_buf = torch.empty(sum(out_splits), dtype=torch.uint8, device=device)
+            # the one collective that moves expert weights and state between ranks
+            dist.all_to_all_single(recv_buf, send_buf, out_splits, in_splits, group=self.buffer.group)
+            recvs = list(recv_buf.split(out_splits))
+        keep = (migration.local_src >= 0).nonzero().flatten()
+        keep_from = migration.local_src[keep].to(device)
+        keep = keep.to(device)
+        out = []
+        for j, t in enumerate(tensors):
+            new = t.new_empty((S_new, *t.shape[1:]))
+            new[keep] = t.index_select(0, keep_from)
+            out.append(new)
+        for src, chunk in enumerate(recvs):
+            slots = migration.recv_slots[src].to(device)
+            for t, new, part in zip(tensors, out, chunk.split([slots.numel() * b for b in row_bytes])):
+                new[slots] = part.view(t.dtype).view(slots.numel(), *t.shape[1:])
+        return out
+
+    @torch.no_grad()
+    def sync_replica_grads(self) -> None:
+        """Give every replica of an expert the sum of its replicas' gradients (w1, w2, w3).
+
+        Each replica's gradient holds only the tokens routed to it; call this after backward and
+        before ``optimizer.step()`` on every rank of the group, so that replicas take the same
+        step (the one a single copy of the expert would take) and stay identical. One all-reduce
+        of the replicated experts' gradients; nothing (no collective) when no expert has two
+        replicas.
+        """
+        if self._replica_sum is None:
+            return
+        local_slots, rows, num_rows = self._replica_sum
+        params = (self.experts.w1, self.experts.w2, self.experts.w3)
+        device = params[0].device
+        local_slots, rows = local_slots.to(device), rows.to(device)
+        sizes = [p[0].numel() for p in params]
+        acc = torch.promote_types(params[0].dtype, torch.float32)
+        summed = torch.zeros(num_rows, sum(sizes), dtype=acc, device=device)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if local_slots.numel():
+            mine = torch.cat([g.index_select(0, local_slots).reshape(local_slots.numel(), -1).to(acc)
+                              for g in grads], 1)
+            summed.index_add_(0, rows, mine)
+        if self.buffer.group_size > 1:
+            # each replicated expert's gradient summed over its replicas on every rank
+            dist.all_reduce(summed, group=self.buffer.group)
+        back = summed.index_select(0, rows).split(sizes, 1)
+        for p, g, part in zip(params, grads, back):
+            g[local_slots] = part.reshape(-1, *p.shape[1:]).to(g.dtype)
+            p.grad = g
+
+
+def _slot_states(optimizer, params, where: str, rank: int) -> list[tuple[dict, str, torch.Tensor]]:
+    """``(state dict, key, tensor)`` of every optimizer state tensor shaped like an expert weight."""
+    if optimizer is None:
+        return []
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{where}: `optimizer` must be a torch.optim.Optimizer or None (rank {rank}), "
+                        f"got {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in params):
+        raise ValueError(f"{where}: `optimizer` does not hold this layer's expert weights (rank {rank})")
+    out = []
+    for name, p in zip(("w1", "w2", "w3"), params):
+        state = optimizer.state.get(p, {})
+        for key in sorted(state):
+            v = state[key]
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue  # scalars (Adam's step) are per tensor, not per slot
+            if v.shape != p.shape:
+                raise TypeError(f"{where}: optimizer state {key!r} of experts.{name} has shape {list(v.shape)}, "
+                                f"not the weight's {list(p.shape)}; moeflow cannot split it by slot (rank {rank})")
+            out.append((state, key, v))
+    return out

@@ -1,0 +1,169 @@
+"""Physical replicas in a running layer: lookup tables, spreading pairs over replicas, migration plans.
+
+Pure functions on tensors; no process groups (the layer runs the collectives). A layer with
+``num_replicas`` physical slots over ``num_ranks`` ranks keeps ``phy2log [num_replicas]``: slot s
+lives on rank ``s // S`` (S = num_replicas / num_ranks, split contiguously, as ``Buffer`` splits
+expert ids) and holds logical expert ``phy2log[s]``.
+
+Shape letters: T tokens, K top-k, E logical experts, N physical slots (num_replicas), S slots per
+rank, X most replicas of one expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .placement import Placement
+
+__all__ = ["check_phy2log", "default_phy2log", "replica_tables", "spread_over_replicas", "Migration",
+           "plan_migration"]
+
+
+def default_phy2log(num_experts: int, num_replicas: int) -> torch.Tensor:
+    """``[N]`` int64, slot s holds logical expert ``s % E``: the identity when N = E, and the extra
+    slots repeat experts 0, 1, ... in order. With at most E slots per rank no rank holds two
+    replicas of one expert (a rank's slots are consecutive ids modulo E)."""
+    return torch.arange(num_replicas, dtype=torch.int64, device="cpu") % num_experts
+
+
+def check_phy2log(phy2log, num_experts: int, num_replicas: int, where: str, rank: int = 0) -> torch.Tensor:
+    """Validate a ``[N]`` map from slots to logical experts; returns it as a CPU int64 tensor.
+
+    Raises:
+        TypeError: not an integer tensor / array / list.
+        ValueError: wrong shape, an id outside ``[0, E)``, or a logical expert with no slot.
+    """
+    if isinstance(phy2log, torch.Tensor):
+        p = phy2log.detach().cpu()
+    else:
+        try:
+            p = torch.as_tensor(np.asarray(phy2log), device="cpu")
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{where}: `phy2log` must be an integer tensor, array or list (rank {rank}), "
+                            f"got {type(phy2log).__name__}: {e}") from None
+    if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+        raise TypeError(f"{where}: `phy2log` must hold integers (rank {rank}), got dtype {p.dtype}")
+    if tuple(p.shape) != (num_replicas,):
+        raise ValueError(f"{where}: `phy2log` must have shape [num_replicas] = [{num_replicas}] (rank {rank}), "
+                         f"got {list(p.shape)}")
+    p = p.long()
+    if p.numel() and (p.min() < 0 or p.max() >= num_experts):
+        bad = int(((p < 0) | (p >= num_experts)).nonzero()[0])
+        raise ValueError(f"{where}: `phy2log` must hold logical expert ids in [0, {num_experts}) (rank {rank}), "
+                         f"got phy2log[{bad}]={int(p[bad])}")
+    missing = (torch.bincount(p, minlength=num_experts) == 0).nonzero().flatten()
+    if missing.numel():
+        raise ValueError(f"{where}: `phy2log` gives no slot to logical expert(s) {missing[:8].tolist()} "
+                         f"(rank {rank}); every expert needs at least one replica")
+    return p
+
+
+def replica_tables(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log2phy [E, X]`` int64 (the slots of each expert in slot order, ``-1`` padded) and
+    ``logcnt [E]`` int64 (replicas of each expert) for a valid ``phy2log [N]`` (on the CPU)."""
+    p = Placement.from_phy2log(phy2log.cpu()[None], num_experts, num_gpus=1)
+    return p.log2phy[0], p.logcnt[0]
+
+
+def spread_over_replicas(topk_idx: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor,
+                         offset: int = 0) -> torch.Tensor:
+    """Map logical expert ids to physical slots, spreading each expert's pairs over its replicas.
+
+    The pairs of expert e (in token order, ``k`` order inside a token) take its replicas in
+    turn, starting at replica ``offset % logcnt[e]``: each replica gets ``floor`` or ``ceil`` of
+    ``n_e / logcnt[e]`` of the ``n_e`` pairs, and ranks passing their rank as ``offset`` start on
+    different replicas, so the remainders spread too. On device, no host sync.
+
+    Args:
+        topk_idx: ``[T, K]`` int64 logical ids in ``[0, E)``, ``-1`` = no expert (kept).
+        log2phy: ``[E, X]`` int64, see :func:`replica_tables`.
+        logcnt: ``[E]`` int64, >= 1.
+        offset: where the rotation starts (the layer passes its rank).
+
+    Returns:
+        ``[T, K]`` int64 physical slot ids, ``-1`` where ``topk_idx`` is ``-1``.
+    """
+    T, K = topk_idx.shape
+    E = logcnt.numel()
+    flat = topk_idx.flatten()                                               # [T * K]
+    valid = flat >= 0
+    key = torch.where(valid, flat, E)                                       # "-1" sorts last
+    order = torch.argsort(key, stable=True)                                 # pairs grouped by expert
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, key, torch.ones_like(key))                                       # scatter_add: no host sync
+    starts = counts.cumsum(0) - counts                                      # [E + 1] first sorted pair
+    pos = torch.empty_like(key)
+    pos[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+    e = torch.where(valid, flat, 0)
+    replica = (pos + offset) % logcnt[e]
+    return torch.where(valid, log2phy[e, replica], -1).view(T, K)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """What one rank does to go from one ``phy2log`` to another (see :func:`plan_migration`).
+
+    Attributes:
+        local_src: ``[S_new]`` int64, for each new local slot the old local slot it copies, or
+            ``-1`` when its weights arrive from another rank.
+        send_slots: one ``[n]`` int64 tensor per destination rank, the old local slots to send
+            there (in the order the receiver expects; empty for this rank).
+        recv_slots: one ``[n]`` int64 tensor per source rank, the new local slots the rows
+            arriving from there fill, in arrival order.
+        moves: slots, over the whole group, whose weights cross ranks.
+        copies: slots, over the whole group, whose logical expert changed (the planner's moves).
+    """
+
+    local_src: torch.Tensor
+    send_slots: list[torch.Tensor]
+    recv_slots: list[torch.Tensor]
+    moves: int
+    copies: int
+
+
+def plan_migration(old: torch.Tensor, new: torch.Tensor, num_ranks: int, rank: int) -> Migration:
+    """Plan the weight movement from ``old [N_old]`` to ``new [N_new]`` phy2log (CPU int64).
+
+    A new slot copies its expert from the same rank when the old placement has it there;
+    otherwise from another rank's replica, the replicas of an expert taking the fetches in turn
+    so that no one rank sends every copy of a popular expert. Every rank computes the same plan
+    from the same inputs: no communication is needed to agree on the split sizes.
+    """
+    S_old, S_new = old.numel() // num_ranks, new.numel() // num_ranks
+    old_l, new_l = old.tolist(), new.tolist()
+    holders: dict[int, list[int]] = {}                     # expert -> old global slots, in order
+    for s, e in enumerate(old_l):
+        holders.setdefault(e, []).append(s)
+    fetched: dict[int, int] = {}                           # expert -> remote fetches so far
+    local_src = [-1] * S_new
+    send = [[] for _ in range(num_ranks)]
+    recv = [[] for _ in range(num_ranks)]
+    moves = 0
+    for s, e in enumerate(new_l):
+        dst = s // S_new
+        if s < len(old_l) and old_l[s] == e and s // S_old == dst:
+            src_slot = s                                   # stays
+        else:
+            local = [o for o in holders[e] if o // S_old == dst]
+            if local:
+                src_slot = local[0]
+            else:
+                k = fetched.get(e, 0)
+                fetched[e] = k + 1
+                src_slot = holders[e][k % len(holders[e])]
+        src = src_slot // S_old
+        if src == dst:
+            if dst == rank:
+                local_src[s - dst * S_new] = src_slot - src * S_old
+            continue
+        moves += 1
+        if src == rank:
+            send[dst].append(src_slot - src * S_old)
+        if dst == rank:
+            recv[src].append(s - dst * S_new)
+    copies = sum(1 for s, e in enumerate(new_l) if s >= len(old_l) or old_l[s] != e)
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
+    return Migration(as_t(local_src), [as_t(x) for x in send], [as_t(x) for x in recv], moves, copies)
