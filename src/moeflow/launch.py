@@ -5,7 +5,10 @@ function on N local Gloo ranks. The parent process hosts the rendezvous store on
 two runs never race for a port; each child initialises the process group with a timeout, runs
 the function and reports either its return value or its traceback. The first failure ends the
 run: the other ranks are killed (they may be blocked in a collective that will never complete)
-and the failing rank's traceback is raised in the parent.
+and the failing rank's traceback is raised in the parent. A rank that dies without reporting
+(killed, segfault, ``os._exit``) is named with its exit code or signal within about a second.
+With ``return_failures=True`` the run instead waits for the other ranks and returns each
+failure in its rank's slot (the fault tests use this to read what the survivors saw).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import multiprocessing as mp
 import io
 import os
 import queue
+import signal
 import time
 import traceback
 from typing import Any, Callable
@@ -23,12 +27,27 @@ __all__ = ["spawn", "RankError"]
 
 
 class RankError(RuntimeError):
-    """A spawned rank failed; carries the rank and its traceback text."""
+    """A spawned rank failed; carries the rank, its traceback text and, if it died, its exit code.
 
-    def __init__(self, rank: int, tb: str):
+    ``exitcode`` is None when the rank raised (``traceback`` holds it), else the process's exit
+    code (negative: killed by that signal).
+    """
+
+    def __init__(self, rank: int, tb: str, exitcode: int | None = None):
         super().__init__(f"rank {rank} failed:\n{tb}")
         self.rank = rank
         self.traceback = tb
+        self.exitcode = exitcode
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"process was killed by {name} (exit code {code}) without reporting"
+    return f"process exited with code {code} without reporting"
 
 
 def _context() -> mp.context.BaseContext:
@@ -53,10 +72,7 @@ def _worker(fn, args, kwargs, rank, world_size, port, backend, timeout_s, thread
                               timeout=datetime.timedelta(seconds=timeout_s))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            dist.destroy_process_group()
+        out = fn(*args, **kwargs)
         # torch.save copies tensor data into the message; the queue's own pickler would share
         # storage through file descriptors that vanish when this process exits.
         blob = io.BytesIO()
@@ -64,11 +80,22 @@ def _worker(fn, args, kwargs, rank, world_size, port, backend, timeout_s, thread
         results.put((rank, True, blob.getvalue()))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         results.put((rank, False, traceback.format_exc()))
+    finally:
+        # Reported first: after a lost peer, tearing the group down can block on a transfer that
+        # never completes; the parent kills a rank that is still here once every rank reported.
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - nothing left to report to
+            pass
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
           timeout_s: float = 120.0, collective_timeout_s: float | None = None,
-          threads_per_rank: int | None = None, kwargs: dict | None = None) -> list[Any]:
+          threads_per_rank: int | None = None, kwargs: dict | None = None,
+          return_failures: bool = False) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` local ranks and return the results by rank.
 
     Args:
@@ -81,9 +108,13 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
         collective_timeout_s: the process group's timeout for one collective (default
             ``timeout_s``), so a rank waiting on a peer that never comes raises instead of hanging.
         threads_per_rank: intra-op threads for each rank (default: cores / ranks, at least 1).
+        return_failures: False (default): the first failure kills the other ranks and is raised.
+            True: a failed or dead rank's slot holds its :class:`RankError` and the other ranks
+            run on to the end (or to ``timeout_s``).
 
     Raises:
-        RankError: a rank raised; the message holds its traceback.
+        RankError: a rank raised (the message holds its traceback) or died (the message holds
+            its exit code or signal; ``exitcode`` is set).
         TimeoutError: the run did not finish within ``timeout_s``.
     """
     if not isinstance(world_size, int) or world_size < 1:
@@ -104,40 +135,50 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     for p in procs:
         p.start()
     outs: dict[int, Any] = {}
+    failures: dict[int, RankError] = {}
     deadline = time.monotonic() + timeout_s
+
+    def fail(err: RankError) -> None:
+        if not return_failures:
+            raise err
+        failures[err.rank] = err
+
     try:
-        while len(outs) < world_size:
+        while len(outs) + len(failures) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                missing = sorted(set(range(world_size)) - set(outs))
+                missing = sorted(set(range(world_size)) - set(outs) - set(failures))
                 raise TimeoutError(f"spawn: ranks {missing} did not finish within {timeout_s:.0f} s")
             try:
-                rank, ok, val = results.get(timeout=min(remaining, 1.0))
+                rank, ok, val = results.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs)
-                        if r not in outs and p.exitcode is not None and p.exitcode != 0]
-                if dead:
-                    # A rank died without reporting (killed, segfault): give any report in
-                    # flight a moment, then fail naming it.
-                    try:
-                        rank, ok, val = results.get(timeout=1.0)
-                    except queue.Empty:
-                        raise RankError(dead[0], f"process exited with code {procs[dead[0]].exitcode} "
-                                                 "without reporting") from None
-                else:
+                        if r not in outs and r not in failures and p.exitcode is not None]
+                if not dead:
+                    continue
+                # A rank exited without reporting (killed, segfault, os._exit): give any report
+                # in flight a moment, then fail naming it.
+                try:
+                    rank, ok, val = results.get(timeout=1.0)
+                except queue.Empty:
+                    code = procs[dead[0]].exitcode
+                    fail(RankError(dead[0], _describe_exit(code), code))
                     continue
             if not ok:
-                raise RankError(rank, val)
+                fail(RankError(rank, val))
+                continue
             import torch
 
             outs[rank] = torch.load(io.BytesIO(val), weights_only=False)
     finally:
+        # One grace period for all ranks together, not one per rank.
+        end = time.monotonic() + (5 if len(outs) + len(failures) == world_size else 0.2)
         for p in procs:
-            p.join(timeout=5 if len(outs) == world_size else 0.2)
+            p.join(timeout=max(0.0, end - time.monotonic()))
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
         results.close()
         del store
-    return [outs[r] for r in range(world_size)]
+    return [outs[r] if r in outs else failures[r] for r in range(world_size)]

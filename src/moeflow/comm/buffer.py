@@ -40,6 +40,7 @@ import torch.distributed as dist
 from .. import layout as _layout
 from ..quant import FP8_BLOCK
 from .checks import DTYPE_CODE, FLOAT_DTYPES, ArgChecker
+from .health import Watchdog, resolve_timeout
 from .low_latency import LowLatency, LowLatencyHandle, finish_low_latency
 from .hierarchical import HierarchicalDispatcher, NodeRoute, num_tokens_per_node, resolve_ranks_per_node
 from .transport import ByteCounters, EventOverlap, FlatTransport, RowFormat, Workspace, rows_view, unpack_topk_meta
@@ -94,6 +95,16 @@ class Buffer:
             ranks on one node); must divide the group size. Group rank ``r`` is taken to live on
             node ``r // P``. With more than one node, dispatch and combine go node-aware (see
             :mod:`moeflow.comm.hierarchical`): a token crosses to another node once.
+        timeout_s: seconds any one wait on a transfer may take (keyword; default: env
+            ``MOEFLOW_TIMEOUT_S``, else 30). Past it, or as soon as the backend reports a lost
+            peer, every waiting rank raises :class:`~moeflow.comm.health.PeerFailureError`
+            naming the ranks that are dead or stopped calling in (see :mod:`moeflow.comm.health`).
+        check_finite: (keyword) check ``x`` and ``topk_weights`` of every dispatch and combine
+            for NaN/Inf and raise ``ValueError`` naming the rank, the argument and the first bad
+            row. Off by default: non-finite values are moved like any other (one extra pass over
+            the data and a host sync per call when on). A fresh dispatch's error reaches every
+            rank through the count exchange; in a cached dispatch or a combine the other ranks
+            see this rank stop calling in (``PeerFailureError``).
 
     Attributes:
         rank, group_size, group: as in DeepEP.
@@ -106,7 +117,8 @@ class Buffer:
     def __init__(self, group: Optional[dist.ProcessGroup] = None, num_nvl_bytes: int = 0,
                  num_rdma_bytes: int = 0, low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
-                 explicitly_destroy: bool = False, *, ranks_per_node: Optional[int] = None) -> None:
+                 explicitly_destroy: bool = False, *, ranks_per_node: Optional[int] = None,
+                 timeout_s: Optional[float] = None, check_finite: bool = False) -> None:
         if not dist.is_initialized():
             raise RuntimeError("moeflow.Buffer: torch.distributed is not initialised; call "
                                "torch.distributed.init_process_group first (or use moeflow.launch.spawn)")
@@ -114,7 +126,13 @@ class Buffer:
         rank, R = dist.get_rank(group), dist.get_world_size(group)
         P = resolve_ranks_per_node(ranks_per_node, rank, R)
         self.ranks_per_node, self.num_nodes = P, R // P
-        self.transport = FlatTransport(group, P)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"moeflow.Buffer: `check_finite` must be a bool, got {check_finite!r}")
+        self.timeout_s = resolve_timeout(timeout_s)
+        self.check_finite = check_finite
+        # One rank has no peer to lose: no watchdog, no heartbeat thread.
+        self._watchdog = Watchdog(group, self.timeout_s) if R > 1 else None
+        self.transport = FlatTransport(group, P, self._watchdog)
         self.rank = self.transport.rank
         self.group_size = self.transport.num_ranks
         # Node-aware path only when there is more than one node: one node is the flat path.
@@ -231,6 +249,7 @@ class Buffer:
         """
         if previous_event is not None:
             previous_event.current_stream_wait()
+        self._arrive("dispatch")
         if handle is not None:
             return self._cached_dispatch(x, handle, topk_idx, topk_weights, async_finish)
         return self._fresh_dispatch(x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
@@ -250,6 +269,7 @@ class Buffer:
                 raise ValueError(f"Buffer.dispatch: `expert_alignment` on rank {self.rank} must be "
                                  f"a positive int, got {expert_alignment!r}")
             x_payload, x_scales, dtype = self._check.x(where, x)
+            self._finite(where, x_payload, x_scales)
             N, H = x_payload.shape
             if is_token_in_rank is None:
                 raise ValueError(f"Buffer.dispatch: `is_token_in_rank` on rank {self.rank} is required "
@@ -273,6 +293,8 @@ class Buffer:
                 self._check.topk_idx(where, topk_idx, N, num_experts)
                 if topk_weights is not None:
                     self._check.tensor(where, "topk_weights", topk_weights, torch.float32, tuple(topk_idx.shape))
+                    if self.check_finite:
+                        self._check.finite(where, "topk_weights", topk_weights)
             K = topk_idx.size(1) if topk_idx is not None else 0
             signature = (H, DTYPE_CODE[dtype], num_experts, K, int(topk_idx is not None),
                          int(topk_weights is not None))
@@ -434,6 +456,7 @@ class Buffer:
             raise ValueError(f"Buffer.dispatch: rank {self.rank}: a cached dispatch (with `handle`) "
                              "takes no `topk_idx`/`topk_weights`; the handle fixes the layout")
         x_payload, x_scales, _ = self._check.x(where, x)
+        self._finite(where, x_payload, x_scales)
         N, H = x_payload.shape
         if N != handle.num_tokens or H != handle.hidden:
             raise ValueError(f"Buffer.dispatch: `x` on rank {self.rank} has shape {tuple(x_payload.shape)} "
@@ -502,6 +525,9 @@ class Buffer:
             raise ValueError(f"Buffer.low_latency_dispatch: rank {self.rank}: round_scale/use_ue8m0 are not "
                              "supported (scales are float32 amax / 448)")
         ll = self._need_low_latency("low_latency_dispatch")
+        self._arrive("low_latency_dispatch")
+        if self.check_finite and isinstance(x, torch.Tensor):
+            self._check.finite("low_latency_dispatch", "x", x)
         recv_x, recv_count, handle, works, receive = ll.dispatch(
             x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, cumulative_local_expert_recv_stats)
         return (recv_x, recv_count, handle) + finish_low_latency(works, receive, async_finish, return_recv_hook)
@@ -528,11 +554,26 @@ class Buffer:
         if use_logfmt or zero_copy:
             raise ValueError(f"Buffer.low_latency_combine: rank {self.rank}: use_logfmt/zero_copy are not supported")
         ll = self._need_low_latency("low_latency_combine")
+        self._arrive("low_latency_combine")
+        if self.check_finite and isinstance(x, torch.Tensor):
+            self._check.finite("low_latency_combine", "x", x)
         combined, works, receive = ll.combine(x, topk_idx, topk_weights, handle, out)
         return (combined,) + finish_low_latency(works, receive, async_finish, return_recv_hook)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Accepted for DeepEP compatibility: every call rewrites every slot, nothing needs cleaning."""
+
+    def _arrive(self, kind: str) -> None:
+        """Count this call for the watchdog (hot path: an int increment)."""
+        if self._watchdog is not None:
+            self._watchdog.arrive(kind)
+
+    def _finite(self, where: str, x_payload: torch.Tensor, x_scales: Optional[torch.Tensor]) -> None:
+        if not self.check_finite:
+            return
+        self._check.finite(where, "x" if x_scales is None else "x[0]", x_payload)
+        if x_scales is not None:
+            self._check.finite(where, "x[1]", x_scales)
 
     def _need_low_latency(self, where: str) -> LowLatency:
         if self._low_latency is None:
@@ -563,6 +604,7 @@ class Buffer:
         """
         if previous_event is not None:
             previous_event.current_stream_wait()
+        self._arrive("combine")
         where = "combine"
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"Buffer.combine: `handle` on rank {self.rank} must be a DispatchHandle "
@@ -578,6 +620,10 @@ class Buffer:
                              f"dispatch had hidden {handle.hidden}")
         if topk_weights is not None:
             self._check.tensor(where, "topk_weights", topk_weights, torch.float32, (M, None))
+        if self.check_finite:
+            self._check.finite(where, "x", x)
+            if topk_weights is not None:
+                self._check.finite(where, "topk_weights", topk_weights)
         N = handle.num_tokens
         biases = () if bias is None else (bias if isinstance(bias, tuple) else (bias,))
         if len(biases) > 2:

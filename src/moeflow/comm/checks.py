@@ -69,6 +69,21 @@ class ArgChecker:
                 raise ValueError(f"Buffer.{where}: `topk_idx` on rank {self.rank} must lie in "
                                  f"[-1, {num_experts}), found {bad}")
 
+    def finite(self, where: str, name: str, t: torch.Tensor) -> None:
+        """Raise naming the first row of ``t`` holding NaN or Inf (``Buffer(check_finite=True)``)."""
+        if t.numel() == 0:
+            return
+        # float8_e4m3fn has no isfinite kernel; its NaN survives the cast to fp32.
+        values = t.float() if t.dtype == torch.float8_e4m3fn else t
+        bad_rows = (~torch.isfinite(values)).reshape(t.size(0), -1).any(1).nonzero()
+        if bad_rows.numel():  # host sync, paid only with check_finite
+            row = int(bad_rows[0])
+            shown = values[row].reshape(-1)
+            value = shown[~torch.isfinite(shown)][0].item()
+            raise ValueError(f"Buffer.{where}: `{name}` on rank {self.rank} holds a non-finite value ({value}) "
+                             f"in row {row} ({bad_rows.numel()} bad rows of {t.size(0)}); "
+                             "check_finite=True was set on the Buffer")
+
     def signatures(self, sigs: torch.Tensor) -> None:
         names = ("hidden", "dtype", "num_experts", "num_topk", "has topk_idx", "has topk_weights")
         for col, name in enumerate(names):

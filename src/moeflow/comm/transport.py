@@ -11,10 +11,13 @@ per token copy).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .health import Watchdog
 
 __all__ = ["ByteCounters", "EventOverlap", "FlatTransport", "RowFormat", "Workspace", "rows_view"]
 
@@ -161,11 +164,19 @@ def _pad(n: int) -> int:
 class FlatTransport:
     """One ``all_to_all_single`` per exchange, every rank talking to every rank directly."""
 
-    def __init__(self, group: dist.ProcessGroup | None, ranks_per_node: Optional[int] = None):
+    def __init__(self, group: dist.ProcessGroup | None, ranks_per_node: Optional[int] = None,
+                 watchdog: Optional["Watchdog"] = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.counters = ByteCounters(self.rank, self.num_ranks, ranks_per_node)
+        # Every Work this transport hands out is waited on with the watchdog's timeout, so a dead
+        # or stuck peer becomes an error naming it (see moeflow.comm.health).
+        self.watchdog = watchdog
+
+    def _timed(self, works: list) -> list:
+        wd = self.watchdog
+        return works if wd is None else [wd.wrap(w) for w in works]
 
     def all_to_all_rows(self, recv_rows: torch.Tensor, send_rows: torch.Tensor,
                         num_recv_rows_per_rank: list[int], num_send_rows_per_rank: list[int],
@@ -187,8 +198,16 @@ class FlatTransport:
             # overhead; a copy keeps the output buffer semantics identical.
             recv_rows.copy_(send_rows)
             return None
-        return dist.all_to_all_single(recv_rows, send_rows, num_recv_rows_per_rank,
-                                      num_send_rows_per_rank, group=self.group, async_op=async_op)
+        if self.watchdog is None:
+            return dist.all_to_all_single(recv_rows, send_rows, num_recv_rows_per_rank,
+                                          num_send_rows_per_rank, group=self.group, async_op=async_op)
+        # Always issued async so that even a synchronous exchange waits with the timeout.
+        work = self.watchdog.wrap(dist.all_to_all_single(recv_rows, send_rows, num_recv_rows_per_rank,
+                                                         num_send_rows_per_rank, group=self.group, async_op=True))
+        if async_op:
+            return work
+        work.wait()
+        return None
 
     def exchange_pairwise(self, recv_by_rank: list[Optional[torch.Tensor]],
                           send_for: Callable[[int], torch.Tensor], kind: str,
@@ -227,7 +246,7 @@ class FlatTransport:
                 ops.append(dist.P2POp(dist.irecv, target, self._global(src), self.group))
                 recvd[src] = target.numel() * target.element_size()
             if ops:
-                works += dist.batch_isend_irecv(ops)
+                works += self._timed(dist.batch_isend_irecv(ops))
             if i == 1 and on_first_step is not None:
                 on_first_step()
         if R == 1 and on_first_step is not None:
@@ -265,7 +284,7 @@ class FlatTransport:
                 recvd[peer] += t.numel() * t.element_size()
         self.counters.record(kind, sent, recvd, new_call)
         # The exchange itself: every message of the step in one batch (see the docstring).
-        return dist.batch_isend_irecv(ops) if ops else []
+        return self._timed(dist.batch_isend_irecv(ops)) if ops else []
 
     def _global(self, group_rank: int) -> int:
         if self.group is None or self.group is dist.group.WORLD:
