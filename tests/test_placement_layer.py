@@ -317,3 +317,41 @@ def test_bad_placement_inputs_raise_naming_the_argument():
         assert set(errors) == set(expected), (rank, sorted(set(expected) - set(errors)))
         for name, pattern in expected.items():
             assert re.search(pattern, errors[name]), (rank, name, errors[name])
+
+
+def _rank_node_limited():
+    rank = dist.get_rank()
+    from moeflow import Buffer
+    make = lambda N: MoELayer(D, FF, E, K, num_shared_experts=1, num_replicas=N, max_nodes_per_token=1,  # noqa: E731
+                              buffer=Buffer(dist.group.WORLD, ranks_per_node=2))   # 2 emulated nodes
+    ref, lay = make(None), make(12)
+    for layer in (ref, lay):
+        layer.load_global_weights(*_global_weights())
+    out = dict(default=lay.phy2log.clone())
+    with torch.no_grad():
+        x = _inputs(rank)
+        out["y"], out["y_ref"] = lay(x), ref(x)
+        lay.update_bias()
+        placement = lay.plan_placement()
+        out["planned"] = placement.phy2log[0]
+        lay.apply_placement(placement)
+        out["y_after"] = lay(x)
+    crossing = torch.arange(12) % E                  # experts 4..7 in node 0's slots
+    try:
+        lay.apply_placement(crossing)
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
+
+
+def test_node_limited_routing_keeps_experts_on_their_node():
+    outs = spawn(_rank_node_limited, 4, timeout_s=120)
+    # node 0 (slots 0-5) holds experts 0-3, node 1 (slots 6-11) experts 4-7
+    assert outs[0]["default"].tolist() == [0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 4, 5]
+    planned = outs[0]["planned"]
+    assert (planned[:6] < 4).all() and (planned[6:] >= 4).all(), planned
+    for r, o in enumerate(outs):
+        torch.testing.assert_close(o["y"], o["y_ref"], **TOL, msg=f"rank {r}")
+        torch.testing.assert_close(o["y_after"], o["y_ref"], **TOL, msg=f"rank {r} after placement")
+        assert re.search(r"needs each expert on its own node, but `phy2log` puts expert 4 in slot 4, on node 0",
+                         o["error"]), o["error"]

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .balance import Placement, plan
-from .balance.replicas import check_phy2log, default_phy2log, plan_migration, replica_tables, spread_over_replicas
+from .balance.replicas import (check_phy2log, default_phy2log, off_node_slot, plan_migration, replica_tables,
+                               spread_over_replicas)
 from .comm.buffer import Buffer, DispatchHandle, EventOverlap
 from .experts import GroupedExperts, SwiGLU
 from .routing import Router
@@ -136,7 +137,8 @@ class MoELayer(nn.Module):
             None keeps the input dtype. Compute stays in the input dtype.
         num_replicas: N, physical expert slots in the group (>= E, divisible by the group size);
             None = E. Slot s lives on rank ``s // S`` and starts with logical expert ``s % E``
-            (the identity for N = E; extra slots repeat experts 0, 1, ...).
+            (the identity for N = E; extra slots repeat experts 0, 1, ...); on several nodes, a
+            node's slots take the node's own experts that way (see ``default_phy2log``).
         load_ema_decay: decay of the load averages kept by :meth:`update_bias` (0 = the last
             step only).
 
@@ -203,8 +205,9 @@ class MoELayer(nn.Module):
         self.shared = SwiGLU(hidden, ffn_hidden * num_shared_experts) if num_shared_experts else None
         self.last_router_output = None
         # [N] int64, logical expert of each slot; saved: a checkpoint's expert rows follow it
-        self.register_buffer("phy2log", default_phy2log(num_experts, N).to(self.router.gate.weight.device))
-        self._set_tables(default_phy2log(num_experts, N))
+        phy2log = default_phy2log(num_experts, N, self.buffer.num_nodes)
+        self.register_buffer("phy2log", phy2log.to(self.router.gate.weight.device))
+        self._set_tables(phy2log)
         self._init_load_stats(self.router.gate.weight.device)
         self.register_load_state_dict_post_hook(MoELayer._after_load_state_dict)
 
@@ -344,6 +347,8 @@ class MoELayer(nn.Module):
         # host flags, so forward never asks the device: no mapping at all for the default placement
         self._identity = N == E and bool((phy2log == torch.arange(E, device=cpu)).all())
         self._one_replica_each = N == E
+        # the router limits a token to its best nodes assuming expert e on node e // (E / nodes)
+        self._node_limited = self.router.max_nodes_per_token < self.router.num_nodes
         device = self.phy2log.device
         for name, t in (("log2phy", log2phy), ("logcnt", logcnt)):  # derived: not saved
             if name in self._buffers:
@@ -435,7 +440,7 @@ class MoELayer(nn.Module):
         """The current placement as a one-layer :class:`moeflow.balance.Placement`."""
         return Placement.from_phy2log(self._phy2log_host[None], self.num_experts, self.buffer.group_size, num_nodes)
 
-    def plan_placement(self, num_replicas: Optional[int] = None, num_nodes: int = 1,
+    def plan_placement(self, num_replicas: Optional[int] = None, num_nodes: Optional[int] = None,
                        num_groups: Optional[int] = None, tolerance: float = 0.02) -> Placement:
         """Plan a placement for :meth:`expert_load` with :func:`moeflow.balance.plan`.
 
@@ -445,7 +450,9 @@ class MoELayer(nn.Module):
         Args:
             num_replicas: N of the plan; None keeps the layer's. With the layer's N the plan starts
                 from the current placement (``previous=``, few weight moves), else from scratch.
-            num_nodes: nodes the group spans (the planner keeps expert groups on one node).
+            num_nodes: nodes the group spans; None = the Buffer's. With node-limited routing
+                (``max_nodes_per_token`` below the node count) each node is planned on its own,
+                so that every expert stays on the node the router assumes.
             num_groups: expert groups for the hierarchical policy; None = the router's ``num_groups``.
             tolerance: allowed excess of the busiest rank over a plan from scratch (see ``plan``).
 
@@ -456,9 +463,28 @@ class MoELayer(nn.Module):
             raise ValueError("MoELayer.plan_placement: no load statistics yet; call update_bias() after "
                              "training-mode forwards first")
         N = self.num_replicas if num_replicas is None else num_replicas
-        previous = self.placement(num_nodes) if N == self.num_replicas else None
-        return plan(self.expert_load_ema.detach().cpu()[None], N, num_groups or self.router.num_groups,
-                    num_nodes, self.buffer.group_size, previous=previous, tolerance=tolerance)
+        nodes = self.buffer.num_nodes if num_nodes is None else num_nodes
+        R, E = self.buffer.group_size, self.num_experts
+        load_E = self.expert_load_ema.detach().cpu()
+        keep = N == self.num_replicas
+        if not self._node_limited:
+            previous = self.placement(nodes) if keep else None
+            return plan(load_E[None], N, num_groups or self.router.num_groups, nodes, R, previous=previous,
+                        tolerance=tolerance)
+        if N % nodes or nodes != self.buffer.num_nodes:
+            raise ValueError(f"MoELayer.plan_placement: node-limited routing needs num_nodes = the Buffer's "
+                             f"{self.buffer.num_nodes} and num_replicas divisible by it, got num_nodes={nodes}, "
+                             f"num_replicas={N}")
+        E_n, N_n, old_n = E // nodes, N // nodes, self.num_replicas // nodes
+        parts, moves = [], 0
+        for n in range(nodes):
+            experts = slice(n * E_n, (n + 1) * E_n)
+            previous = (Placement.from_phy2log(self._phy2log_host[n * old_n:(n + 1) * old_n][None] - n * E_n, E_n,
+                                               R // nodes) if keep else None)
+            p = plan(load_E[experts][None], N_n, 1, 1, R // nodes, previous=previous, tolerance=tolerance)
+            parts.append(p.phy2log[0] + n * E_n)
+            moves += p.moves
+        return Placement.from_phy2log(torch.cat(parts)[None], E, R, nodes, moves=moves)
 
     @torch.no_grad()
     def apply_placement(self, placement: Union[Placement, torch.Tensor], optimizer: Optional[torch.optim.Optimizer] = None,
@@ -507,6 +533,11 @@ class MoELayer(nn.Module):
             raise ValueError(f"{where}: `phy2log` must be 1-D with num_replicas >= num_experts={E} entries, "
                              f"divisible by the group size {R} (rank {rank}), got shape {shape}")
         new = check_phy2log(placement, E, n, where, rank)
+        if self._node_limited and (bad := off_node_slot(new, E, self.buffer.num_nodes)) >= 0:
+            raise ValueError(f"{where}: node-limited routing (max_nodes_per_token="
+                             f"{self.router.max_nodes_per_token}) needs each expert on its own node, but "
+                             f"`phy2log` puts expert {int(new[bad])} in slot {bad}, on node "
+                             f"{bad // (n // self.buffer.num_nodes)} (rank {rank})")
         params = (self.experts.w1, self.experts.w2, self.experts.w3)
         states = _slot_states(optimizer, params, where, rank)
         self._check_same_everywhere(new, states)

@@ -18,15 +18,28 @@ import torch
 
 from .placement import Placement
 
-__all__ = ["check_phy2log", "default_phy2log", "replica_tables", "spread_over_replicas", "Migration",
+__all__ = ["check_phy2log", "default_phy2log", "off_node_slot", "replica_tables", "spread_over_replicas", "Migration",
            "plan_migration"]
 
 
-def default_phy2log(num_experts: int, num_replicas: int) -> torch.Tensor:
-    """``[N]`` int64, slot s holds logical expert ``s % E``: the identity when N = E, and the extra
-    slots repeat experts 0, 1, ... in order. With at most E slots per rank no rank holds two
-    replicas of one expert (a rank's slots are consecutive ids modulo E)."""
-    return torch.arange(num_replicas, dtype=torch.int64, device="cpu") % num_experts
+def default_phy2log(num_experts: int, num_replicas: int, num_nodes: int = 1) -> torch.Tensor:
+    """``[N]`` int64, the starting placement: on each node, the node's slots hold the node's
+    ``E / num_nodes`` contiguous experts in turn (slot i of node n holds expert
+    ``n * E / num_nodes + i % (E / num_nodes)``). One node: slot s holds ``s % E``. The identity
+    when N = E; extra slots repeat a node's experts from its first one. With at most
+    ``E / num_nodes`` slots per rank no rank holds two replicas of one expert."""
+    E_node, N_node = num_experts // num_nodes, num_replicas // num_nodes
+    s = torch.arange(num_replicas, dtype=torch.int64, device="cpu")
+    return (s // N_node) * E_node + (s % N_node) % E_node
+
+
+def off_node_slot(phy2log: torch.Tensor, num_experts: int, num_nodes: int) -> int:
+    """The first slot holding an expert of another node (experts and slots split contiguously
+    over nodes), or -1 when every replica lies on its expert's node."""
+    N = phy2log.numel()
+    s = torch.arange(N)
+    bad = ((phy2log // (num_experts // num_nodes)) != s // (N // num_nodes)).nonzero().flatten()
+    return int(bad[0]) if bad.numel() else -1
 
 
 def check_phy2log(phy2log, num_experts: int, num_replicas: int, where: str, rank: int = 0) -> torch.Tensor:
