@@ -75,7 +75,8 @@ def _moe_grads(block_or_layer, ref: bool):
                "w3": g_gu[:, F_:].transpose(1, 2), "w2": block_or_layer.experts.down_proj.grad.transpose(1, 2)}
         if hasattr(block_or_layer, "shared_experts"):
             s = block_or_layer.shared_experts
-            out.update(s_w1=s.gate_proj.weight.grad.t(), s_w3=s.up_proj.weight.grad.t(), s_w2=s.down_proj.weight.grad.t())
+            out.update(s_w1=s.gate_proj.weight.grad.t(), s_w3=s.up_proj.weight.grad.t(),
+                       s_w2=s.down_proj.weight.grad.t())
         return out
     layer = block_or_layer
     out = {"gate": layer.router.gate.weight.grad, "w1": layer.experts.w1.grad, "w3": layer.experts.w3.grad,
@@ -109,17 +110,24 @@ def _compare(family, group):
     ref = _build(family)
     g = torch.Generator().manual_seed(100 + rank)
     ids = torch.randint(0, VOCAB, (2, 6 + rank), generator=g)      # ranks hold different batches
-    out = ref(ids, labels=ids)
+    # router logits recorded: Mixtral's and Qwen3-MoE's loss then includes their aux loss
+    out = ref(ids, labels=ids, output_router_logits=True)
     out.loss.backward()
 
     ep = expert_parallelize(copy.deepcopy(ref), group=group)
     for p in ep.parameters():
         p.grad = None
-    ep_out = ep(ids, labels=ids)
+    ep_out = ep(ids, labels=ids, output_router_logits=True)
     ep_out.loss.backward()
 
     moe_names = [n for n, m in ref.named_modules() if type(m).__name__ in SUPPORTED_BLOCKS]
     errs = {"logits": _rel_err(ep_out.logits.detach(), out.logits.detach())}
+    assert len(ep_out.router_logits) == len(out.router_logits) == len(moe_names)
+    for i, (a, b) in enumerate(zip(ep_out.router_logits, out.router_logits)):
+        errs[f"router_logits.{i}"] = _rel_err(a.detach(), b.detach())
+    if family != "deepseek_v3":
+        assert out.aux_loss is not None and out.aux_loss > 0
+        errs["aux_loss"] = _rel_err(ep_out.aux_loss.detach(), out.aux_loss.detach())
     ep_params = dict(ep.named_parameters())
     num_dense = 0
     for name, p in ref.named_parameters():

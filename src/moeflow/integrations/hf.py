@@ -1,8 +1,9 @@
 """Expert-parallelize Hugging Face transformers MoE models in place.
 
-:func:`expert_parallelize` walks a model, and replaces every MoE block of a supported family by a
-:class:`moeflow.MoELayer` that holds this rank's contiguous shard of the block's routed experts
-and full copies of its router (and shared experts), loaded from the block's own weights. The
+:func:`expert_parallelize` walks a model and replaces every MoE block of a supported family by a
+:class:`moeflow.MoELayer` (:class:`HFMoELayer`) that holds this rank's contiguous shard of the
+block's routed experts and a full copy of its shared experts, and routes with the block's own
+gate Parameter. The
 rest of the model (embeddings, attention, norms, dense MLPs, the LM head) is untouched, so its
 forward, ``generate`` and the loss keep working; each rank runs its own batch (data parallel)
 and the MoE layers move tokens to the ranks that own their experts.
@@ -28,10 +29,14 @@ reproduce their routing exactly:
 Routing runs in fp32 (the gate's logits included), where Qwen3-MoE and Mixtral compute the
 logits in the model's dtype: identical in fp32, a rare different choice near ties in bf16.
 
-Not carried over: transformers' ``output_router_logits`` (and so its ``aux_loss``) records the
-outputs of the replaced router modules and finds none; use the Router's own losses
-(``aux_loss_coeff=`` etc. through ``layer_kwargs``, read ``layer.last_router_output.loss``).
-Hooks registered on a replaced block (e.g. accelerate's ``device_map`` offload) go with it.
+Router logits: each new layer keeps the block's own router module (``hf_router``), its weight
+the very Parameter the moeflow Router routes with (and DeepSeek-V3's bias the same buffer), and
+runs it once more for its logits once transformers' output recorder has hooked it (from the
+first forward that asks for recorded outputs, e.g. ``output_router_logits=True``, on), so
+``outputs.router_logits`` and Mixtral's and Qwen3-MoE's ``aux_loss`` come out as before, with
+gradients into the shared gate (cost: one more ``[T, D] x [D, E]`` product per layer, only then).
+Hooks that other libraries registered on a replaced block (e.g. accelerate's ``device_map``
+offload) go with the block.
 
 This module imports nothing from transformers: it recognises blocks by class name and reads
 their tensors, so ``import moeflow`` works without the ``hf`` extra.
@@ -49,7 +54,7 @@ from torch import nn
 
 from ..layer import MoELayer
 
-__all__ = ["expert_parallelize", "SUPPORTED_BLOCKS"]
+__all__ = ["expert_parallelize", "HFMoELayer", "SUPPORTED_BLOCKS"]
 
 # MoELayer arguments that expert_parallelize takes from the model, not from the caller
 _FROM_MODEL = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_shared_experts", "score_func",
@@ -61,7 +66,8 @@ class _BlockSpec:
     """What one HF block holds, in the block's own tensors (no copies)."""
 
     router_kwargs: dict
-    gate: torch.Tensor                  # [E, D] router weight
+    router: nn.Module                   # the block's router module (kept for its logits)
+    gate: nn.Parameter                  # [E, D] router weight
     expert_bias: Optional[torch.Tensor]  # [E] selection-only bias, or None
     gate_up: torch.Tensor               # [E, 2F, D] gate rows, then up rows
     down: torch.Tensor                  # [E, D, F]
@@ -131,7 +137,7 @@ def _spec(block: nn.Module, name: str, router: nn.Module, top_k: int, router_kwa
         raise TypeError(f"expert_parallelize: {name}.experts has bias parameters, which SwiGLU experts lack")
     _check_silu(getattr(experts, "act_fn", None), f"{name}.experts")
     gate = getattr(router, "weight", None)
-    if not isinstance(gate, torch.Tensor) or tuple(gate.shape) != (E, D):
+    if not isinstance(gate, nn.Parameter) or tuple(gate.shape) != (E, D):
         raise ValueError(f"expert_parallelize: {name}.gate.weight must be [E={E}, D={D}], got "
                          f"{None if gate is None else list(gate.shape)}")
     if getattr(router, "bias", None) is not None:
@@ -140,7 +146,7 @@ def _spec(block: nn.Module, name: str, router: nn.Module, top_k: int, router_kwa
     if shared is not None and shared[0].size(0) % (F2 // 2):
         raise ValueError(f"expert_parallelize: {name}'s shared experts have intermediate size {shared[0].size(0)}, "
                          f"not a multiple of the routed experts' {F2 // 2}")
-    return _BlockSpec(router_kwargs, gate, expert_bias, gate_up, down, shared)
+    return _BlockSpec(router_kwargs, router, gate, expert_bias, gate_up, down, shared)
 
 
 def _mlp_weights(mlp: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,6 +175,29 @@ def _looks_like_moe(module: nn.Module) -> bool:
     return "experts" in children and ("gate" in children or "router" in children)
 
 
+# ------------------------------------------------------------------------------------ adapter
+class HFMoELayer(MoELayer):
+    """A :class:`moeflow.MoELayer` that stands in for a transformers MoE block.
+
+    Same forward as the block in transformers >= 5 (``[B, S, D]`` -> ``[B, S, D]``). Takes
+    :class:`moeflow.MoELayer`'s arguments. :func:`expert_parallelize` sets ``hf_router`` to the
+    block's router module, whose ``weight`` is ``self.router.gate.weight`` (one Parameter); when
+    transformers has hooked it to record router logits, it is run on the input so that the hook
+    sees them (its top-k goes unused: the moeflow Router routes).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hf_router: Optional[nn.Module] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, S, D]`` (or ``[..., D]``); returns the same shape and dtype."""
+        y = super().forward(x)
+        if self.hf_router is not None and self.hf_router._forward_hooks:
+            self.hf_router(x)  # output_router_logits: transformers' recorder hook reads the logits
+        return y
+
+
 # ------------------------------------------------------------------------------- public entry
 def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = None,
                        **layer_kwargs: Any) -> nn.Module:
@@ -178,7 +207,8 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
     Call it on every rank of ``group``, each holding the same full weights (the same checkpoint,
     or the same seed), after ``torch.distributed`` is initialised. Routed experts are split evenly
     and contiguously over the ranks (rank r holds experts ``[r * E / R, (r + 1) * E / R)``); the
-    router, its expert bias and the shared experts are copied whole. Each new layer is built on
+    shared experts are copied whole; the router gate Parameter (and an fp32 expert bias) are
+    taken over as they are, not copied. Each new layer is built on
     the device of the block's experts, in their dtype (the router gate keeps its own dtype), in
     the block's train/eval mode, with ``requires_grad`` as on the block's tensors; the replaced
     block and its full expert tensors are released when nothing else refers to them.
@@ -199,7 +229,8 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
             be given.
 
     Returns:
-        ``model`` (or the new layer, when ``model`` is itself a block), whose MoE blocks are now :class:`moeflow.MoELayer` modules (find them with
+        ``model`` (or the new layer, when ``model`` is itself a block), whose MoE blocks are now
+        :class:`HFMoELayer` modules, subclasses of :class:`moeflow.MoELayer` (find them with
         ``isinstance(m, moeflow.MoELayer)``, e.g. to call ``m.router.update_bias()`` each step).
 
     Raises:
@@ -249,7 +280,7 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
     return model
 
 
-def _build_layer(spec: _BlockSpec, group: Optional[dist.ProcessGroup], layer_kwargs: dict) -> MoELayer:
+def _build_layer(spec: _BlockSpec, group: Optional[dist.ProcessGroup], layer_kwargs: dict) -> HFMoELayer:
     E, F2, D = spec.gate_up.shape
     F_ = F2 // 2
     num_shared = spec.shared[0].size(0) // F_ if spec.shared is not None else 0
@@ -257,10 +288,19 @@ def _build_layer(spec: _BlockSpec, group: Optional[dist.ProcessGroup], layer_kwa
     if device.type == "meta":
         raise ValueError("expert_parallelize: the model's expert weights are on the meta device; load them first")
     with torch.device(device):
-        layer = MoELayer(D, F_, E, num_shared_experts=num_shared, group=group, **spec.router_kwargs,
-                         **layer_kwargs)
+        layer = HFMoELayer(D, F_, E, num_shared_experts=num_shared, group=group, **spec.router_kwargs,
+                           **layer_kwargs)
     layer.to(dtype=dtype)
-    layer.router.gate.to(dtype=spec.gate.dtype)  # DeepSeek-V3 keeps its gate in fp32
+    # The router routes with the block's own gate Parameter (its dtype kept: DeepSeek-V3's is
+    # fp32) and selection bias buffer, which the kept HF router module shares for its logits.
+    layer.router.gate.weight = spec.gate
+    if spec.expert_bias is not None:
+        if spec.expert_bias.dtype == torch.float32:
+            layer.router.expert_bias = spec.expert_bias
+        else:  # the Router's bias stays fp32 (see Router._apply): a copy, not shared
+            with torch.no_grad():
+                layer.router.expert_bias.copy_(spec.expert_bias)
+    layer.hf_router = spec.router
     # gate_up_proj [E, 2F, D] -> w1 (gate), w3 (up) [E, D, F]; down_proj [E, D, F] -> w2 [E, F, D]:
     # transposed views; load_global_weights copies only this rank's E / R experts out of them.
     w1 = spec.gate_up[:, :F_].transpose(1, 2)
@@ -271,10 +311,6 @@ def _build_layer(spec: _BlockSpec, group: Optional[dist.ProcessGroup], layer_kwa
         s_gate, s_up, s_down = spec.shared
         shared = (s_gate.t(), s_down.t(), s_up.t())
     layer.load_global_weights(spec.gate, w1, w2, w3, shared)
-    with torch.no_grad():
-        if spec.expert_bias is not None:
-            layer.router.expert_bias.copy_(spec.expert_bias)
-    layer.router.gate.weight.requires_grad_(spec.gate.requires_grad)
     layer.experts.w1.requires_grad_(spec.gate_up.requires_grad)
     layer.experts.w3.requires_grad_(spec.gate_up.requires_grad)
     layer.experts.w2.requires_grad_(spec.down.requires_grad)
