@@ -167,9 +167,62 @@ def _assert_parity(out, ep_size):
             assert abs(r["loss"][0] - r["loss"][1]) < 1e-5, (rank, family, gname, r["loss"])
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_same_logits_and_grads_as_unmodified_model(world_size):
-    _assert_parity(spawn(_parity_rank, world_size, FAMILIES, timeout_s=180), None)
+def test_same_logits_and_grads_as_unmodified_model_on_1_rank():
+    _assert_parity(spawn(_parity_rank, 1, FAMILIES, timeout_s=180), None)
+
+
+def _data_parallel_step_rank():
+    """docs/hf.md's gradient recipe: all-reduce the replicated parameters' gradients, scale every
+    gradient by 1 / R. Returns the max relative difference from one unmodified model's gradients
+    of the mean loss over every rank's batch, for the replicated and the expert parameters."""
+    rank, R = dist.get_rank(), dist.get_world_size()
+    ref = _build("deepseek_v3")
+    batches = [torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(100 + r)) for r in range(R)]
+    (sum(ref(b, labels=b).loss for b in batches) / R).backward()
+
+    model = expert_parallelize(copy.deepcopy(ref))
+    model.zero_grad()
+    model(batches[rank], labels=batches[rank]).loss.backward()
+    # -- the recipe, as in docs/hf.md
+    expert_params = {p for m in model.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if p not in expert_params:
+            dist.all_reduce(p.grad)  # replicated: sum over the ranks' batches
+        p.grad /= R                  # expert shards: the dispatch backward already summed them
+    # --
+    ref_params = dict(ref.named_parameters())
+    replicated = max(_rel_err(p.grad, ref_params[n].grad) for n, p in model.named_parameters() if n in ref_params)
+    experts = 0.0
+    for name, m in model.named_modules():
+        if isinstance(m, MoELayer):
+            ref_g = _moe_grads(ref.get_submodule(name), ref=True)
+            L = m.num_local_experts
+            for key, g in _moe_grads(m, ref=False).items():
+                if key in ("w1", "w2", "w3"):
+                    experts = max(experts, _rel_err(g, ref_g[key][rank * L:(rank + 1) * L]))
+    return replicated, experts, len(expert_params)
+
+
+def _two_rank_fn():
+    # one spawn for every 2-rank check: each rank process pays ~2 s importing transformers
+    return _parity_rank(FAMILIES), _data_parallel_step_rank()
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return spawn(_two_rank_fn, 2, timeout_s=180)
+
+
+def test_same_logits_and_grads_as_unmodified_model_on_2_ranks(two_ranks):
+    _assert_parity([parity for parity, _ in two_ranks], None)
+
+
+def test_data_parallel_recipe_gives_the_global_batch_gradients(two_ranks):
+    for rank, (_, (replicated, experts, num_expert_params)) in enumerate(two_ranks):
+        assert num_expert_params == 2 * 3  # 2 MoE layers x (w1, w2, w3)
+        assert replicated < 1e-4 and experts < 1e-4, (rank, replicated, experts)
 
 
 def _four_rank_fn():
