@@ -231,7 +231,7 @@ class Watchdog:
                 calls = int(now.get("calls", {}).get(self.id, 0))
                 if first[r] is not None and now.get("beat") == first[r].get("beat"):
                     dead.append(r)
-                    notes.append(f"rank {r} is dead or hung (heartbeat stopped; it had made {calls} "
+                    notes.append(f"rank {r} is dead or hung (heartbeat stopped; its last one showed {calls} "
                                  f"calls on this Buffer)")
                 elif calls < call:
                     stuck.append(r)
