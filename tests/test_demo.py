@@ -7,7 +7,8 @@ def test_demo_short_run_learns_and_reports(tmp_path):
     from moeflow.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--ranks", "2", "--steps", "100", "--batch-size", "4", "--quiet", "--out", str(out)]) == 0
+    assert main(["demo", "--ranks", "2", "--steps", "100", "--batch-size", "4", "--quiet", "--out", str(out),
+                 "--rebalance-every", "50"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert (out / "training.png").stat().st_size > 10_000
     # learning: well below the unigram baseline after 100 steps (a full nat below it by then)
@@ -21,6 +22,10 @@ def test_demo_short_run_learns_and_reports(tmp_path):
         assert [sum(layer) for layer in step_loads] == [tokens_per_step * cfg["top_k"]] * len(step_loads)
     assert report["max_over_mean_expert_last"] >= 1.0 and report["max_over_mean_rank_last"] >= 1.0
     assert report["bytes_per_step"] > 0
+    # one rebalance at step 50 into 16 + 2 slots; its plan beats what the 50 steps before saw
+    assert cfg["num_replicas"] == 18 and [r["step"] for r in report["rebalance"]] == [49]
+    r = report["rebalance"][0]
+    assert r["moves"] > 0 and 1.0 <= r["predicted_max_over_mean_rank"] < r["max_over_mean_rank_before"]
 
 
 def test_demo_rejects_bad_flags(capsys):
@@ -32,3 +37,5 @@ def test_demo_rejects_bad_flags(capsys):
         main(["demo", "--ranks", "3", "--steps", "1"])
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         main(["demo", "--ranks", "2", "--steps", "0"])
+    with pytest.raises(SystemExit, match="--replicas 17 must be >= --experts 16 and divide by --ranks 2"):
+        main(["demo", "--ranks", "2", "--steps", "1", "--replicas", "17"])

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import SwiGLU
+from .experts import GroupedExperts, SwiGLU
 from .layer import MoELayer
 
 __all__ = ["DemoConfig", "TinyMoELM", "load_corpus", "train"]
@@ -49,6 +49,8 @@ class DemoConfig:
     bias_update_rate: float = 3e-2  # aux-loss-free balancing (DeepSeek-V3 uses 1e-3 over far more steps); 0 = off
     aux_loss_coeff: float = 1e-2   # sequence-wise aux loss (DeepSeek-V3 uses 1e-4 at scale)
     bias_decay: bool = True        # the bias rate follows the learning-rate schedule down to 0
+    num_replicas: Optional[int] = None  # physical expert slots (None = num_experts: no redundancy)
+    rebalance_every: int = 0       # re-plan and migrate experts every N steps (0 = never)
     lr: float = 3e-3
     gate_lr_scale: float = 0.1
     eval_every: int = 50
@@ -99,7 +101,7 @@ class Block(nn.Module):
         else:
             self.moe = MoELayer(cfg.dim, cfg.ffn_hidden, cfg.num_experts, cfg.top_k, cfg.num_shared_experts,
                                 group, score_func="sigmoid", bias_update_rate=cfg.bias_update_rate,
-                                seq_aux_loss_coeff=cfg.aux_loss_coeff)
+                                seq_aux_loss_coeff=cfg.aux_loss_coeff, num_replicas=cfg.num_replicas)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -155,11 +157,11 @@ def _is_expert_param(name: str) -> bool:
 def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
     """Run on every rank (inside an initialised process group); returns the report on every rank."""
     rank, R = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(cfg.seed)  # same dense init everywhere ...
-    model = TinyMoELM(cfg)
-    torch.manual_seed(cfg.seed + 1 + rank)  # ... and each rank's own experts differ
+    torch.manual_seed(cfg.seed)  # the same init everywhere: dense weights, and the logical experts
+    model = TinyMoELM(cfg)        # of which each rank takes its slots (replicas must start equal)
     for layer in model.moe_layers():
-        layer.experts.reset_parameters()
+        full = GroupedExperts(cfg.num_experts, cfg.dim, cfg.ffn_hidden)
+        layer.load_global_weights(layer.router.gate.weight, full.w1, full.w2, full.w3)
     corpus = torch.frombuffer(bytearray(load_corpus(cfg.corpus_bytes)), dtype=torch.uint8).long()
     split = int(len(corpus) * 0.9)
     train_data, val_data = corpus[:split], corpus[split:]
@@ -185,7 +187,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
     history = dict(step=[], loss=[], val_step=[], val_loss=[], tokens_per_s=[], expert_load=[],
                    expert_load_per_layer=[],
                    max_over_mean_expert=[], max_over_mean_expert_per_layer=[], max_over_mean_rank=[],
-                   bytes_per_step=[])
+                   bytes_per_step=[], rebalance=[])
     bar = None
     if show_progress and rank == 0:
         try:
@@ -216,6 +218,8 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         for p in dense:
             p.grad.copy_(flat[off:off + p.numel()].view_as(p))
             off += p.numel()
+        for layer in model.moe_layers():
+            layer.sync_replica_grads()  # replicas of one expert take one step (no-op without replicas)
         for p in experts:
             if p.grad is not None:  # None when no token reached this rank's experts
                 p.grad /= R
@@ -224,9 +228,10 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
             # DeepSeek-V3 stops the bias updates for its last tokens; decaying the rate with the
             # learning rate lets the bias settle instead of flipping by a fixed step every update
             layer.router.bias_update_rate = cfg.bias_update_rate * (lr / cfg.lr if cfg.bias_decay else 1.0)
-        loads = [layer.router.update_bias() for layer in model.moe_layers()]
+        loads = [layer.update_bias() for layer in model.moe_layers()]  # also the layers' load EMAs
         load = torch.stack(loads).float()  # [layers, E], global counts this step
-        per_rank = load.view(load.size(0), R, -1).sum(-1)
+        # [layers, R]: pairs each rank's expert slots computed (replicas share their expert's load)
+        per_rank = torch.stack([layer.last_replica_load.float().view(R, -1).sum(-1) for layer in model.moe_layers()])
         loss_avg = torch.tensor([loss.item()])
         dist.all_reduce(loss_avg)  # for the report only
         dt = time.perf_counter() - t0
@@ -242,6 +247,15 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         history["max_over_mean_expert_per_layer"].append(per_layer.tolist())
         history["max_over_mean_rank"].append(float((per_rank.max(1).values / per_rank.mean(1)).mean()))
         history["bytes_per_step"].append(sent)
+        if cfg.rebalance_every and (step + 1) % cfg.rebalance_every == 0 and step + 1 < cfg.steps:
+            predicted, moves = [], 0
+            for layer in model.moe_layers():
+                placement = layer.plan_placement()
+                moves += layer.apply_placement(placement, optimizer=opt)
+                rank_load = layer.rank_load()  # the plan's prediction from the load EMA
+                predicted.append(float(rank_load.max() / rank_load.mean()))
+            history["rebalance"].append(dict(step=step, moves=moves,
+                                             predicted_max_over_mean_rank=sum(predicted) / len(predicted)))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             history["val_step"].append(step)
             history["val_loss"].append(_evaluate(model, val_data, cfg, batch, R))
@@ -263,12 +277,26 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         # without one batch's sampling noise (a step routes only B * S * R tokens)
         max_over_mean_expert_window=_max_over_mean(torch.tensor(history["expert_load_per_layer"][-tail:]).sum(0)),
         bytes_per_step=sum(history["bytes_per_step"][-tail:]) / tail,
+        rebalance=_rebalance_effect(history, cfg.rebalance_every),
         num_params=sum(p.numel() for p in dense) + R * sum(p.numel() for p in experts),
         history=history,
     )
     if rank == 0 and out_dir:
         _write_outputs(report, out_dir)
     return report
+
+
+def _rebalance_effect(history: dict, every: int) -> list[dict]:
+    """Per rebalance: the per-rank max/mean averaged over the ``every`` steps before it and the
+    ``every`` steps after it (the steps after include the model's own drift)."""
+    per_step = history["max_over_mean_rank"]
+    out = []
+    for event in history["rebalance"]:
+        s = event["step"]
+        before, after = per_step[max(0, s + 1 - every):s + 1], per_step[s + 1:s + 1 + every]
+        out.append(dict(event, max_over_mean_rank_before=sum(before) / len(before),
+                        max_over_mean_rank_after=sum(after) / max(1, len(after))))
+    return out
 
 
 def _max_over_mean(load_LE: torch.Tensor) -> float:

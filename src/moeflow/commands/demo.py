@@ -17,6 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=d.num_layers)
     p.add_argument("--experts", type=int, default=d.num_experts)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--rebalance-every", type=int, default=0, metavar="N",
+                   help="every N steps, re-plan expert placement from the measured loads and migrate "
+                        "expert weights and optimizer state (default: never)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="physical expert slots (default: experts + ranks with --rebalance-every, "
+                        "i.e. one spare slot per rank for a replica of a busy expert; else experts)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -28,10 +34,19 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"moeflow demo: --experts {args.experts} must divide by --ranks {args.ranks}")
     if args.steps < 1:
         raise SystemExit(f"moeflow demo: --steps must be >= 1, got {args.steps}")
+    if args.rebalance_every < 0:
+        raise SystemExit(f"moeflow demo: --rebalance-every must be >= 0, got {args.rebalance_every}")
+    replicas = args.replicas
+    if replicas is None:
+        replicas = args.experts + args.ranks if args.rebalance_every else args.experts
+    if replicas < args.experts or replicas % args.ranks:
+        raise SystemExit(f"moeflow demo: --replicas {replicas} must be >= --experts {args.experts} "
+                         f"and divide by --ranks {args.ranks}")
     cfg = DemoConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
                      num_experts=args.experts, seed=args.seed,
                      bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
-                     eval_every=max(1, min(DemoConfig().eval_every, args.steps)))
+                     eval_every=max(1, min(DemoConfig().eval_every, args.steps)),
+                     num_replicas=replicas, rebalance_every=args.rebalance_every)
     print(f"moeflow demo: {args.ranks} ranks, {cfg.num_layers} layers, {cfg.num_experts} routed experts "
           f"(top-{cfg.top_k}) + {cfg.num_shared_experts} shared, {cfg.steps} steps", flush=True)
     report = spawn(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600, threads_per_rank=1)[0]
@@ -43,5 +58,10 @@ def run(args: argparse.Namespace) -> int:
           f"{report['max_over_mean_expert_last']:.3f} over experts per step, "
           f"{report['max_over_mean_expert_window']:.3f} over experts summed over those steps, "
           f"{report['max_over_mean_rank_last']:.3f} over ranks per step")
+    for r in report["rebalance"]:
+        print(f"rebalance after step {r['step'] + 1}: {r['moves']} expert moves; rank max/mean "
+              f"{r['max_over_mean_rank_before']:.3f} over the {args.rebalance_every} steps before, "
+              f"{r['max_over_mean_rank_after']:.3f} over the steps after "
+              f"(planned from the load average: {r['predicted_max_over_mean_rank']:.3f})")
     print(f"wrote {args.out}/report.json and {args.out}/training.png in {report['seconds']:.0f} s")
     return 0
