@@ -173,8 +173,9 @@ def test_same_logits_and_grads_as_unmodified_model_on_1_rank():
 
 def _data_parallel_step_rank():
     """docs/hf.md's gradient recipe: all-reduce the replicated parameters' gradients, scale every
-    gradient by 1 / R. Returns the max relative difference from one unmodified model's gradients
-    of the mean loss over every rank's batch, for the replicated and the expert parameters."""
+    gradient by 1 / R; with activation checkpointing on. Returns the max relative difference from
+    one unmodified model's gradients of the mean loss over every rank's batch, for the replicated
+    and the expert parameters."""
     rank, R = dist.get_rank(), dist.get_world_size()
     ref = _build("deepseek_v3")
     batches = [torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(100 + r)) for r in range(R)]
@@ -182,6 +183,9 @@ def _data_parallel_step_rank():
 
     model = expert_parallelize(copy.deepcopy(ref))
     model.zero_grad()
+    # transformers' activation checkpointing re-runs each decoder layer, dispatch and combine
+    # included, during backward: every rank does so in the same layer order
+    model.activation_checkpointing_enable()
     model(batches[rank], labels=batches[rank]).loss.backward()
     # -- the recipe, as in docs/hf.md
     expert_params = {p for m in model.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()}
@@ -244,7 +248,8 @@ def test_same_logits_and_grads_on_4_ranks_and_2_rank_groups(four_ranks):
 def _generate_and_modes_rank():
     """Greedy generation with the KV cache through the expert-parallel model (ranks with prompts
     of different lengths, ``synced_gpus`` so they step together); train/eval, requires_grad and
-    dtype carried over; a block count that does not divide over the ranks refused."""
+    dtype carried over; an expert count that does not divide over the ranks, and a second call on
+    the same model, refused."""
     rank, R = dist.get_rank(), dist.get_world_size()
     ref = _build("qwen3_moe").eval()
     ids = torch.randint(0, VOCAB, (1, 3 + 2 * rank), generator=torch.Generator().manual_seed(7 + rank))
@@ -275,16 +280,17 @@ def _generate_and_modes_rank():
         logits = frozen(ids).logits
     modes["bf16_logits_finite"] = bool(logits.isfinite().all()) and logits.dtype == torch.bfloat16
 
-    split_error = None
-    try:
-        expert_parallelize(_build("mixtral", num_experts=6))
-    except ValueError as e:
-        split_error = str(e)
-    return ref_tokens, ep_tokens, modes, split_error
+    errors = []
+    for make in (lambda: _build("mixtral", num_experts=6), lambda: frozen):
+        try:
+            expert_parallelize(make())
+        except ValueError as e:
+            errors.append(str(e))
+    return ref_tokens, ep_tokens, modes, errors
 
 
 def test_generate_modes_and_uneven_split_on_4_ranks(four_ranks):
-    for rank, (_, (ref_tokens, ep_tokens, modes, split_error)) in enumerate(four_ranks):
+    for rank, (_, (ref_tokens, ep_tokens, modes, errors)) in enumerate(four_ranks):
         assert ref_tokens.shape == (1, 3 + 2 * rank + 5)
         assert torch.equal(ep_tokens, ref_tokens), rank
         assert modes["num_layers"] == 2
@@ -292,7 +298,9 @@ def test_generate_modes_and_uneven_split_on_4_ranks(four_ranks):
         assert modes["requires_grad"] == [(True, False, True)] * 2
         assert modes["dtypes"] == [(torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)] * 2
         assert modes["bf16_logits_finite"]
-        assert split_error is not None and "has 6 experts" in split_error and "4 ranks" in split_error
+        assert len(errors) == 2, errors
+        assert "has 6 experts, which do not divide over the 4 ranks" in errors[0]
+        assert "DeepseekV3ForCausalLM is already expert-parallel" in errors[1]
 
 
 # ------------------------------------------------------------------------------ refused inputs

@@ -259,6 +259,9 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
             raise TypeError(f"expert_parallelize: {name or 'model'} is a {type(module).__name__}, an MoE block of "
                             f"a family moeflow does not know; supported blocks: {sorted(SUPPORTED_BLOCKS)}")
     if not found:
+        if any(isinstance(m, MoELayer) for m in model.modules()):
+            raise ValueError(f"expert_parallelize: {type(model).__name__} is already expert-parallel (its MoE "
+                             "blocks are moeflow MoELayers)")
         raise ValueError(f"expert_parallelize: no MoE block found in {type(model).__name__}; supported blocks: "
                          f"{sorted(SUPPORTED_BLOCKS)}")
     if not dist.is_initialized():
