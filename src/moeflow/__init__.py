@@ -13,6 +13,7 @@ from .experts import GroupedExperts, SwiGLU
 from .layer import MoELayer
 from .routing import Router, RouterOutput
 from .launch import RankError, spawn
+from . import integrations  # after .layer: integrations.hf builds on MoELayer; imports no transformers
 from .quant import per_token_cast_back, per_token_cast_to_fp8
 
 __version__ = "0.1.0"
@@ -22,4 +23,5 @@ __all__ = [
     "autograd", "balance", "layout", "quant", "per_token_cast_to_fp8", "per_token_cast_back",
     "spawn", "RankError",
     "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer",
+    "integrations",
 ]

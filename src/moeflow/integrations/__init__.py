@@ -2,7 +2,9 @@
 
 :mod:`moeflow.integrations.hf`: Hugging Face transformers MoE models
 (:func:`~moeflow.integrations.hf.expert_parallelize`). Importing this package needs none of those
-libraries; each adapter imports its library only when it needs it.
+libraries: the adapters recognise the libraries' modules without importing them.
 """
+
+from . import hf
 
 __all__ = ["hf"]
