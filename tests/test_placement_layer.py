@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from moeflow import spawn
 from moeflow.balance import Placement
-from moeflow.balance.replicas import check_phy2log, plan_migration, replica_tables, spread_over_replicas
+from moeflow.balance.replicas import check_phy2log, plan_migration, replica_tables, slot_states, spread_over_replicas
+from moeflow.comm.rows import exchange_rows
 from moeflow.layer import MoELayer
 
 D, FF, E, K = 16, 8, 8, 2
@@ -116,6 +117,42 @@ def test_plan_migration_delivers_every_slot_its_expert():
 def test_check_phy2log_names_the_problem(phy2log, exc, pattern):
     with pytest.raises(exc, match=pattern):
         check_phy2log(phy2log, 4, 4, "where", rank=3)
+
+
+def test_slot_states_picks_per_slot_state_and_refuses_other_shapes():
+    w = torch.nn.Parameter(torch.randn(3, 4, 2))
+    opt = torch.optim.Adam([w])
+    w.grad = torch.ones_like(w)
+    opt.step()
+    found = slot_states(opt, {"experts.w1": w}, "where")
+    assert [k for _, k, _ in found] == ["exp_avg", "exp_avg_sq"]       # not the scalar step
+    opt.state[w]["row_factor"] = torch.zeros(3, 4)                    # factored state: not by slot
+    with pytest.raises(TypeError, match=r"state 'row_factor' of experts.w1 has shape \[3, 4\]"):
+        slot_states(opt, {"experts.w1": w}, "where")
+    with pytest.raises(TypeError, match="must be a torch.optim.Optimizer"):
+        slot_states("adam", {"experts.w1": w}, "where")
+
+
+def _rank_exchange_rows():
+    rank = dist.get_rank()
+    # rows of three dtypes and odd byte widths: typed views of the received bytes may be misaligned
+    tensors = [torch.arange(15, dtype=torch.float32).view(5, 3) + 100 * rank,
+               (torch.arange(5, dtype=torch.bfloat16).view(5, 1) + 10 * rank),
+               torch.arange(5, dtype=torch.int64) + 1000 * rank]
+    send = [torch.tensor([], dtype=torch.int64), torch.tensor([4, 1, 2])] if rank == 0 else \
+           [torch.tensor([0]), torch.tensor([], dtype=torch.int64)]
+    recv = exchange_rows(tensors, send, [0, 1] if rank == 0 else [3, 0])
+    return [[t.clone() for t in r] for r in recv]
+
+
+def test_exchange_rows_moves_chosen_rows_of_mixed_dtypes():
+    out = spawn(_rank_exchange_rows, 2, timeout_s=60)
+    got0, got1 = out[0][1], out[1][0]                 # rank 0 from rank 1, rank 1 from rank 0
+    assert got0[0].tolist() == [[100.0, 101.0, 102.0]] and got0[1].tolist() == [[10.0]] and got0[2].tolist() == [1000]
+    assert got1[0].tolist() == [[12.0, 13.0, 14.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
+    assert got1[1].dtype == torch.bfloat16 and got1[1].flatten().tolist() == [4.0, 1.0, 2.0]
+    assert got1[2].tolist() == [4, 1, 2]
+    assert all(x.numel() == 0 for x in out[0][0] + out[1][1])   # nothing from oneself
 
 
 # ------------------------------------------------------------------------------- in the layer

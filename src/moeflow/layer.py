@@ -32,8 +32,9 @@ from torch import nn
 
 from .balance import Placement, plan
 from .balance.replicas import (check_phy2log, default_phy2log, off_node_slot, plan_migration, replica_tables,
-                               spread_over_replicas)
+                               slot_states, spread_over_replicas)
 from .comm.buffer import Buffer, DispatchHandle, EventOverlap
+from .comm.rows import exchange_rows
 from .experts import GroupedExperts, SwiGLU
 from .routing import Router
 
@@ -492,7 +493,8 @@ class MoELayer(nn.Module):
         """Move expert weights (and optimizer state) so that slot s holds logical expert ``phy2log[s]``.
 
         Call on every rank of the group with the same placement, after ``optimizer.step()``
-        (the expert weights' ``.grad`` is reset to None: it belongs to the old slots). Slots that
+        (when anything moves, the expert weights' ``.grad`` is reset to None: it belonged to the
+        old slots). Slots that
         keep their expert, or copy it from another slot on the same rank, are copied locally;
         every other slot's rows (w1, w2, w3 and each per-slot optimizer state) travel in one
         ``all_to_all_single`` of bytes, one flat buffer per destination. A new replica copies its
@@ -539,20 +541,25 @@ class MoELayer(nn.Module):
                              f"`phy2log` puts expert {int(new[bad])} in slot {bad}, on node "
                              f"{bad // (n // self.buffer.num_nodes)} (rank {rank})")
         params = (self.experts.w1, self.experts.w2, self.experts.w3)
-        states = _slot_states(optimizer, params, where, rank)
+        states = slot_states(optimizer, dict(zip(("experts.w1", "experts.w2", "experts.w3"), params)),
+                             where, rank)
         self._check_same_everywhere(new, states)
+        if torch.equal(new, self._phy2log_host):
+            return 0  # nothing to move (a re-plan that kept every slot)
 
         migration = plan_migration(self._phy2log_host, new, R, rank)
-        moving = [p for p in params] + [t for _, _, t in states]
-        fresh = self._exchange(moving, migration, new.numel() // R)
+        fresh = self._exchange([*params, *(t for _, _, t in states)], migration, new.numel() // R)
         for p, t in zip(params, fresh[:3]):
             if p.shape == t.shape:
                 p.copy_(t)
             else:
                 p.data = t
             p.grad = None
-        for (state, key, _), t in zip(states, fresh[3:]):
-            state[key] = t
+        for (state, key, old), t in zip(states, fresh[3:]):
+            if old.shape == t.shape:
+                old.copy_(t)
+            else:
+                state[key] = t
         self.num_replicas = new.numel()
         self.num_local_experts = self.experts.num_local_experts = new.numel() // R
         device = self.phy2log.device
@@ -582,34 +589,22 @@ class MoELayer(nn.Module):
 
     def _exchange(self, tensors: list[torch.Tensor], migration, S_new: int) -> list[torch.Tensor]:
         """New ``[S_new, ...]`` versions of ``tensors`` (each ``[S, ...]``, slot-major) per ``migration``."""
-        R = self.buffer.group_size
         device = tensors[0].device
-        row_bytes = [t[0].numel() * t.element_size() for t in tensors]
-        recvs: list[torch.Tensor] = []
+        recvs = []
         if migration.moves:  # the same count on every rank: all join the collective or none does
-            sends, in_splits = [], []
-            for d in range(R):
-                idx = migration.send_slots[d].to(device)
-                sends += [t.index_select(0, idx).reshape(-1).view(torch.uint8) for t in tensors]
-                in_splits.append(idx.numel() * sum(row_bytes))
-            out_splits = [s.numel() * sum(row_bytes) for s in migration.recv_slots]
-            send_buf = torch.cat(sends)  # the one flat buffer: per destination, tensor by tensor
-            recv_buf = torch.empty(sum(out_splits), dtype=torch.uint8, device=device)
-            # the one collective that moves expert weights and state between ranks
-            dist.all_to_all_single(recv_buf, send_buf, out_splits, in_splits, group=self.buffer.group)
-            recvs = list(recv_buf.split(out_splits))
+            recvs = exchange_rows(tensors, migration.send_slots, [r.numel() for r in migration.recv_slots],
+                                  self.buffer.group)
         keep = (migration.local_src >= 0).nonzero().flatten()
         keep_from = migration.local_src[keep].to(device)
         keep = keep.to(device)
         out = []
-        for j, t in enumerate(tensors):
+        for t in tensors:
             new = t.new_empty((S_new, *t.shape[1:]))
             new[keep] = t.index_select(0, keep_from)
             out.append(new)
-        for src, chunk in enumerate(recvs):
-            slots = migration.recv_slots[src].to(device)
-            for t, new, part in zip(tensors, out, chunk.split([slots.numel() * b for b in row_bytes])):
-                new[slots] = part.view(t.dtype).view(slots.numel(), *t.shape[1:])
+        for slots, rows in zip(migration.recv_slots, recvs):
+            for new, part in zip(out, rows):
+                new[slots.to(device)] = part
         return out
 
     @torch.no_grad()
@@ -644,26 +639,3 @@ class MoELayer(nn.Module):
             g[local_slots] = part.reshape(-1, *p.shape[1:]).to(g.dtype)
             p.grad = g
 
-
-def _slot_states(optimizer, params, where: str, rank: int) -> list[tuple[dict, str, torch.Tensor]]:
-    """``(state dict, key, tensor)`` of every optimizer state tensor shaped like an expert weight."""
-    if optimizer is None:
-        return []
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"{where}: `optimizer` must be a torch.optim.Optimizer or None (rank {rank}), "
-                        f"got {type(optimizer).__name__}")
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if not any(id(p) in held for p in params):
-        raise ValueError(f"{where}: `optimizer` does not hold this layer's expert weights (rank {rank})")
-    out = []
-    for name, p in zip(("w1", "w2", "w3"), params):
-        state = optimizer.state.get(p, {})
-        for key in sorted(state):
-            v = state[key]
-            if not isinstance(v, torch.Tensor) or v.dim() == 0:
-                continue  # scalars (Adam's step) are per tensor, not per slot
-            if v.shape != p.shape:
-                raise TypeError(f"{where}: optimizer state {key!r} of experts.{name} has shape {list(v.shape)}, "
-                                f"not the weight's {list(p.shape)}; moeflow cannot split it by slot (rank {rank})")
-            out.append((state, key, v))
-    return out

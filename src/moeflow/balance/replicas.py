@@ -19,7 +19,7 @@ import torch
 from .placement import Placement
 
 __all__ = ["check_phy2log", "default_phy2log", "off_node_slot", "replica_tables", "spread_over_replicas", "Migration",
-           "plan_migration"]
+           "plan_migration", "slot_states"]
 
 
 def default_phy2log(num_experts: int, num_replicas: int, num_nodes: int = 1) -> torch.Tensor:
@@ -180,3 +180,35 @@ def plan_migration(old: torch.Tensor, new: torch.Tensor, num_ranks: int, rank: i
     copies = sum(1 for s, e in enumerate(new_l) if s >= len(old_l) or old_l[s] != e)
     as_t = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
     return Migration(as_t(local_src), [as_t(x) for x in send], [as_t(x) for x in recv], moves, copies)
+
+
+def slot_states(optimizer, params: dict, where: str, rank: int = 0) -> list[tuple[dict, str, torch.Tensor]]:
+    """``(state dict, key, tensor)`` of every optimizer state tensor shaped like one of ``params``
+    (name -> ``[S, ...]`` expert weight), in a fixed order: these move with the slots' rows. Scalar
+    state (Adam's ``step``) is per tensor, not per slot, and is skipped.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer, or holds state of another non-scalar shape
+            (it could not be split by slot).
+        ValueError: ``optimizer`` holds none of ``params``.
+    """
+    if optimizer is None:
+        return []
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{where}: `optimizer` must be a torch.optim.Optimizer or None (rank {rank}), "
+                        f"got {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in params.values()):
+        raise ValueError(f"{where}: `optimizer` does not hold this layer's expert weights (rank {rank})")
+    out = []
+    for name, p in params.items():
+        state = optimizer.state.get(p, {})
+        for key in sorted(state):
+            v = state[key]
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue
+            if v.shape != p.shape:
+                raise TypeError(f"{where}: optimizer state {key!r} of {name} has shape {list(v.shape)}, "
+                                f"not the weight's {list(p.shape)}; it cannot be split by slot (rank {rank})")
+            out.append((state, key, v))
+    return out
