@@ -275,6 +275,12 @@ def _rank_stats():
             out["rank_load"].append(lay.rank_load())
             out.setdefault("phy2log", []).append(lay.phy2log.clone())
     out["expert_load"], out["replica_load"] = lay.expert_load(), lay.replica_load()
+    # replicas initialised apart (a per-rank seed) are made equal to each expert's first replica
+    torch.manual_seed(rank)
+    lay.experts.reset_parameters()
+    out["apart"] = _local_experts(lay)
+    lay.sync_replica_weights()
+    out["synced"] = _local_experts(lay)
     return out
 
 
@@ -303,6 +309,11 @@ def test_load_statistics_and_rebalancing():
     assert planned.logcnt[0, 5] > 1 and o["moves"] > 0
     imbalance = [float(x.view(R, -1).sum(1).max() / x.view(R, -1).sum(1).float().mean()) for x in o["load_N"]]
     assert max(imbalance[2:]) < min(imbalance[:2]), imbalance
+    apart, synced = _by_expert(outs, "apart"), _by_expert(outs, "synced")
+    for e in range(E):
+        for j in range(3):
+            assert all(torch.equal(rep[j], apart[e][0][j]) for rep in synced[e]), f"expert {e}"
+    assert any(len(reps) > 1 and not torch.equal(reps[0][0], reps[1][0]) for reps in apart.values())
 
 
 def _rank_errors():

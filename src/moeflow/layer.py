@@ -362,8 +362,9 @@ class MoELayer(nn.Module):
         row_of[rep] = torch.arange(rep.numel(), device=cpu)
         mine = phy2log[rank * S:(rank + 1) * S]
         local_slots = (row_of[mine] >= 0).nonzero().flatten()
+        is_first = log2phy[mine[local_slots], 0] == local_slots + rank * S      # the expert's lowest slot
         self._replica_sum = (None if rep.numel() == 0
-                             else (local_slots, row_of[mine[local_slots]], int(rep.numel())))
+                             else (local_slots, row_of[mine[local_slots]], is_first, int(rep.numel())))
 
     def _init_load_stats(self, device) -> None:
         E, N = self.num_experts, self.num_replicas
@@ -617,25 +618,44 @@ class MoELayer(nn.Module):
         of the replicated experts' gradients; nothing (no collective) when no expert has two
         replicas.
         """
-        if self._replica_sum is None:
-            return
-        local_slots, rows, num_rows = self._replica_sum
         params = (self.experts.w1, self.experts.w2, self.experts.w3)
-        device = params[0].device
-        local_slots, rows = local_slots.to(device), rows.to(device)
-        sizes = [p[0].numel() for p in params]
-        acc = torch.promote_types(params[0].dtype, torch.float32)
-        summed = torch.zeros(num_rows, sum(sizes), dtype=acc, device=device)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self._sum_over_replicas(grads, first_only=False):
+            for p, g in zip(params, grads):
+                p.grad = g
+
+    @torch.no_grad()
+    def sync_replica_weights(self) -> None:
+        """Copy each expert's first replica (lowest slot) over its other replicas (w1, w2, w3).
+
+        For replicas that were initialised apart (e.g. ``experts.reset_parameters()`` with a
+        different seed per rank); :meth:`load_global_weights` and :meth:`apply_placement` already
+        give replicas equal weights. Call on every rank of the group; one all-reduce.
+        """
+        self._sum_over_replicas([self.experts.w1, self.experts.w2, self.experts.w3], first_only=True)
+
+    def _sum_over_replicas(self, tensors: list[torch.Tensor], first_only: bool) -> bool:
+        """In place: each local replica's rows of ``tensors`` (``[S, ...]``) become the sum over
+        the group of its expert's replicas' rows (only the first replica's with ``first_only``).
+        False (and no collective) when no expert has two replicas."""
+        if self._replica_sum is None:
+            return False
+        local_slots, rows, is_first, num_rows = self._replica_sum
+        device = tensors[0].device
+        local_slots, rows = local_slots.to(device), rows.to(device)
+        sizes = [t[0].numel() for t in tensors]
+        acc = torch.promote_types(tensors[0].dtype, torch.float32)
+        summed = torch.zeros(num_rows, sum(sizes), dtype=acc, device=device)
         if local_slots.numel():
-            mine = torch.cat([g.index_select(0, local_slots).reshape(local_slots.numel(), -1).to(acc)
-                              for g in grads], 1)
+            mine = torch.cat([t.index_select(0, local_slots).reshape(local_slots.numel(), -1).to(acc)
+                              for t in tensors], 1)
+            if first_only:
+                mine = torch.where(is_first.to(device).unsqueeze(1), mine, 0)
             summed.index_add_(0, rows, mine)
         if self.buffer.group_size > 1:
-            # each replicated expert's gradient summed over its replicas on every rank
+            # each replicated expert's rows summed over its replicas on every rank
             dist.all_reduce(summed, group=self.buffer.group)
         back = summed.index_select(0, rows).split(sizes, 1)
-        for p, g, part in zip(params, grads, back):
-            g[local_slots] = part.reshape(-1, *p.shape[1:]).to(g.dtype)
-            p.grad = g
-
+        for t, part in zip(tensors, back):
+            t[local_slots] = part.reshape(-1, *t.shape[1:]).to(t.dtype)
+        return True
