@@ -41,10 +41,11 @@ def _build(family: str, num_experts: int = 8, **overrides) -> nn.Module:
                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **overrides)
         cls = tf.DeepseekV3ForCausalLM
     elif family == "qwen3_moe":
-        # layers 1 and 3 MoE (decoder_sparse_step=2), with renormalised top-k
+        # layers 1 and 3 MoE (decoder_sparse_step=2); top-k weights not renormalised (Qwen3-MoE's
+        # default; Mixtral and DeepSeek-V3 cover renormalised weights)
         cfg = tf.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
                                 num_key_value_heads=2, num_experts=num_experts, decoder_sparse_step=2,
-                                norm_topk_prob=True, **overrides)
+                                norm_topk_prob=False, **overrides)
         cls = tf.Qwen3MoeForCausalLM
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**common, intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2,

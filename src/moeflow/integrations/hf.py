@@ -71,7 +71,8 @@ class _BlockSpec:
     expert_bias: Optional[torch.Tensor]  # [E] selection-only bias, or None
     gate_up: torch.Tensor               # [E, 2F, D] gate rows, then up rows
     down: torch.Tensor                  # [E, D, F]
-    shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (gate [F_s, D], up [F_s, D], down [D, F_s])
+    # shared experts: (gate [F_s, D], up [F_s, D], down [D, F_s]) or None
+    shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @property
     def num_experts(self) -> int:
@@ -133,7 +134,7 @@ def _spec(block: nn.Module, name: str, router: nn.Module, top_k: int, router_kwa
     if F2 % 2 or tuple(down.shape) != (E, D, F2 // 2):
         raise ValueError(f"expert_parallelize: {name}.experts has gate_up_proj {list(gate_up.shape)} and down_proj "
                          f"{list(down.shape)}; expected [E, 2F, D] and [E, D, F]")
-    if any(p.dim() < 3 for n, p in experts.named_parameters(recurse=False)):
+    if any(p.dim() < 3 for p in experts.parameters(recurse=False)):
         raise TypeError(f"expert_parallelize: {name}.experts has bias parameters, which SwiGLU experts lack")
     _check_silu(getattr(experts, "act_fn", None), f"{name}.experts")
     gate = getattr(router, "weight", None)
