@@ -33,9 +33,10 @@ def _experts(recv_x, recv_count):
     return y.bfloat16()
 
 
-def _run(cases):
+def _run(cases, trim_on_cpu=True):
     R, rank = dist.get_world_size(), dist.get_rank()
     buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+    buffer._low_latency.trim_on_cpu = trim_on_cpu  # False: the static-shape path GPUs run
     results = []
     for case in cases:
         x, idx, w = _inputs(case, rank)
@@ -142,10 +143,10 @@ def _cases(R):
     ]
 
 
-@pytest.mark.parametrize("world_size", [1, 4])
-def test_low_latency_matches_reference(world_size):
+@pytest.mark.parametrize("world_size,trim_on_cpu", [(1, True), (4, True), (4, False)])
+def test_low_latency_matches_reference(world_size, trim_on_cpu):
     cases = _cases(world_size)
-    outs = spawn(_run, world_size, cases, timeout_s=180, collective_timeout_s=60)
+    outs = spawn(_run, world_size, cases, trim_on_cpu, timeout_s=180, collective_timeout_s=60)
     for i, case in enumerate(cases):
         _check(case, [outs[r][i] for r in range(world_size)], world_size)
 
@@ -177,3 +178,22 @@ def test_bad_input_names_argument_and_rank():
         assert "`x`" in msgs[0][1] and "more than num_max_dispatch_tokens_per_rank=4" in msgs[0][1]
         assert "`topk_idx`" in msgs[2][1] and "found 99" in msgs[2][1]
         assert "multiple of 128" in msgs[3][1] and "low_latency_mode=True" in msgs[4][1]
+
+
+def test_fp8_cast_into_kept_buffers_matches_fresh_cast():
+    """The dispatch casts into buffers it keeps: same bits as the allocating cast (which is
+    itself checked against the blockwise formula here), and a misfit buffer is named."""
+    x = (torch.randn(6, 256) * torch.logspace(-5, 3, 6).view(6, 1)).bfloat16()
+    x[2] = 0
+    fresh = per_token_cast_to_fp8(x)
+    out = (torch.empty(6, 256, dtype=torch.float8_e4m3fn), torch.empty(6, 2))
+    kept = per_token_cast_to_fp8(x, out=out, workspace=torch.empty(6, 256))
+    assert kept[0] is out[0] and kept[1] is out[1]
+    assert torch.equal(kept[0].view(torch.uint8), fresh[0].view(torch.uint8)) and torch.equal(kept[1], fresh[1])
+    blocks = x.float().view(6, 2, 128)
+    scales = blocks.abs().amax(2).clamp(min=1e-4) / 448.0
+    assert torch.equal(fresh[1], scales)
+    assert torch.equal(fresh[0].view(torch.uint8),
+                       (blocks / scales.unsqueeze(2)).to(torch.float8_e4m3fn).view(6, 256).view(torch.uint8))
+    with pytest.raises(ValueError, match=r"`workspace` must be a contiguous \[6, 256\] torch.float32"):
+        per_token_cast_to_fp8(x, workspace=torch.empty(6, 128))

@@ -3,7 +3,7 @@
 Shape letters:
     N  tokens on this rank (N <= T)    T  num_max_dispatch_tokens_per_rank (same on every rank)
     H  hidden size                     K  top-k          E  experts       L  local experts (E / R)
-    R  ranks in the group              C  min(K, L): local experts one token can have on a rank
+    R  ranks in the group              P  (row, local expert) pairs received (<= R * T * K)
     W  bytes of one dispatch slot row  (payload | FP8 scales | local top-k ids | source token, signature)
 
 Static shapes on a collective transport. DeepEP writes each token straight into its experts'
@@ -13,17 +13,22 @@ rank, T slot rows (a token reaches a rank at most once): a send buffer ``[R, T, 
 never on the routing. One ``all_to_all_single`` with equal splits moves it, so no rank needs to
 know what the others send: no count exchange, no host sync, the same buffer addresses every
 call. Unused slots carry top-k ids of -1; every row also carries a code of the call's signature
-(T, H, K, E, FP8), checked on receipt where that costs no device sync (CPU). The receiver scatters every row into its experts'
-slots of ``recv_x [L, R * T, H]`` with ``index_copy_`` on indices computed on the device
-(unused slots write to a trash row past the end of the buffer). Each expert's slots hold its
+(T, H, K, E, FP8), checked on receipt where that costs no device sync (CPU). The receiver
+numbers its (row, local expert) pairs by one sort on the device and fills ``recv_x [L, R * T, H]``
+by gathering, for each expert slot, the received row it holds. Each expert's slots hold its
 tokens compactly: a block per source rank in rank order, each source's token order kept;
 ``recv_count[e]`` says how many slots are valid.
+
+Where the host is the device (CPU), reading a count costs no sync, so the gathers and the
+combine's weighted sums touch only the used pairs (~T * K of the L * R * T slots); elsewhere they
+run at the static size (every slot gathered, every (row, top-k column) pair summed with weight 0
+where unused), so nothing waits on the host and a CUDA graph can capture the call.
 
 Combine: the weighted sum DeepEP forms on the source would need, per (source, rank), one row per
 (token, local expert) -- ``C`` times the dispatch rows at a static size. Instead combine sends
 the top-k weights of the tokens (``[R, T, K]`` fp32, one small equal-split all-to-all) to the
-experts' ranks, each rank sums its local experts' outputs of a token weighted in fp32 and
-sends back one row per slot (``[R, T, H]`` in ``x.dtype``, a second equal-split all-to-all);
+experts' ranks, each rank sums its local experts' outputs of a token weighted in fp32 (one fused
+``embedding_bag``) and sends back one row per slot (``[R, T, H]`` in ``x.dtype``, a second equal-split all-to-all);
 the source sums a token's rows over ranks in fp32 in rank order. A token with experts on one
 rank is weighted and summed entirely in fp32 as in DeepEP; one spread over ranks pays one
 rounding of each rank's partial sum to ``x.dtype`` (as the normal-mode combine does).
@@ -71,9 +76,9 @@ class LowLatencyHandle:
         num_tokens: N, tokens this rank dispatched.
         slot_token: ``[R, T]`` int64, the token this rank sent in each slot (-1 unused).
         token_slot: ``[N, R]`` int64, the slot ``d * T + j`` token went to on rank ``d`` (``R * T`` = none).
-        recv_slot_target: ``[R * T, C]`` int64, where each received row's local experts put it
-            in the flattened ``[L * R * T]`` slots (``L * R * T`` = none).
-        recv_slot_k: ``[R * T, C]`` int64, the source's top-k column of each of those experts.
+        recv_pair_slot: ``[R * T, K]`` int64, for each received row and top-k column of its
+            source, the expert slot (in the flattened ``[L * R * T]``) that holds it here
+            (``L * R * T`` = the expert lives elsewhere or the row is unused).
     """
 
     src_info: torch.Tensor
@@ -84,8 +89,7 @@ class LowLatencyHandle:
     num_tokens: int
     slot_token: torch.Tensor
     token_slot: torch.Tensor
-    recv_slot_target: torch.Tensor
-    recv_slot_k: torch.Tensor
+    recv_pair_slot: torch.Tensor
 
 
 class _Slots:
@@ -94,12 +98,14 @@ class _Slots:
     def __init__(self, R: int, T: int, H: int, L: int, K: int, W: int, fp8: bool, device: torch.device):
         self.send = torch.zeros(R * T, W, dtype=torch.uint8, device=device)
         self.recv = torch.empty(R * T, W, dtype=torch.uint8, device=device)
-        # One trash row past the L * R * T slots takes the writes of unused (row, expert) pairs.
-        self.recv_x = torch.empty(L * R * T + 1, H, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16,
-                                  device=device)
-        self.recv_scales = torch.empty(L * R * T + 1, H // FP8_BLOCK, dtype=torch.float32, device=device) \
+        self.recv_x = torch.empty(L * R * T, H, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=device)
+        self.recv_scales = torch.empty(L * R * T, H // FP8_BLOCK, dtype=torch.float32, device=device) \
             if fp8 else None
-        self.src_info = torch.empty(L * R * T + 1, dtype=torch.int32, device=device)
+        self.src_info = torch.empty(L, R * T, dtype=torch.int32, device=device)
+        # FP8 cast of this rank's tokens, kept so that no call page-faults fresh megabytes
+        self.cast = (torch.empty(T, H, dtype=torch.float8_e4m3fn, device=device),
+                     torch.empty(T, H // FP8_BLOCK, dtype=torch.float32, device=device),
+                     torch.empty(T, H, dtype=torch.float32, device=device)) if fp8 else None
 
 
 class LowLatency:
@@ -107,6 +113,9 @@ class LowLatency:
 
     def __init__(self, transport: FlatTransport):
         self.transport = transport
+        # On CPU, touch only the used pairs (counts read for free); False runs the static-shape
+        # path that other devices run, so the CPU tests can cover it too.
+        self.trim_on_cpu = True
         self.rank, self.R = transport.rank, transport.num_ranks
         self._slots: dict[tuple, list[_Slots]] = {}
         self._turn: dict[tuple, int] = {}
@@ -169,7 +178,6 @@ class LowLatency:
             self._fail(where, "x", f"hidden size {H} must be a multiple of {FP8_BLOCK} with use_fp8=True")
         self._check_topk(where, topk_idx, N, E)
         K, L = topk_idx.size(1), E // R
-        C = min(K, L)
         device = x.device
         ids_dtype = _layout.smallest_int_dtype(max(L - 1, 0))
         fmt = RowFormat((("x", H * (1 if use_fp8 else 2)), ("scales", 4 * (H // FP8_BLOCK) if use_fp8 else 0),
@@ -196,14 +204,15 @@ class LowLatency:
         tok = slot_token.flatten().clamp(min=0)
         if N:
             if use_fp8:
-                x_fp8, scales = per_token_cast_to_fp8(x)
+                x_fp8, scales = per_token_cast_to_fp8(x, out=(slots.cast[0][:N], slots.cast[1][:N]),
+                                                      workspace=slots.cast[2][:N])
                 _gather_rows(fmt.view(rows, "x", torch.uint8), x_fp8.view(torch.uint8), tok)
                 torch.index_select(scales, 0, tok, out=fmt.view(rows, "scales", torch.float32))
             else:
                 _gather_rows(fmt.view(rows, "x", torch.uint8), x.view(torch.uint8), tok)
+            # local id on the slot's rank; a -1 ("no expert") stays negative after the shift
             ids = topk_idx.index_select(0, tok) - (torch.arange(R * T, device=device) // T * L).unsqueeze(1)
-            mine = (ids >= 0) & (ids < L) & (topk_idx.index_select(0, tok) >= 0) \
-                & (slot_token.flatten() >= 0).unsqueeze(1)
+            mine = (ids >= 0) & (ids < L) & (slot_token.view(-1, 1) >= 0)
             fmt.view(rows, "ids", ids_dtype).copy_(torch.where(mine, ids, -1))
         else:
             fmt.view(rows, "ids", ids_dtype).fill_(-1)
@@ -224,16 +233,14 @@ class LowLatency:
             work = self.transport.all_to_all_rows(slots.recv.view(R, -1), rows.view(R, -1), [1] * R, [1] * R,
                                                   "dispatch", async_op=True)
 
-        LRT = L * R * T
-        recv_x = slots.recv_x[:LRT].view(L, R * T, H)
-        recv_scales = slots.recv_scales[:LRT].view(L, R * T, H // FP8_BLOCK) if use_fp8 else None
-        src_info = slots.src_info[:LRT].view(L, R * T)
+        RT, LRT = R * T, L * R * T
+        recv_x = slots.recv_x.view(L, RT, H)
+        recv_scales = slots.recv_scales.view(L, RT, H // FP8_BLOCK) if use_fp8 else None
         recv_count = torch.empty(L, dtype=torch.int32, device=device)
         layout_range = torch.empty(L, R, dtype=torch.int64, device=device)
-        recv_slot_target = torch.empty(R * T, C, dtype=torch.int64, device=device)
-        recv_slot_k = torch.empty(R * T, C, dtype=torch.int64, device=device)
-        handle = LowLatencyHandle(src_info, layout_range, T, H, E, N, slot_token, token_slot, recv_slot_target,
-                                  recv_slot_k)
+        recv_pair_slot = torch.empty(R * T, K, dtype=torch.int64, device=device)
+        handle = LowLatencyHandle(slots.src_info, layout_range, T, H, E, N, slot_token, token_slot, recv_pair_slot)
+        trim = device.type == "cpu" and self.trim_on_cpu
 
         def receive() -> None:
             rrows = slots.recv
@@ -248,29 +255,44 @@ class LowLatency:
             ids = fmt.view(rrows, "ids", ids_dtype).long()                       # [R*T, K]
             if recv_valid is not None:
                 ids = torch.where(recv_valid.unsqueeze(1), ids, -1)  # slots nobody filled
-            # Keep each row's local experts first (stable), so C columns hold them all.
-            order = torch.argsort((ids < 0).to(torch.int8), dim=1, stable=True)[:, :C]
-            ids_c = ids.gather(1, order)                                          # [R*T, C]
-            ok = ids_c >= 0
-            hit_e = torch.zeros(R * T, L + 1, dtype=torch.bool, device=device)
-            hit_e.scatter_(1, torch.where(ok, ids_c, L), True)
-            hit_e = hit_e[:, :L]
-            slot = torch.cumsum(hit_e, 0) - 1                                     # [R*T, L], compact
-            tgt = torch.where(ok, ids_c.clamp(min=0) * (R * T) + slot.gather(1, ids_c.clamp(min=0)), LRT)
-            recv_slot_target.copy_(tgt)
-            recv_slot_k.copy_(order)
-            recv_count.copy_(hit_e.sum(0))
-            per_src = hit_e.view(R, T, L).sum(1).t()                              # [L, R]
+            # Number the pairs: sorting (expert, row, column) groups them by expert, rows in
+            # order (a row holds an expert at most once), so a pair's slot is its rank in its
+            # expert's run. Pairs of no local expert sort last, to "slot" L * R * T.
+            RK = RT * K
+            key = torch.where(ids >= 0, ids, L) * RK + torch.arange(RK, device=device).view(RT, K)
+            key_sorted, order = key.view(-1).sort()
+            e_sorted = key_sorted // RK                                           # [R*T*K], L = none
+            counts = torch.zeros(L + 1, dtype=torch.int64, device=device).scatter_add_(
+                0, e_sorted, torch.ones_like(e_sorted))
+            first = torch.cumsum(counts, 0) - counts                              # [L + 1]
+            slot_sorted = torch.where(e_sorted < L, e_sorted * RT + torch.arange(RK, device=device)
+                                      - first[e_sorted], LRT)
+            row_sorted = order // K
+            recv_pair_slot.view(-1).scatter_(0, order, slot_sorted)
+            recv_count.copy_(counts[:L])
+            per_src = torch.zeros(L + 1, R, dtype=torch.int64, device=device)     # [L + 1, R]
+            per_src.view(-1).scatter_add_(0, e_sorted * R + row_sorted // T, torch.ones_like(e_sorted))
+            per_src = per_src[:L]
             layout_range.copy_(((torch.cumsum(per_src, 1) - per_src) << 32) | per_src)
+            # slot -> received row (row 0 for unused slots: gathered, never read)
+            slot_row = torch.zeros(LRT + 1, dtype=torch.int64, device=device).scatter_(0, slot_sorted, row_sorted)
+            slot_row = slot_row[:LRT].view(L, RT)
+            used = torch.arange(RT, device=device) < recv_count.view(L, 1)       # [L, R*T]
+            src = fmt.view(rrows, "src", torch.int32)[:, 0]
+            slots.src_info.copy_(torch.where(used, src[slot_row], -1))
             x_field = _layout.wide_rows(fmt.view(rrows, "x", torch.uint8))
             out_x = _layout.wide_rows(slots.recv_x.view(torch.uint8))
-            src = fmt.view(rrows, "src", torch.int32)[:, 0]
-            slots.src_info.fill_(-1)
-            for c in range(C):  # one pass per local-expert column, static in C
-                out_x.index_copy_(0, tgt[:, c], x_field)
-                slots.src_info.index_copy_(0, tgt[:, c], src)
-                if use_fp8:
-                    slots.recv_scales.index_copy_(0, tgt[:, c], fmt.view(rrows, "scales", torch.float32))
+            fields = [(x_field, out_x)]
+            if use_fp8:
+                fields.append((fmt.view(rrows, "scales", torch.float32), slots.recv_scales))
+            if trim:
+                # Host = device: gather each expert's used slots only, straight into place.
+                for e, (n, at) in enumerate(zip(counts[:L].tolist(), first[:L].tolist())):
+                    for field, out in fields:
+                        torch.index_select(field, 0, row_sorted[at:at + n], out=out[e * RT:e * RT + n])
+            else:
+                for field, out in fields:  # static: every slot, used or not
+                    torch.index_select(field, 0, slot_row.view(-1), out=out)
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(recv_count)
 
@@ -326,21 +348,31 @@ class LowLatency:
         if work_w is not None:
             work_w.wait()  # the weighted sums below need them
 
-        # 2. Per received slot: its local experts' outputs, weighted and summed in fp32 by one
-        # fused gather-multiply-add (embedding_bag, static [R*T, C] bags) rounded once to x.dtype.
-        tgt, ks = handle.recv_slot_target, handle.recv_slot_k
-        ok = tgt < LRT
-        w_c = torch.where(ok, w_recv.view(R * T, K).gather(1, ks), 0.0)          # [R*T, C]
-        # An unused column reads its row's first expert slot with weight 0 (never an unused slot,
-        # whose content may be NaN); a row with no expert is never read back by its source.
-        bags = torch.where(ok, tgt, torch.where(ok[:, :1], tgt[:, :1], 0))
+        # 2. Per received row: its local experts' outputs, weighted and summed in fp32 by one
+        # fused gather-multiply-add (embedding_bag over one bag per row), rounded once to x.dtype.
+        pair_slot = handle.recv_pair_slot                                         # [R*T, K]
+        ok = pair_slot < LRT
+        if device.type == "cpu" and self.trim_on_cpu:
+            # Host = device: the used pairs only (row-major, so each row's pairs are one bag).
+            pick = ok.view(-1).nonzero().squeeze(1)                               # [P]
+            bags, w_bag = pair_slot.view(-1)[pick], w_recv.view(-1)[pick]
+            per_row = ok.sum(1)
+            offsets = torch.cumsum(per_row, 0) - per_row                          # [R*T]
+        else:
+            # Static: every (row, column) pair; an unused one reads its row's first used slot
+            # (or slot 0) with weight 0 (never an unused slot, whose content may be NaN); a row
+            # with no expert here is never read back by its source.
+            first_used = pair_slot.gather(1, ok.to(torch.int8).argmax(1, keepdim=True))
+            bags = torch.where(ok, pair_slot, torch.where(first_used < LRT, first_used, 0)).view(-1)
+            w_bag = torch.where(ok, w_recv.view(R * T, K), 0.0).view(-1)
+            offsets = torch.arange(R * T, device=device) * K
         if x.dtype != torch.float32:
             # embedding_bag wants weights of x's dtype: split each fp32 weight into a high and a
-            # low part of that dtype so the products keep ~16 mantissa bits (2 bags per column).
-            hi = w_c.to(x.dtype)
-            w_c = torch.cat([hi, (w_c - hi.float()).to(x.dtype)], 1)
-            bags = torch.cat([bags, bags], 1)
-        part = F.embedding_bag(bags, x.reshape(LRT, H), per_sample_weights=w_c, mode="sum")  # [R*T, H]
+            # low part of that dtype so the products keep ~16 mantissa bits (2 entries per pair).
+            hi = w_bag.to(x.dtype)
+            w_bag = torch.stack([hi, (w_bag - hi.float()).to(x.dtype)], 1).view(-1)
+            bags, offsets = bags.repeat_interleave(2), offsets * 2
+        part = F.embedding_bag(bags, x.reshape(LRT, H), offsets, per_sample_weights=w_bag, mode="sum")  # [R*T, H]
         # Collective: one row per slot back to the token's rank, equal splits.
         work = self.transport.all_to_all_rows(_layout.wide_rows(back[:R * T].view(R, T * H)),
                                               _layout.wide_rows(part.view(R, T * H)),
@@ -359,10 +391,10 @@ class LowLatency:
 def _gather_rows(out_u8: torch.Tensor, src_u8: torch.Tensor, idx: torch.Tensor) -> None:
     """``out[i] = src[idx[i]]`` for byte rows, moved as wide words when alignment allows."""
     out_w, src_w = _layout.wide_rows(out_u8), _layout.wide_rows(src_u8)
-    if out_w.dtype == src_w.dtype:
-        torch.index_select(src_w, 0, idx, out=out_w) if out_w.is_contiguous() else out_w.copy_(src_w.index_select(0, idx))
-    else:
-        out_u8.copy_(src_u8.index_select(0, idx))
+    if out_w.dtype != src_w.dtype:
+        out_w, src_w = out_u8, src_u8
+    # straight into the (row-strided) field: no temporary, no second copy
+    torch.index_select(src_w, 0, idx, out=out_w)
 
 
 def _describe(x: object) -> str:
