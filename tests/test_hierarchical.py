@@ -104,9 +104,10 @@ def _check(case, outs, R, P):
         # inter-node bytes: one payload row + one metadata row per (token, other node), exactly
         rows = sum(len(h - {d // P}) for h in hit_nodes)
         H, K, E = case["H"], case["K"], case["E"]
-        payload = H * (1 if fp8 else o["x"].element_size())
+        # an FP8 token is its payload and its scales (DeepEP's FP8 format): both count as payload
+        payload = H + _pad8(4 * (H // 128)) if fp8 else H * o["x"].element_size()
         id_bytes = 1 if E <= 128 else 2
-        meta = _pad8(4 * (H // 128) if fp8 else 0) + _pad8(4 * K) + _pad8(K * id_bytes) + _pad8(P)
+        meta = _pad8(4 * K) + _pad8(K * id_bytes) + _pad8(P)              # weights | ids | rank mask
         sent, recvd, _ = got["wire"]["dispatch"]
         assert sent == rows * (payload + meta), f"{where}: inter-node dispatch bytes {sent} != {rows} rows"
         # combine sends each row that came across back once, as a node's sum (+ summed weights)
@@ -163,3 +164,26 @@ def test_ranks_per_node_must_divide_group():
         assert len(msgs) == 3
         assert all(f"on rank {rank}" in m and "dividing the group size 4" in m for m in msgs)
         assert "got 3" in msgs[0] and "got 0" in msgs[1] and "got '2'" in msgs[2]
+
+
+def test_bench_reports_inter_node_bytes_against_the_per_node_minimum(tmp_path):
+    """``moeflow bench --ranks-per-node``: inter-node dispatch bytes over the per-node-dedup
+    minimum (FP8 scales counted as payload) is the documented metadata, under 3% at H = 2048."""
+    import json
+
+    from moeflow.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--ranks", "4", "--ranks-per-node", "2", "--tokens", "96", "--hidden", "2048",
+                 "--experts", "16", "--topk", "4", "--iters", "1", "--warmup", "0", "--fp8",
+                 "--json", str(out)]) == 0
+    for r in json.loads(out.read_text()):
+        token = 2048 + 64 if r["mode"] == "fp8" else 2 * 2048
+        meta = 4 * 4 + 8 + 8                    # weights | ids (4 bytes, padded) | rank mask (padded)
+        rows = r["min_inter_node_dispatch_bytes"] // token
+        assert r["min_inter_node_dispatch_bytes"] == rows * token and rows > 0
+        count_exchange = r["inter_node_dispatch_bytes"] - rows * (token + meta)
+        assert 0 <= count_exchange < 0.005 * rows * token, r["mode"]   # a few counts per peer
+        assert r["inter_node_metadata_overhead"] < 0.03, r
+    with pytest.raises(SystemExit, match="--ranks-per-node 3 must divide every --ranks"):
+        main(["bench", "--ranks", "4", "--ranks-per-node", "3"])

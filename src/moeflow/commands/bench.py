@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--fp8", action="store_true", help="also run FP8 dispatch (bf16 combine)")
+    p.add_argument("--ranks-per-node", type=int, default=None, metavar="P",
+                   help="emulate nodes of P ranks: node-aware dispatch, inter-node bytes reported")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -44,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"moeflow bench: --topk {args.topk} exceeds --experts {args.experts}")
     if args.fp8 and args.hidden % 128:
         raise SystemExit(f"moeflow bench: --fp8 needs --hidden divisible by 128, got {args.hidden}")
+    P = args.ranks_per_node
+    if P is not None and (P < 1 or any(R % P for R in args.ranks)):
+        raise SystemExit(f"moeflow bench: --ranks-per-node {P} must divide every --ranks {args.ranks}")
     all_rows = []
     for R in args.ranks:
         if args.experts % R:
@@ -51,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
         modes = ["bf16"] + (["fp8"] if args.fp8 else [])
         for mode in modes:
             cfg = dict(N=args.tokens, H=args.hidden, E=args.experts, K=args.topk, fp8=mode == "fp8",
-                       iters=args.iters, warmup=args.warmup)
-            print(f"== {R} ranks, {mode}: {args.tokens} tokens/rank, hidden {args.hidden}, "
+                       iters=args.iters, warmup=args.warmup, P=P or R)
+            nodes = f" ({R // P} nodes of {P})" if P else ""
+            print(f"== {R} ranks{nodes}, {mode}: {args.tokens} tokens/rank, hidden {args.hidden}, "
                   f"{args.experts} experts, top-{args.topk}", flush=True)
             per_rank = spawn(_bench_rank, R, cfg, timeout_s=1800, threads_per_rank=1)
             rows = _summarise(R, mode, cfg, per_rank)
@@ -127,7 +133,7 @@ def _bench_rank(cfg: dict) -> dict:
     scores = torch.rand(N, E, generator=g)
     topk_weights, topk_idx = scores.topk(K, dim=1)
     x_in = per_token_cast_to_fp8(x.float()) if cfg["fp8"] else x
-    buffer = Buffer(group)
+    buffer = Buffer(group, ranks_per_node=cfg["P"])
 
     def moeflow_round():
         t0 = time.perf_counter()
@@ -159,7 +165,11 @@ def _bench_rank(cfg: dict) -> dict:
     send_splits = list(handle.num_send_tokens_per_rank)
     recv_splits = list(handle.num_recv_tokens_per_rank)
     S, M = sum(send_splits), sum(recv_splits)
-    row_bytes = sum(buffer.counters.sent["dispatch"]) // max(S, 1)
+    row_bytes = torch.tensor([sum(buffer.counters.sent["dispatch"]) // max(S, 1)])
+    # Node-aware dispatch moves rows in two phases, so bytes per row differ by rank: the raw
+    # baseline uses the largest, the same on every rank (flat: already the same everywhere).
+    dist.all_reduce(row_bytes, op=dist.ReduceOp.MAX, group=group)
+    row_bytes = int(row_bytes)
     comb_bytes = H * 2
     raw_send_d = torch.zeros(S, row_bytes, dtype=torch.uint8)
     raw_recv_d = torch.empty(M, row_bytes, dtype=torch.uint8)
@@ -202,13 +212,23 @@ def _bench_rank(cfg: dict) -> dict:
     rounds = total
     c = buffer.counters
     _, nd_bytes = _no_dedup_round(x, topk_idx, E, R, group)
+    # The minimum any implementation moves: one token per (token, other rank), or per (token,
+    # other node) across nodes. An FP8 token is its FP8 payload *and* its per-128-channel fp32
+    # scales (DeepEP's FP8 token format): both are payload, the rest is metadata.
+    token_bytes = H + 4 * (H // 128) if cfg["fp8"] else H * x.element_size()
+    P = cfg["P"]
     in_rank = handle.is_token_in_rank
     others = torch.ones(R, dtype=torch.bool)
     others[rank] = False
-    min_dispatch_bytes = int(in_rank[:, others].sum()) * H * x.element_size()
+    other_nodes = torch.ones(R // P, dtype=torch.bool)
+    other_nodes[rank // P] = False
+    in_node = in_rank.view(N, R // P, P).any(2)
     return dict(times=times, wire_dispatch=c.wire_bytes("dispatch") // rounds,
                 wire_combine=c.wire_bytes("combine") // rounds, wire_layout=c.wire_bytes("layout") // rounds,
-                min_dispatch_bytes_bf16=min_dispatch_bytes, no_dedup_bytes=nd_bytes,
+                inter_dispatch=(c.wire_bytes("dispatch", scope="inter_node") + c.wire_bytes("layout", scope="inter_node"))
+                // rounds,
+                min_dispatch_bytes=int(in_rank[:, others].sum()) * token_bytes,
+                min_inter_dispatch_bytes=int(in_node[:, other_nodes].sum()) * token_bytes, no_dedup_bytes=nd_bytes,
                 recv_payload=recv_payload, peak_extra=peak_extra, outputs=outputs, row_bytes=row_bytes,
                 total_sent=sum(c.sent["dispatch"]) // rounds)
 
@@ -234,7 +254,9 @@ def _summarise(R: int, mode: str, cfg: dict, per_rank: list[dict]) -> dict:
     wire_d = sum(r["wire_dispatch"] for r in per_rank)
     wire_c = sum(r["wire_combine"] for r in per_rank)
     wire_l = sum(r["wire_layout"] for r in per_rank)
-    min_d = sum(r["min_dispatch_bytes_bf16"] for r in per_rank)
+    min_d = sum(r["min_dispatch_bytes"] for r in per_rank)
+    min_inter = sum(r["min_inter_dispatch_bytes"] for r in per_rank)
+    inter = sum(r["inter_dispatch"] for r in per_rank)
     nd = sum(r["no_dedup_bytes"] for r in per_rank)
     ours = t["dispatch"] + t["combine"]
     raw = t["raw_dispatch"] + t["raw_combine"]
@@ -250,8 +272,10 @@ def _summarise(R: int, mode: str, cfg: dict, per_rank: list[dict]) -> dict:
         no_dedup_ms=t["no_dedup"] * 1e3,
         dispatch_wire_bytes=wire_d, combine_wire_bytes=wire_c, layout_wire_bytes=wire_l,
         dispatch_GBps=wire_d / R / t["dispatch"] / 1e9, combine_GBps=wire_c / R / t["combine"] / 1e9,
-        min_dispatch_bytes_bf16=min_d, no_dedup_wire_bytes=nd,
-        metadata_overhead=None if fp8 else (wire_d + wire_l) / min_d - 1 if min_d else 0.0,
+        min_dispatch_bytes=min_d, no_dedup_wire_bytes=nd,
+        metadata_overhead=(wire_d + wire_l) / min_d - 1 if min_d else 0.0,
+        ranks_per_node=cfg["P"], inter_node_dispatch_bytes=inter, min_inter_node_dispatch_bytes=min_inter,
+        inter_node_metadata_overhead=inter / min_inter - 1 if min_inter else None,
         fp8_vs_no_dedup_dispatch=(wire_d + wire_l) / (nd / 2) if fp8 and nd else None,
         fp8_vs_no_dedup_total=(wire_d + wire_c + wire_l) / nd if fp8 and nd else None,
         ours_vs_raw=ours / raw, speedup_vs_no_dedup=t["no_dedup"] / ours,
@@ -270,9 +294,14 @@ def _print_table(s: dict) -> None:
     ]
     for name, a, b, c in lines:
         print(f"  {name:32s}{a}{b:>14s}   {c}")
-    if s["metadata_overhead"] is not None:
-        print(f"  wire bytes vs per-rank-dedup minimum: +{s['metadata_overhead'] * 100:.2f}% "
-              f"(minimum {s['min_dispatch_bytes_bf16'] * mb:.1f} MiB; metadata and count exchange)")
+    what = "payload and FP8 scales" if s["mode"] == "fp8" else "payload"
+    if s["inter_node_metadata_overhead"] is None:  # flat: every row crosses once
+        print(f"  dispatch wire bytes vs per-rank-dedup minimum: +{s['metadata_overhead'] * 100:.2f}% "
+              f"(minimum {s['min_dispatch_bytes'] * mb:.1f} MiB of {what}; the rest is metadata and count exchange)")
+    else:  # node-aware: rows forwarded inside a node cross twice by design; the slow link is the measure
+        print(f"  inter-node dispatch bytes vs per-node-dedup minimum: "
+              f"+{s['inter_node_metadata_overhead'] * 100:.2f}% ({s['inter_node_dispatch_bytes'] * mb:.1f} MiB "
+              f"against {s['min_inter_node_dispatch_bytes'] * mb:.1f} MiB of {what})")
     if s["fp8_vs_no_dedup_dispatch"] is not None:
         print(f"  FP8 dispatch bytes / no-dedup bf16 dispatch bytes: {s['fp8_vs_no_dedup_dispatch']:.3f}x; "
               f"dispatch+combine: {s['fp8_vs_no_dedup_total']:.3f}x")
