@@ -321,6 +321,11 @@ def test_refuses_bad_arguments_and_unknown_blocks():
     with pytest.raises(TypeError, match=r"model\.layers\.0\.mlp is a Qwen2MoeSparseMoeBlock, an MoE block of a "
                                         "family moeflow does not know"):
         expert_parallelize(tf.Qwen2MoeForCausalLM(cfg))
+    odd = _build("qwen3_moe")
+    odd.model.layers[1].mlp.gate.top_k = None  # a layout that keeps top_k nowhere we look
+    with pytest.raises(TypeError, match=r"neither model\.layers\.1\.mlp \(Qwen3MoeSparseMoeBlock\) nor its "
+                                        "router holds `top_k`"):
+        expert_parallelize(odd)
     with pytest.raises(ValueError, match=r"router_jitter_noise=0\.1"):
         expert_parallelize(_build("mixtral", router_jitter_noise=0.1))
     with pytest.raises(ValueError, match=r"experts\.act_fn \(GELU.*\) is not SiLU"):

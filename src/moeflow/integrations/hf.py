@@ -82,17 +82,19 @@ class _BlockSpec:
 # ------------------------------------------------------------------------------ reading blocks
 def _read_deepseek_v3(block: nn.Module, name: str) -> _BlockSpec:
     router = _child(block, "gate", name)
-    kwargs = dict(score_func="sigmoid", num_groups=int(router.num_group), topk_groups=int(router.topk_group),
-                  route_scale=float(router.routed_scaling_factor), norm_topk_prob=bool(router.norm_topk_prob))
-    return _spec(block, name, router, int(router.top_k), kwargs,
-                 expert_bias=router.e_score_correction_bias,
+    kwargs = dict(score_func="sigmoid", num_groups=int(_attr(router, block, "num_group", name)),
+                  topk_groups=int(_attr(router, block, "topk_group", name)),
+                  route_scale=float(_attr(router, block, "routed_scaling_factor", name)),
+                  norm_topk_prob=bool(_attr(router, block, "norm_topk_prob", name)))
+    return _spec(block, name, router, int(_attr(router, block, "top_k", name)), kwargs,
+                 expert_bias=_attr(router, block, "e_score_correction_bias", name),
                  shared=_mlp_weights(_child(block, "shared_experts", name), f"{name}.shared_experts"))
 
 
 def _read_qwen3_moe(block: nn.Module, name: str) -> _BlockSpec:
     router = _child(block, "gate", name)
-    kwargs = dict(score_func="softmax", norm_topk_prob=bool(router.norm_topk_prob))
-    return _spec(block, name, router, int(router.top_k), kwargs)
+    kwargs = dict(score_func="softmax", norm_topk_prob=bool(_attr(router, block, "norm_topk_prob", name)))
+    return _spec(block, name, router, int(_attr(router, block, "top_k", name)), kwargs)
 
 
 def _read_mixtral(block: nn.Module, name: str) -> _BlockSpec:
@@ -101,7 +103,8 @@ def _read_mixtral(block: nn.Module, name: str) -> _BlockSpec:
         raise ValueError(f"expert_parallelize: {name} has router_jitter_noise={jitter}, which moeflow's Router "
                          "does not reproduce; set config.router_jitter_noise = 0 before building the model")
     router = _child(block, "gate", name)
-    return _spec(block, name, router, int(router.top_k), dict(score_func="softmax", norm_topk_prob=True))
+    return _spec(block, name, router, int(_attr(router, block, "top_k", name)),
+                 dict(score_func="softmax", norm_topk_prob=True))
 
 
 #: block class name -> reader of its weights and routing; the families :func:`expert_parallelize` knows
@@ -110,6 +113,16 @@ SUPPORTED_BLOCKS: dict[str, Callable[[nn.Module, str], _BlockSpec]] = {
     "Qwen3MoeSparseMoeBlock": _read_qwen3_moe,
     "MixtralSparseMoeBlock": _read_mixtral,
 }
+
+
+def _attr(router: nn.Module, block: nn.Module, attr: str, name: str) -> Any:
+    """A routing setting, held by the router module (transformers 5) or by the block."""
+    for owner in (router, block):
+        value = getattr(owner, attr, None)
+        if value is not None:
+            return value
+    raise TypeError(f"expert_parallelize: neither {name} ({type(block).__name__}) nor its router holds `{attr}`; "
+                    "this transformers version's layout is not supported")
 
 
 def _child(module: nn.Module, attr: str, name: str) -> nn.Module:
