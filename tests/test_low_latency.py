@@ -197,3 +197,33 @@ def test_fp8_cast_into_kept_buffers_matches_fresh_cast():
                        (blocks / scales.unsqueeze(2)).to(torch.float8_e4m3fn).view(6, 256).view(torch.uint8))
     with pytest.raises(ValueError, match=r"`workspace` must be a contiguous \[6, 256\] torch.float32"):
         per_token_cast_to_fp8(x, workspace=torch.empty(6, 128))
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["bench-ll", "--topk", "99"], r"moeflow bench-ll: --topk 99 exceeds --experts 64"),
+    (["bench-ll", "--hidden", "100"], r"moeflow bench-ll: FP8 needs --hidden divisible by 128, got 100"),
+    (["bench-ll", "--ranks", "3"], r"moeflow bench-ll: --experts 64 not divisible by 3 ranks"),
+    (["bench", "--fp8", "--hidden", "100"], r"moeflow bench: FP8 needs --hidden divisible by 128, got 100"),
+    (["bench", "--iters", "0"], r"moeflow bench: --iters must be >= 1, got 0"),
+])
+def test_bench_commands_check_the_workload_before_spawning(argv, match):
+    from moeflow.cli import main
+
+    with pytest.raises(SystemExit, match=match):
+        main(argv)
+
+
+def test_bench_ll_small_run(tmp_path):
+    """``moeflow bench-ll`` runs and reports the static bytes the module docstring promises."""
+    import json
+
+    from moeflow.cli import main
+
+    out = tmp_path / "ll.json"
+    assert main(["bench-ll", "--ranks", "2", "--tokens", "8", "--hidden", "128", "--experts", "8", "--topk", "2",
+                 "--iters", "1", "--warmup", "0", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    R, T, H, K = 2, 8, 128, 2
+    assert row["ll_dispatch_wire_bytes"] == R * (R - 1) * T * (H + 8 + 8 + 8)   # fp8 | scales | ids | src
+    assert row["ll_combine_wire_bytes"] == R * (R - 1) * T * (4 * K + 2 * H)   # weights, then one row per slot
+    assert row["ll_dispatch_ms"] > 0 and row["raw_dispatch_ms"] > 0 and row["ll_vs_raw"] > 0

@@ -1,0 +1,67 @@
+"""The ``moeflow`` sub-commands (one module each) and what the benchmark commands share.
+
+Every benchmark takes the same workload arguments (world sizes, tokens per rank, hidden size,
+experts, top-k, iterations, an optional JSON file), checks them the same way before spawning
+any rank, and reports the slowest rank's median per phase. Those pieces live here; each
+command keeps its own defaults and extra options. Kept light: the CLI imports this package
+before any command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Optional
+
+__all__ = ["add_workload_arguments", "check_workload", "slowest_median", "write_json"]
+
+
+def add_workload_arguments(p: argparse.ArgumentParser, *, ranks: list[int], tokens: int, hidden: int,
+                           experts: int = 64, topk: int = 8, iters: int, warmup: int,
+                           tokens_help: str = "tokens per rank") -> None:
+    """Add ``--ranks --tokens --hidden --experts --topk --iters --warmup --json`` with these defaults."""
+    shown = " ".join(str(r) for r in ranks)
+    p.add_argument("--ranks", type=int, nargs="+", default=ranks, help=f"world sizes to run (default: {shown})")
+    p.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
+    p.add_argument("--hidden", type=int, default=hidden)
+    p.add_argument("--experts", type=int, default=experts)
+    p.add_argument("--topk", type=int, default=topk)
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def check_workload(args: argparse.Namespace, command: str, *, fp8: bool) -> None:
+    """Raise ``SystemExit`` naming the flag when the workload cannot run (before any rank starts).
+
+    Args:
+        args: parsed arguments of :func:`add_workload_arguments`.
+        command: the command's name for the message, e.g. ``"moeflow bench"``.
+        fp8: whether some run casts to FP8 (which needs ``--hidden`` divisible by 128).
+    """
+    for name in ("tokens", "hidden", "experts", "topk", "iters"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"{command}: --{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise SystemExit(f"{command}: --warmup must be >= 0, got {args.warmup}")
+    if args.topk > args.experts:
+        raise SystemExit(f"{command}: --topk {args.topk} exceeds --experts {args.experts}")
+    if fp8 and args.hidden % 128:
+        raise SystemExit(f"{command}: FP8 needs --hidden divisible by 128, got {args.hidden}")
+    for R in args.ranks:
+        if R < 1 or args.experts % R:
+            raise SystemExit(f"{command}: --experts {args.experts} not divisible by {R} ranks")
+
+
+def slowest_median(per_rank: list[dict], key: str) -> float:
+    """Per iteration the slowest rank decides (``per_rank[r]["times"][key]``), then the median."""
+    n = len(per_rank[0]["times"][key])
+    return statistics.median(max(r["times"][key][i] for r in per_rank) for i in range(n))
+
+
+def write_json(path: Optional[str], rows: list) -> None:
+    """Write ``rows`` to ``path`` (``--json``), if given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=2)

@@ -12,47 +12,31 @@ Shape letters: N tokens per rank, H hidden, E experts, K top-k, R ranks.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
 from ..layout import wide_rows
+from . import add_workload_arguments, check_workload, slowest_median, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ranks", type=int, nargs="+", default=[2], help="world sizes to run (default: 2)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--topk", type=int, default=8)
+    add_workload_arguments(p, ranks=[2], tokens=4096, hidden=2048, iters=10, warmup=2)
     p.add_argument("--fp8", action="store_true", help="also run FP8 dispatch (bf16 combine)")
     p.add_argument("--ranks-per-node", type=int, default=None, metavar="P",
                    help="emulate nodes of P ranks: node-aware dispatch, inter-node bytes reported")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..launch import spawn
 
-    for name in ("tokens", "hidden", "experts", "topk", "iters"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"moeflow bench: --{name} must be >= 1, got {getattr(args, name)}")
-    if args.topk > args.experts:
-        raise SystemExit(f"moeflow bench: --topk {args.topk} exceeds --experts {args.experts}")
-    if args.fp8 and args.hidden % 128:
-        raise SystemExit(f"moeflow bench: --fp8 needs --hidden divisible by 128, got {args.hidden}")
+    check_workload(args, "moeflow bench", fp8=args.fp8)
     P = args.ranks_per_node
     if P is not None and (P < 1 or any(R % P for R in args.ranks)):
         raise SystemExit(f"moeflow bench: --ranks-per-node {P} must divide every --ranks {args.ranks}")
     all_rows = []
     for R in args.ranks:
-        if args.experts % R:
-            raise SystemExit(f"moeflow bench: --experts {args.experts} not divisible by {R} ranks")
         modes = ["bf16"] + (["fp8"] if args.fp8 else [])
         for mode in modes:
             cfg = dict(N=args.tokens, H=args.hidden, E=args.experts, K=args.topk, fp8=mode == "fp8",
@@ -64,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
             rows = _summarise(R, mode, cfg, per_rank)
             _print_table(rows)
             all_rows.append(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(all_rows, f, indent=2)
+    write_json(args.json, all_rows)
     return 0
 
 
@@ -245,12 +227,7 @@ def _progress(total: int, show: bool):
 
 # ----------------------------------------------------------------------------- parent side
 def _summarise(R: int, mode: str, cfg: dict, per_rank: list[dict]) -> dict:
-    def slowest_median(key):
-        # per iteration the slowest rank decides; then the median over iterations
-        per_iter = [max(r["times"][key][i] for r in per_rank) for i in range(len(per_rank[0]["times"][key]))]
-        return statistics.median(per_iter)
-
-    t = {k: slowest_median(k) for k in per_rank[0]["times"]}
+    t = {k: slowest_median(per_rank, k) for k in per_rank[0]["times"]}
     wire_d = sum(r["wire_dispatch"] for r in per_rank)
     wire_c = sum(r["wire_combine"] for r in per_rank)
     wire_l = sum(r["wire_layout"] for r in per_rank)

@@ -13,40 +13,26 @@ Shape letters: N tokens per rank (= T, the static capacity), H hidden, E experts
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
+from . import add_workload_arguments, check_workload, slowest_median, write_json
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ranks", type=int, nargs="+", default=[4], help="world sizes to run (default: 4)")
-    p.add_argument("--tokens", type=int, default=128, help="tokens per rank, also the static capacity T")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--topk", type=int, default=8)
+    add_workload_arguments(p, ranks=[4], tokens=128, hidden=7168, iters=20, warmup=3,
+                           tokens_help="tokens per rank, also the static capacity T")
     p.add_argument("--bf16", action="store_true", help="dispatch bf16 instead of FP8")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..launch import spawn
 
-    for name in ("tokens", "hidden", "experts", "topk", "iters"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"moeflow bench-ll: --{name} must be >= 1, got {getattr(args, name)}")
-    if args.topk > args.experts:
-        raise SystemExit(f"moeflow bench-ll: --topk {args.topk} exceeds --experts {args.experts}")
-    if not args.bf16 and args.hidden % 128:
-        raise SystemExit(f"moeflow bench-ll: FP8 needs --hidden divisible by 128, got {args.hidden}")
+    check_workload(args, "moeflow bench-ll", fp8=not args.bf16)
     rows = []
     for R in args.ranks:
-        if args.experts % R:
-            raise SystemExit(f"moeflow bench-ll: --experts {args.experts} not divisible by {R} ranks")
         cfg = dict(N=args.tokens, H=args.hidden, E=args.experts, K=args.topk, fp8=not args.bf16,
                    iters=args.iters, warmup=args.warmup)
         print(f"== {R} ranks, low-latency {'fp8' if cfg['fp8'] else 'bf16'}: {args.tokens} tokens/rank "
@@ -55,9 +41,7 @@ def run(args: argparse.Namespace) -> int:
         row = _summarise(R, cfg, per_rank)
         _print(row)
         rows.append(row)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     return 0
 
 
@@ -139,11 +123,7 @@ def _bench_rank(cfg: dict) -> dict:
 
 
 def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
-    def slowest_median(key):
-        per_iter = [max(r["times"][key][i] for r in per_rank) for i in range(len(per_rank[0]["times"][key]))]
-        return statistics.median(per_iter)
-
-    t = {k: slowest_median(k) for k in per_rank[0]["times"]}
+    t = {k: slowest_median(per_rank, k) for k in per_rank[0]["times"]}
     ll = t["ll_dispatch"] + t["ll_combine"]
     raw = t["raw_dispatch"] + t["raw_combine"]
     ll_wire = sum(r["ll_wire"] for r in per_rank)
