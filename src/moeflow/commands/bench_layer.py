@@ -336,36 +336,43 @@ def _bench_rank(cfg: dict) -> dict:
         runs[f"comm_C{C}"] = lambda C=C: comm_step(C)
         runs[f"compute_C{C}"] = lambda C=C: compute_step(C)
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runs}
     for it in range(cfg["warmup"] + cfg["iters"]):
         for name, fn in runs.items():
             # every rank starts each column together, so the slowest rank's time is the column's
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if it >= cfg["warmup"]:
                 times[name].append(dt)
-    return dict(times=times, diffs=diffs)
+                cpu_times[name].append(dc)
+    return dict(times=times, cpu_times=cpu_times, diffs=diffs)
 
 
 # ----------------------------------------------------------------------------- parent side
 def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
-    def slowest_median(key):
+    def slowest_median(key, kind="times"):
         # per iteration the slowest rank decides; then the median over iterations
-        n = len(per_rank[0]["times"][key])
-        return statistics.median(max(r["times"][key][i] for r in per_rank) for i in range(n))
+        n = len(per_rank[0][kind][key])
+        return statistics.median(max(r[kind][key][i] for r in per_rank) for i in range(n))
 
     t = {k: slowest_median(k) for k in per_rank[0]["times"]}
+    # CPU seconds of the rank process (all its threads, Gloo's included): what the work costs,
+    # much less sensitive than wall time to other processes on a shared machine.
+    cpu = {k: slowest_median(k, "cpu_times") for k in per_rank[0]["cpu_times"]}
     tokens = R * cfg["T"]
-    columns = {k: dict(ms=v * 1e3, tokens_per_s=tokens / v) for k, v in t.items()
+    columns = {k: dict(ms=v * 1e3, tokens_per_s=tokens / v, cpu_ms=cpu[k] * 1e3) for k, v in t.items()
                if not k.startswith(("comm_", "compute_"))}
     comm_ms = {k: v * 1e3 for k, v in t.items() if k.startswith("comm_")}
     diffs = {name: dict(y=max(r["diffs"][name]["y"] for r in per_rank),
                         grad_x=max(r["diffs"][name]["grad_x"] for r in per_rank))
              for name in per_rank[0]["diffs"]}
     ratios = dict(vs_no_dedup=t["no_dedup"] / t["moeflow"],
-                  bf16_vs_no_dedup=t["no_dedup"] / t["moeflow_bf16"])
+                  bf16_vs_no_dedup=t["no_dedup"] / t["moeflow_bf16"],
+                  cpu_vs_no_dedup=cpu["no_dedup"] / cpu["moeflow"])
     if "deepspeed" in t:
+        ratios["cpu_vs_deepspeed"] = cpu["deepspeed"] / cpu["moeflow"]
         ratios["vs_deepspeed"] = t["deepspeed"] / t["moeflow"]
         ratios["bf16_vs_deepspeed"] = t["deepspeed"] / t["moeflow_bf16"]
     # Communication alone (same routing, no router, no experts): what deduplication changes.
@@ -408,6 +415,10 @@ def _print(s: dict) -> None:
     r = s["ratios"]
     print(f"  moeflow / no-dedup (fp32 wire both): {r['vs_no_dedup']:.2f}x   "
           f"{_mark(r['vs_no_dedup'], TARGET_VS_NO_DEDUP, True)}   (bf16 wire: {r['bf16_vs_no_dedup']:.2f}x)")
+    cpu_line = ", ".join(f"{label} {cols[name]['cpu_ms']:.0f} ms" for name, label in
+                         (("moeflow", "moeflow"), ("no_dedup", "no-dedup"), ("deepspeed", "DeepSpeed")) if name in cols)
+    print(f"  CPU time per rank (less sensitive to load): {cpu_line} -> vs no-dedup {r['cpu_vs_no_dedup']:.2f}x"
+          + (f", vs DeepSpeed {r['cpu_vs_deepspeed']:.2f}x" if "cpu_vs_deepspeed" in r else ""))
     if r.get("best_chunks_vs_no_dedup") is not None:
         print(f"  moeflow at its fastest chunk count (C={s['best_chunks']}) / no-dedup: "
               f"{r['best_chunks_vs_no_dedup']:.2f}x")
