@@ -32,9 +32,11 @@ def test_bench_layer_report(tmp_path, capsys):
         assert c["ms"] > 0, name
         # tokens/s counts every rank's tokens
         assert c["tokens_per_s"] == pytest.approx(2 * 48 / (c["ms"] / 1e3)), name
+        assert c["cpu_ms"] > 0, name
     r = row["ratios"]
     assert r["vs_no_dedup"] == pytest.approx(cols["no_dedup"]["ms"] / cols["moeflow"]["ms"])
     assert r["bf16_vs_no_dedup"] == pytest.approx(cols["no_dedup"]["ms"] / cols["moeflow_bf16"]["ms"])
+    assert r["cpu_vs_no_dedup"] == pytest.approx(cols["no_dedup"]["cpu_ms"] / cols["moeflow"]["cpu_ms"])
     if HAS_DEEPSPEED:
         assert r["vs_deepspeed"] == pytest.approx(cols["deepspeed"]["ms"] / cols["moeflow"]["ms"])
         assert "DeepSpeed-MoE, dropless" in text
