@@ -340,6 +340,9 @@ def _rank_errors():
     grab("layer_index", lambda: lay.apply_placement(Placement.identity(2, E, num_gpus=R), layer_index=2))
     other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     grab("optimizer", lambda: lay.apply_placement(torch.arange(2 * E) % E, optimizer=other))
+    saved = lay.state_dict()
+    saved["phy2log"] = torch.zeros(2 * E, dtype=torch.int64)
+    grab("load", lambda: _build(num_replicas=2 * E).load_state_dict(saved))
     # ranks that disagree: every rank raises, none hangs in the exchange
     mine = torch.arange(2 * E) % E if rank == 0 else torch.arange(2 * E).flip(0) % E
     grab("disagree", lambda: lay.apply_placement(mine))
@@ -360,6 +363,7 @@ def test_bad_placement_inputs_raise_naming_the_argument():
         "layer_index": r"`layer_index` must lie in \[0, 2\) \(rank \d\), got 2",
         "optimizer": r"`optimizer` does not hold this layer's expert weights",
         "disagree": r"the ranks passed different placements",
+        "load": r"MoELayer.load_state_dict: `phy2log` gives no slot to logical expert",
     }
     for rank, errors in enumerate(outs):
         assert set(errors) == set(expected), (rank, sorted(set(expected) - set(errors)))

@@ -391,8 +391,13 @@ class MoELayer(nn.Module):
     @staticmethod
     def _after_load_state_dict(module: "MoELayer", incompatible_keys) -> None:
         # a loaded phy2log re-derives the tables (and is checked: a bad one would misroute silently)
-        p = check_phy2log(module.phy2log, module.num_experts, module.num_replicas, "MoELayer.load_state_dict",
-                          module.buffer.rank)
+        where = "MoELayer.load_state_dict"
+        p = check_phy2log(module.phy2log, module.num_experts, module.num_replicas, where, module.buffer.rank)
+        if module._node_limited and (bad := off_node_slot(p, module.num_experts, module.buffer.num_nodes)) >= 0:
+            raise ValueError(f"{where}: the saved `phy2log` puts expert {int(p[bad])} in slot {bad}, off its node, "
+                             f"which node-limited routing forbids (rank {module.buffer.rank})")
+        if not torch.equal(p, module._phy2log_host):
+            module.num_tokens_per_replica_since_update.zero_()  # counted for the old slots
         module._set_tables(p)
 
     @torch.no_grad()
