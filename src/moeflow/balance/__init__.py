@@ -5,5 +5,6 @@ Pure functions on tensors; no process groups. :func:`plan` is the entry point.
 
 from .placement import Placement, count_moves, gpu_loads, imbalance
 from .planner import plan
+from .recovery import Recovery, replan_after_loss
 
-__all__ = ["plan", "Placement", "count_moves", "gpu_loads", "imbalance"]
+__all__ = ["plan", "Placement", "count_moves", "gpu_loads", "imbalance", "replan_after_loss", "Recovery"]
