@@ -8,7 +8,7 @@ combine, with shared experts and overlap.
 """
 
 from . import autograd, balance, layout, quant
-from .comm import Buffer, ByteCounters, DispatchHandle, EventOverlap
+from .comm import Buffer, ByteCounters, DispatchHandle, EventOverlap, PeerFailureError
 from .experts import GroupedExperts, SwiGLU
 from .layer import MoELayer
 from .routing import Router, RouterOutput
@@ -19,7 +19,7 @@ from .quant import per_token_cast_back, per_token_cast_to_fp8
 __version__ = "0.1.0"
 
 __all__ = [
-    "Buffer", "DispatchHandle", "EventOverlap", "ByteCounters",
+    "Buffer", "DispatchHandle", "EventOverlap", "ByteCounters", "PeerFailureError",
     "autograd", "balance", "layout", "quant", "per_token_cast_to_fp8", "per_token_cast_back",
     "spawn", "RankError",
     "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer",
