@@ -9,8 +9,8 @@ Shape letters:
 Static shapes on a collective transport. DeepEP writes each token straight into its experts'
 slots on the remote GPU and signals a per-expert count; a collective transport has neither
 remote writes nor device-side signals. Instead every rank reserves, for every destination
-rank, T slot rows (a token reaches a rank at most once): a send buffer ``[R, T, W]`` whose size depends on (T, H, K, FP8) and
-never on the routing. One ``all_to_all_single`` with equal splits moves it, so no rank needs to
+rank, T slot rows (a token reaches a rank at most once): a send buffer ``[R, T, W]`` whose
+size depends on (T, H, K, FP8) and never on the routing. One ``all_to_all_single`` with equal splits moves it, so no rank needs to
 know what the others send: no count exchange, no host sync, the same buffer addresses every
 call. Unused slots carry top-k ids of -1; every row also carries a code of the call's signature
 (T, H, K, E, FP8), checked on receipt where that costs no device sync (CPU). The receiver
@@ -25,11 +25,11 @@ run at the static size (every slot gathered, every (row, top-k column) pair summ
 where unused), so nothing waits on the host and a CUDA graph can capture the call.
 
 Combine: the weighted sum DeepEP forms on the source would need, per (source, rank), one row per
-(token, local expert) -- ``C`` times the dispatch rows at a static size. Instead combine sends
+(token, local expert) -- up to ``min(K, L)`` times the dispatch rows at a static size. Instead combine sends
 the top-k weights of the tokens (``[R, T, K]`` fp32, one small equal-split all-to-all) to the
-experts' ranks, each rank sums its local experts' outputs of a token weighted in fp32 (one fused
-``embedding_bag``) and sends back one row per slot (``[R, T, H]`` in ``x.dtype``, a second equal-split all-to-all);
-the source sums a token's rows over ranks in fp32 in rank order. A token with experts on one
+experts' ranks, each rank sums its local experts' outputs of a token weighted in fp32 (one
+fused ``embedding_bag``) and sends back one row per slot (``[R, T, H]`` in ``x.dtype``, a
+second equal-split all-to-all); the source sums a token's rows over ranks in fp32 in rank order. A token with experts on one
 rank is weighted and summed entirely in fp32 as in DeepEP; one spread over ranks pays one
 rounding of each rank's partial sum to ``x.dtype`` (as the normal-mode combine does).
 
