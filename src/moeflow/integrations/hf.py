@@ -222,14 +222,15 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
     or the same seed), after ``torch.distributed`` is initialised. Routed experts are split evenly
     and contiguously over the ranks (rank r holds experts ``[r * E / R, (r + 1) * E / R)``); the
     shared experts are copied whole; the router gate Parameter (and an fp32 expert bias) are
-    taken over as they are, not copied. Each new layer is built on
-    the device of the block's experts, in their dtype (the router gate keeps its own dtype), in
-    the block's train/eval mode, with ``requires_grad`` as on the block's tensors; the replaced
-    block and its full expert tensors are released when nothing else refers to them.
+    taken over as they are, not copied. Each new layer is built on the device of the block's
+    experts, in their dtype (the router gate keeps its own dtype), in the block's train/eval
+    mode, with ``requires_grad`` as on the block's tensors; the replaced block and its full
+    expert tensors are released when nothing else refers to them.
 
     Gradients: a rank's expert weights receive the gradient of every rank's tokens routed to
     them (the sum over the group), so they need no data-parallel reduction over ``group``; the
-    other parameters get this rank's batch only, as in plain data parallelism.
+    other parameters get this rank's batch only, as in plain data parallelism (docs/hf.md has
+    the recipe that reproduces global-batch gradients, and why plain DDP must skip the experts).
 
     Args:
         model: a transformers model (e.g. ``DeepseekV3ForCausalLM``, ``Qwen3MoeForCausalLM``,
