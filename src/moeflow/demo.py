@@ -278,7 +278,9 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         max_over_mean_expert_window=_max_over_mean(torch.tensor(history["expert_load_per_layer"][-tail:]).sum(0)),
         bytes_per_step=sum(history["bytes_per_step"][-tail:]) / tail,
         rebalance=_rebalance_effect(history, cfg.rebalance_every),
-        num_params=sum(p.numel() for p in dense) + R * sum(p.numel() for p in experts),
+        # logical parameters: replica slots hold copies, counted once
+        num_params=sum(p.numel() for p in dense)
+        + R * sum(p.numel() for p in experts) * cfg.num_experts // (cfg.num_replicas or cfg.num_experts),
         history=history,
     )
     if rank == 0 and out_dir:
