@@ -389,6 +389,8 @@ def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
     best = min(overlap, key=lambda o: o["layer_ms"]) if overlap else None
     if best:
         ratios["best_chunks_vs_no_dedup"] = t["no_dedup"] / (best["layer_ms"] / 1e3)
+        if "deepspeed" in t:
+            ratios["best_chunks_vs_deepspeed"] = t["deepspeed"] / (best["layer_ms"] / 1e3)
     return dict(ranks=R, tokens_per_rank=cfg["T"], hidden=cfg["D"], ffn=cfg["F"], experts=cfg["E"],
                 topk=cfg["K"], iters=cfg["iters"], columns=columns, comm_ms=comm_ms, ratios=ratios, max_abs_diff=diffs,
                 overlap=overlap, best_chunks=best["chunks"] if best else None,
@@ -421,7 +423,8 @@ def _print(s: dict) -> None:
           + (f", vs DeepSpeed {r['cpu_vs_deepspeed']:.2f}x" if "cpu_vs_deepspeed" in r else ""))
     if r.get("best_chunks_vs_no_dedup") is not None:
         print(f"  moeflow at its fastest chunk count (C={s['best_chunks']}) / no-dedup: "
-              f"{r['best_chunks_vs_no_dedup']:.2f}x")
+              f"{r['best_chunks_vs_no_dedup']:.2f}x"
+              + (f", / DeepSpeed-MoE: {r['best_chunks_vs_deepspeed']:.2f}x" if "best_chunks_vs_deepspeed" in r else ""))
     if r["comm_vs_no_dedup"] is not None:
         print(f"  communication alone (fwd+bwd, no router/experts): no-dedup {s['comm_ms']['comm_no_dedup']:.1f} ms, "
               f"moeflow {s['comm_ms']['comm_C1']:.1f} ms -> {r['comm_vs_no_dedup']:.2f}x")
