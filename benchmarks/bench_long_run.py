@@ -1,6 +1,6 @@
 """Long run on a larger size: resident memory and live tensors over many iterations.
 
-    python3 benchmarks/bench_long_run.py [--ranks 2] [--iters 1000] [--tokens 1024] [--hidden 1024]
+    python3 benchmarks/bench_long_run.py [--ranks 2] [--iters 1000] [--tokens 256] [--hidden 512]
 
 Runs ``--iters`` iterations of dispatch/combine (bf16, async every other call) and then of
 MoELayer forward+backward+SGD step (2 chunks, shared expert), and prints, per rank, resident
@@ -60,8 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--iters", type=int, default=1000)
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=512)
     a = ap.parse_args()
     res = spawn(_run, a.ranks, a.iters, a.tokens, a.hidden, timeout_s=7200)
     print(f"{a.ranks} ranks, N~{a.tokens} H={a.hidden} E={E} K={K} FF={FF}, {a.iters} iterations")
