@@ -28,7 +28,6 @@ R ranks, L = E / R local experts, S token-expert pairs sent, M rows received.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Optional
@@ -37,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import add_workload_arguments, check_workload, write_json
+
 # Targets of issue 3, item 6: moeflow / baseline tokens/s, and overlap at the best chunk count.
 TARGET_VS_NO_DEDUP = 1.5
 TARGET_VS_DEEPSPEED = 1.2
@@ -44,30 +45,20 @@ TARGET_OVERLAP = 1.2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="world sizes to run (default: 2 4)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank (T)")
-    p.add_argument("--hidden", type=int, default=512, help="D")
+    add_workload_arguments(p, ranks=[2, 4], tokens=4096, hidden=512, experts=32, topk=6, iters=5, warmup=1,
+                           tokens_help="tokens per rank (T)")
     p.add_argument("--ffn", type=int, default=256, help="intermediate size of one expert (F)")
-    p.add_argument("--experts", type=int, default=32, help="routed experts (E)")
-    p.add_argument("--topk", type=int, default=6, help="K")
     p.add_argument("--chunks", type=int, nargs="*", default=[1, 2, 4],
                    help="MoELayer chunk counts for the overlap figure (none: skip it)")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE column")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..launch import spawn
 
-    for name in ("tokens", "hidden", "ffn", "experts", "topk", "iters"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"moeflow bench-layer: --{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise SystemExit(f"moeflow bench-layer: --warmup must be >= 0, got {args.warmup}")
-    if args.topk > args.experts:
-        raise SystemExit(f"moeflow bench-layer: --topk {args.topk} exceeds --experts {args.experts}")
+    check_workload(args, "moeflow bench-layer", fp8=False)
+    if args.ffn < 1:
+        raise SystemExit(f"moeflow bench-layer: --ffn must be >= 1, got {args.ffn}")
     if any(c < 1 for c in args.chunks):
         raise SystemExit(f"moeflow bench-layer: --chunks must be >= 1, got {args.chunks}")
     deepspeed_note = None if args.no_deepspeed else _deepspeed_missing()
@@ -76,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     use_deepspeed = not args.no_deepspeed and deepspeed_note is None
     rows = []
     for R in args.ranks:
-        if R < 1 or args.experts % R:
-            raise SystemExit(f"moeflow bench-layer: --experts {args.experts} not divisible by {R} ranks")
         cfg = dict(T=args.tokens, D=args.hidden, F=args.ffn, E=args.experts, K=args.topk,
                    chunks=sorted(set(args.chunks)), deepspeed=use_deepspeed, iters=args.iters,
                    warmup=args.warmup)
@@ -87,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
         row = _summarise(R, cfg, per_rank)
         _print(row)
         rows.append(row)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     return 0
 
 
