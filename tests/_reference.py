@@ -70,3 +70,14 @@ def ref_combine(ys, origins, num_tokens, hidden, dtype, weights=None):
                 wacc[s][t] += weights[d][i].float()
     combined = [a.to(dtype) for a in acc]
     return combined, wacc
+
+
+def random_layer_weights(E, D, FF, seed=0):
+    """Global weights for a :class:`moeflow.MoELayer` with one shared expert, in the order of
+    ``load_global_weights``: ``(gate [E, D], w1 [E, D, F], w2 [E, F, D], w3 [E, D, F], shared)``."""
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(E, D, generator=g) * 0.3
+    w1, w3 = (torch.randn(E, D, FF, generator=g) * 0.2 for _ in range(2))
+    w2 = torch.randn(E, FF, D, generator=g) * 0.2
+    shared = tuple(torch.randn(*s, generator=g) * 0.2 for s in ((D, FF), (FF, D), (D, FF)))
+    return gate, w1, w2, w3, shared

@@ -18,6 +18,8 @@ from moeflow import spawn
 from moeflow.balance import Placement, plan, replan_after_loss
 from moeflow.layer import MoELayer
 
+from _reference import random_layer_weights
+
 D, FF, E, K, T = 32, 16, 8, 2, 24
 
 
@@ -68,12 +70,7 @@ def test_replan_errors_name_the_problem():
 # --------------------------------------------------------------------------- checkpoints
 
 def _global_weights():
-    g = torch.Generator().manual_seed(0)
-    gate = torch.randn(E, D, generator=g) * 0.3
-    w1, w3 = (torch.randn(E, D, FF, generator=g) * 0.2 for _ in range(2))
-    w2 = torch.randn(E, FF, D, generator=g) * 0.2
-    shared = tuple(torch.randn(*s, generator=g) * 0.2 for s in ((D, FF), (FF, D), (D, FF)))
-    return gate, w1, w2, w3, shared
+    return random_layer_weights(E, D, FF)
 
 
 def _tokens():

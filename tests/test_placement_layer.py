@@ -16,17 +16,14 @@ from moeflow.balance.replicas import check_phy2log, plan_migration, replica_tabl
 from moeflow.comm.rows import exchange_rows
 from moeflow.layer import MoELayer
 
+from _reference import random_layer_weights
+
 D, FF, E, K = 16, 8, 8, 2
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def _global_weights():
-    g = torch.Generator().manual_seed(0)
-    gate = torch.randn(E, D, generator=g) * 0.3
-    w1, w3 = (torch.randn(E, D, FF, generator=g) * 0.2 for _ in range(2))
-    w2 = torch.randn(E, FF, D, generator=g) * 0.2
-    shared = tuple(torch.randn(*s, generator=g) * 0.2 for s in ((D, FF), (FF, D), (D, FF)))
-    return gate, w1, w2, w3, shared
+    return random_layer_weights(E, D, FF)
 
 
 def _inputs(rank, step=0):
