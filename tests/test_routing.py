@@ -15,6 +15,17 @@ from moeflow.routing import Router
 D, E, K = 16, 8, 2
 
 
+def _token_scores(x, gate, bias, score_func):
+    """One token's scores and biased scores, as Python floats."""
+    logits = [float(gate[e] @ x) for e in range(gate.size(0))]
+    if score_func == "softmax":
+        z = sum(math.exp(v) for v in logits)
+        scores = [math.exp(v) / z for v in logits]
+    else:
+        scores = [1 / (1 + math.exp(-v)) for v in logits]
+    return scores, [scores[e] + float(bias[e]) for e in range(gate.size(0))]
+
+
 def _reference_route(x_TD, gate, bias, *, score_func, top_k, num_groups=1, topk_groups=1,
                      norm=None, route_scale=1.0):
     """Per token, in plain Python: scores, groups by the sum of their top-2 biased scores, the
@@ -24,13 +35,7 @@ def _reference_route(x_TD, gate, bias, *, score_func, top_k, num_groups=1, topk_
     per_group = E_ // num_groups
     all_idx, all_w = [], []
     for x in x_TD:
-        logits = [float(gate[e] @ x) for e in range(E_)]
-        if score_func == "softmax":
-            z = sum(math.exp(v) for v in logits)
-            scores = [math.exp(v) / z for v in logits]
-        else:
-            scores = [1 / (1 + math.exp(-v)) for v in logits]
-        biased = [scores[e] + float(bias[e]) for e in range(E_)]
+        scores, biased = _token_scores(x, gate, bias, score_func)
         group_score = []
         for g in range(num_groups):
             members = sorted(biased[g * per_group:(g + 1) * per_group], reverse=True)
@@ -258,13 +263,7 @@ def _reference_node_route(x_TD, gate, bias, *, score_func, top_k, num_nodes, max
     best_per_node = min(-(-top_k // max_nodes), per_node)
     all_idx = []
     for x in x_TD:
-        logits = [float(gate[e] @ x) for e in range(E_)]
-        if score_func == "softmax":
-            z = sum(math.exp(v) for v in logits)
-            scores = [math.exp(v) / z for v in logits]
-        else:
-            scores = [1 / (1 + math.exp(-v)) for v in logits]
-        biased = [scores[e] + float(bias[e]) for e in range(E_)]
+        scores, biased = _token_scores(x, gate, bias, score_func)
         node_score = [sum(sorted(biased[n * per_node:(n + 1) * per_node], reverse=True)[:best_per_node])
                       for n in range(num_nodes)]
         kept_nodes = sorted(range(num_nodes), key=lambda n: -node_score[n])[:max_nodes]
