@@ -202,6 +202,8 @@ class MoELayer(nn.Module):
                              seq_aux_loss_coeff=seq_aux_loss_coeff, global_aux_loss_coeff=global_aux_loss_coeff,
                              z_loss_coeff=z_loss_coeff, group=group, num_nodes=self.buffer.num_nodes,
                              max_nodes_per_token=max_nodes_per_token)
+        # the router's load sums go through the Buffer: same group, and a missing peer is named
+        self.router.group, self.router.sum_over_group = self.buffer.group, self.buffer.all_reduce
         self.experts = GroupedExperts(self.num_local_experts, hidden, ffn_hidden)
         self.shared = SwiGLU(hidden, ffn_hidden * num_shared_experts) if num_shared_experts else None
         self.last_router_output = None
@@ -288,7 +290,7 @@ class MoELayer(nn.Module):
         if self.buffer.group_size > 1:
             t = torch.tensor([T], device=device)
             # one tiny collective per forward so that ranks with different T pick the same C
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.buffer.group)
+            self.buffer.all_reduce(t, op=dist.ReduceOp.MAX)
             T = int(t)  # host sync: the chunk count shapes the loop
         return max(1, min(4, T // 1024))
 
@@ -420,7 +422,7 @@ class MoELayer(nn.Module):
             load_N = self.num_tokens_per_replica_since_update.clone()
             if self.buffer.group_size > 1:
                 # every slot's pairs from every rank: what each rank's experts computed
-                dist.all_reduce(load_N, group=self.buffer.group)
+                self.buffer.all_reduce(load_N)
             self.num_tokens_per_replica_since_update.zero_()
         decay = self.load_ema_decay if self._num_load_updates else 0.0
         self.expert_load_ema.mul_(decay).add_(load_E.to(self.expert_load_ema), alpha=1.0 - decay)
@@ -586,7 +588,7 @@ class MoELayer(nn.Module):
         if self.buffer.group_size > 1:
             both = torch.cat([fingerprint, -fingerprint]).to(self.phy2log.device)
             # one small all-reduce: a rank with another placement would exchange mismatched sizes
-            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.buffer.group)
+            self.buffer.all_reduce(both, op=dist.ReduceOp.MAX)
             both = both.cpu()
             if not torch.equal(both[:5], -both[5:]):
                 raise ValueError(f"MoELayer.apply_placement: the ranks passed different placements or have "
@@ -659,7 +661,7 @@ class MoELayer(nn.Module):
             summed.index_add_(0, rows, mine)
         if self.buffer.group_size > 1:
             # each replicated expert's rows summed over its replicas on every rank
-            dist.all_reduce(summed, group=self.buffer.group)
+            self.buffer.all_reduce(summed)
         back = summed.index_select(0, rows).split(sizes, 1)
         for t, part in zip(tensors, back):
             t[local_slots] = part.reshape(-1, *t.shape[1:]).to(t.dtype)

@@ -31,7 +31,7 @@ training mode; ``update_bias`` is the one per-step hook that consumes and clears
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -144,6 +144,9 @@ class Router(nn.Module):
         self.aux_loss_coeff, self.seq_aux_loss_coeff = aux_loss_coeff, seq_aux_loss_coeff
         self.global_aux_loss_coeff, self.z_loss_coeff = global_aux_loss_coeff, z_loss_coeff
         self.group = group
+        # how load counts are summed over `group`; MoELayer puts its Buffer's watched all-reduce
+        # here, so that a dead or stuck peer is named instead of hanging the update
+        self.sum_over_group: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         # [E] fp32, saved with the model, not trained: used for selection only. Kept fp32 through
         # module.to(dtype) (see _apply): an update of 1e-3 vanishes next to a bias of 1 in bf16.
@@ -278,13 +281,20 @@ class Router(nn.Module):
         counts = torch.cat([counts_E, counts_E.new_tensor([T])])             # [E + 1] int64
         if self._group_size() > 1:
             # the global batch's expert frequencies need every rank's counts (not differentiable)
-            dist.all_reduce(counts, group=self.group)
+            self._sum(counts)
         with torch.no_grad():
             self.global_counts_since_update += counts
         E, K = self.num_experts, self.top_k
         total = self.global_counts_since_update
         f_E = total[:E] * (E / K) / total[E].clamp(min=1)
         return (f_E * probs_TE.sum(0)).sum() / max(T, 1)
+
+    def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ``group`` in place (through ``sum_over_group`` when set)."""
+        if self.sum_over_group is not None:
+            return self.sum_over_group(tensor)
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
 
     def _group_size(self) -> int:
         return dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
@@ -304,7 +314,7 @@ class Router(nn.Module):
         load_E = self.num_tokens_per_expert_since_update.clone()
         if self._group_size() > 1:
             # every rank must apply the same update: the load of the whole data-parallel batch
-            dist.all_reduce(load_E, group=self.group)
+            self._sum(load_E)
         if self.bias_update_rate:
             load = load_E.float()
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)

@@ -144,6 +144,18 @@ class Buffer:
         self._low_latency = LowLatency(self.transport) if low_latency_mode else None
         self._check = ArgChecker(self.rank, self.group_size)
 
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """``dist.all_reduce`` of ``tensor`` (in place) over the Buffer's group, counted and
+        waited on like a transfer: a dead or stuck peer raises :class:`PeerFailureError` naming
+        it within ``timeout_s`` instead of hanging. For the small collectives layers built on
+        the Buffer make between dispatches (load counts, chunk counts, checks)."""
+        if self.group_size == 1:
+            return tensor
+        self._arrive("all_reduce")
+        work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True)
+        self._watchdog.wait(work, self._watchdog.calls, "all_reduce")
+        return tensor
+
     # ------------------------------------------------------------------ DeepEP API surface
     @property
     def counters(self) -> ByteCounters:
