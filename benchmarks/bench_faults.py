@@ -26,7 +26,7 @@ E, K = 32, 4
 
 
 def _overhead(N: int, H: int, reps: int):
-    rank, R = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(N, H, generator=g).bfloat16()
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])

@@ -10,13 +10,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_dispatch_combine_example_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "dispatch_combine.py")],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+def _run_example(name: str, timeout: int) -> list[str]:
+    """Run ``examples/<name>`` as a user would; its output lines (one per rank)."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / name)],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2
-    for rank, line in enumerate(lines):
+    assert len(lines) == 2, out.stdout
+    return lines
+
+
+def test_dispatch_combine_example_runs():
+    for rank, line in enumerate(_run_example("dispatch_combine.py", 120)):
         m = re.match(rf"rank {rank}: received \d+ rows, per local expert \[[\d, ]+\]; "
                      r"combine error vs dense ([\d.]+) \(bf16\)", line)
         assert m, line
@@ -43,12 +48,7 @@ def test_bench_cli_small_run(tmp_path):
 
 def test_hf_expert_parallel_example_runs():
     pytest.importorskip("transformers")
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_expert_parallel.py")],
-                         capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2
-    for rank, line in enumerate(lines):
+    for rank, line in enumerate(_run_example("hf_expert_parallel.py", 180)):
         m = re.match(rf"rank {rank}: 2 MoE layers, experts {4 * rank}-{4 * rank + 3} of 8 here; "
                      r"max \|logit difference\| vs the unmodified model ([\d.e+-]+)$", line)
         assert m, line

@@ -251,7 +251,7 @@ def _generate_and_modes_rank():
     of different lengths, ``synced_gpus`` so they step together); train/eval, requires_grad and
     dtype carried over; an expert count that does not divide over the ranks, and a second call on
     the same model, refused."""
-    rank, R = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     ref = _build("qwen3_moe").eval()
     ids = torch.randint(0, VOCAB, (1, 3 + 2 * rank), generator=torch.Generator().manual_seed(7 + rank))
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)

@@ -227,7 +227,7 @@ def test_check_finite_names_rank_argument_and_row():
 # raises its own error after the count exchange); combine mistakes are raised before any transfer.
 
 def _malformed():
-    rank, R = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     buffer = Buffer()
     N, H, E = 8, 128, 4
     x = torch.randn(N, H)

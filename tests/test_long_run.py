@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 
