@@ -36,6 +36,7 @@ from .balance.replicas import (check_phy2log, default_phy2log, off_node_slot, pl
 from .comm.buffer import Buffer, DispatchHandle, EventOverlap
 from .comm.rows import exchange_rows
 from .experts import GroupedExperts, SwiGLU
+from .layout import rank_in_expert
 from .routing import Router
 
 __all__ = ["MoELayer"]
@@ -300,10 +301,7 @@ class MoELayer(nn.Module):
         capacity = math.ceil(self.capacity_factor * T * K / self.num_experts)
         flat = topk_idx.flatten()
         valid = flat >= 0
-        one_hot = torch.zeros(flat.numel(), self.num_experts + 1, dtype=torch.int32, device=flat.device)
-        one_hot.scatter_(1, torch.where(valid, flat, self.num_experts).unsqueeze(1), 1)
-        position = (one_hot.cumsum(0) * one_hot).sum(1)  # 1-based rank of each pair in its expert
-        keep = valid & (position <= capacity)
+        keep = valid & (rank_in_expert(flat, self.num_experts) < capacity)  # the earliest pairs of each expert
         new_idx = torch.where(keep, flat, -1).view(T, K)
         return new_idx, torch.where(keep.view(T, K), topk_weights, 0.0)
 

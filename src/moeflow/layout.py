@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dispatch_layout", "send_order", "local_topk", "align_up", "smallest_int_dtype", "wide_rows"]
+__all__ = ["dispatch_layout", "send_order", "local_topk", "rank_in_expert", "align_up", "smallest_int_dtype",
+           "wide_rows"]
 
 
 def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
@@ -84,6 +85,27 @@ def local_topk(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, dst_ra
     if topk_weights is not None:
         local_weights = torch.where(mine, topk_weights, 0.0)
     return local_idx, local_weights
+
+
+def rank_in_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Each pair's 0-based position among the pairs of its expert, in the given order.
+
+    Args:
+        expert_ids: ``[P]`` int64 in ``[-1, num_experts)`` (e.g. a flattened ``topk_idx``: token
+            order, then k order); ``-1`` pairs are numbered among themselves.
+        num_experts: E.
+
+    Returns:
+        ``[P]`` int64. One stable sort and a count, on device: no host sync.
+    """
+    key = torch.where(expert_ids >= 0, expert_ids, num_experts)             # "-1" as its own group
+    order = torch.argsort(key, stable=True)                                  # pairs grouped by expert
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key.device).scatter_add_(
+        0, key, torch.ones_like(key))
+    starts = counts.cumsum(0) - counts                                       # first sorted pair of each
+    pos = torch.empty_like(key)
+    pos[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+    return pos
 
 
 def align_up(n: int, alignment: int) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..layout import rank_in_expert
 from .placement import Placement
 
 __all__ = ["check_phy2log", "default_phy2log", "off_node_slot", "replica_tables", "spread_over_replicas", "Migration",
@@ -100,16 +101,9 @@ def spread_over_replicas(topk_idx: torch.Tensor, log2phy: torch.Tensor, logcnt: 
         ``[T, K]`` int64 physical slot ids, ``-1`` where ``topk_idx`` is ``-1``.
     """
     T, K = topk_idx.shape
-    E = logcnt.numel()
     flat = topk_idx.flatten()                                               # [T * K]
     valid = flat >= 0
-    key = torch.where(valid, flat, E)                                       # "-1" sorts last
-    order = torch.argsort(key, stable=True)                                 # pairs grouped by expert
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(
-        0, key, torch.ones_like(key))                                       # scatter_add: no host sync
-    starts = counts.cumsum(0) - counts                                      # [E + 1] first sorted pair
-    pos = torch.empty_like(key)
-    pos[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+    pos = rank_in_expert(flat, logcnt.numel())                              # the pair's turn in its expert
     e = torch.where(valid, flat, 0)
     replica = (pos + offset) % logcnt[e]
     return torch.where(valid, log2phy[e, replica], -1).view(T, K)
