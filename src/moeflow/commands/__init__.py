@@ -54,10 +54,10 @@ def check_workload(args: argparse.Namespace, command: str, *, fp8: bool) -> None
             raise SystemExit(f"{command}: --experts {args.experts} not divisible by {R} ranks")
 
 
-def slowest_median(per_rank: list[dict], key: str) -> float:
-    """Per iteration the slowest rank decides (``per_rank[r]["times"][key]``), then the median."""
-    n = len(per_rank[0]["times"][key])
-    return statistics.median(max(r["times"][key][i] for r in per_rank) for i in range(n))
+def slowest_median(per_rank: list[dict], key: str, kind: str = "times") -> float:
+    """Per iteration the slowest rank decides (``per_rank[r][kind][key]``), then the median."""
+    n = len(per_rank[0][kind][key])
+    return statistics.median(max(r[kind][key][i] for r in per_rank) for i in range(n))
 
 
 def write_json(path: Optional[str], rows: list) -> None:

@@ -28,7 +28,6 @@ R ranks, L = E / R local experts, S token-expert pairs sent, M rows received.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Optional
 
@@ -36,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import add_workload_arguments, check_workload, write_json
+from . import add_workload_arguments, check_workload, slowest_median, write_json
 
 # Targets of issue 3, item 6: moeflow / baseline tokens/s, and overlap at the best chunk count.
 TARGET_VS_NO_DEDUP = 1.5
@@ -339,15 +338,10 @@ def _bench_rank(cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------- parent side
 def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
-    def slowest_median(key, kind="times"):
-        # per iteration the slowest rank decides; then the median over iterations
-        n = len(per_rank[0][kind][key])
-        return statistics.median(max(r[kind][key][i] for r in per_rank) for i in range(n))
-
-    t = {k: slowest_median(k) for k in per_rank[0]["times"]}
+    t = {k: slowest_median(per_rank, k) for k in per_rank[0]["times"]}
     # CPU seconds of the rank process (all its threads, Gloo's included): what the work costs,
     # much less sensitive than wall time to other processes on a shared machine.
-    cpu = {k: slowest_median(k, "cpu_times") for k in per_rank[0]["cpu_times"]}
+    cpu = {k: slowest_median(per_rank, k, "cpu_times") for k in per_rank[0]["cpu_times"]}
     tokens = R * cfg["T"]
     columns = {k: dict(ms=v * 1e3, tokens_per_s=tokens / v, cpu_ms=cpu[k] * 1e3) for k, v in t.items()
                if not k.startswith(("comm_", "compute_"))}
