@@ -251,21 +251,12 @@ class Router(nn.Module):
 
     def _select(self, biased_TE: torch.Tensor) -> torch.Tensor:
         """``[T, E]`` biased scores -> ``[T, K]`` int64 ids, restricted to the best nodes and groups."""
-        T, E = biased_TE.shape
+        E = biased_TE.size(1)
         G, N, M = self.num_groups, self.num_nodes, self.max_nodes_per_token
-        if M < N:
-            biased_TNE = biased_TE.view(T, N, E // N)
-            per_node = min(-(-self.top_k // M), E // N)       # ceil(K / M) best experts per node
-            node_scores_TN = biased_TNE.topk(per_node, dim=-1).values.sum(-1)
-            keep_TN = torch.zeros(T, N, dtype=torch.bool, device=biased_TE.device)
-            keep_TN.scatter_(1, node_scores_TN.topk(M, dim=-1).indices, True)
-            biased_TE = biased_TNE.masked_fill(~keep_TN.unsqueeze(-1), float("-inf")).view(T, E)
-        if self.topk_groups < G:
-            biased_TGE = biased_TE.view(T, G, E // G)
-            group_scores_TG = biased_TGE.topk(min(2, E // G), dim=-1).values.sum(-1)
-            keep_TG = torch.zeros(T, G, dtype=torch.bool, device=biased_TE.device)
-            keep_TG.scatter_(1, group_scores_TG.topk(self.topk_groups, dim=-1).indices, True)
-            biased_TE = biased_TGE.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
+        if M < N:  # a node scores its ceil(K / M) best experts
+            biased_TE = _keep_best_blocks(biased_TE, N, min(-(-self.top_k // M), E // N), M)
+        if self.topk_groups < G:  # a group scores its top-2
+            biased_TE = _keep_best_blocks(biased_TE, G, min(2, E // G), self.topk_groups)
         return biased_TE.topk(self.top_k, dim=-1).indices
 
     def _seq_aux_loss(self, topk_idx: torch.Tensor, probs_TE: torch.Tensor, S: int) -> torch.Tensor:
@@ -321,3 +312,15 @@ class Router(nn.Module):
         self.num_tokens_per_expert_since_update.zero_()
         self.global_counts_since_update.zero_()
         return load_E
+
+
+def _keep_best_blocks(scores_TE: torch.Tensor, num_blocks: int, top_n: int, keep: int) -> torch.Tensor:
+    """Split the E experts into ``num_blocks`` equal contiguous blocks (nodes or groups), score a
+    block by the sum of its ``top_n`` best scores, and set every expert outside a token's ``keep``
+    best blocks to ``-inf``."""
+    T, E = scores_TE.shape
+    scores_TBE = scores_TE.view(T, num_blocks, E // num_blocks)
+    block_scores_TB = scores_TBE.topk(top_n, dim=-1).values.sum(-1)
+    keep_TB = torch.zeros(T, num_blocks, dtype=torch.bool, device=scores_TE.device)
+    keep_TB.scatter_(1, block_scores_TB.topk(keep, dim=-1).indices, True)
+    return scores_TBE.masked_fill(~keep_TB.unsqueeze(-1), float("-inf")).view(T, E)
