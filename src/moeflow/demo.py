@@ -243,7 +243,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         history["expert_load"].append(load.sum(0).tolist())
         history["expert_load_per_layer"].append(load.tolist())
         per_layer = load.max(1).values / load.mean(1).clamp(min=1e-9)
-        history["max_over_mean_expert"].append(_max_over_mean(load))
+        history["max_over_mean_expert"].append(float(per_layer.mean()))
         history["max_over_mean_expert_per_layer"].append(per_layer.tolist())
         history["max_over_mean_rank"].append(float((per_rank.max(1).values / per_rank.mean(1)).mean()))
         history["bytes_per_step"].append(sent)
