@@ -122,6 +122,10 @@ class LowLatency:
         self._combine_bufs: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
         self._exchanges: dict[tuple, object] = {}
 
+    def _trim(self, device: torch.device) -> bool:
+        """Touch only the used pairs: where the host is the device, reading a count costs no sync."""
+        return device.type == "cpu" and self.trim_on_cpu
+
     def _next(self, key: tuple, make: Callable[[], object], pool: dict) -> object:
         sets = pool.setdefault(key, [])
         turn = self._turn.get((id(pool), key), 0)
@@ -240,7 +244,7 @@ class LowLatency:
         layout_range = torch.empty(L, R, dtype=torch.int64, device=device)
         recv_pair_slot = torch.empty(R * T, K, dtype=torch.int64, device=device)
         handle = LowLatencyHandle(slots.src_info, layout_range, T, H, E, N, slot_token, token_slot, recv_pair_slot)
-        trim = device.type == "cpu" and self.trim_on_cpu
+        trim = self._trim(device)
 
         def receive() -> None:
             rrows = slots.recv
@@ -352,7 +356,7 @@ class LowLatency:
         # fused gather-multiply-add (embedding_bag over one bag per row), rounded once to x.dtype.
         pair_slot = handle.recv_pair_slot                                         # [R*T, K]
         ok = pair_slot < LRT
-        if device.type == "cpu" and self.trim_on_cpu:
+        if self._trim(device):
             # Host = device: the used pairs only (row-major, so each row's pairs are one bag).
             pick = ok.view(-1).nonzero().squeeze(1)                               # [P]
             bags, w_bag = pair_slot.view(-1)[pick], w_recv.view(-1)[pick]
