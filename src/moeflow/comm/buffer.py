@@ -152,8 +152,7 @@ class Buffer:
         if self.group_size == 1:
             return tensor
         self._arrive("all_reduce")
-        work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True)
-        self._watchdog.wait(work, self._watchdog.calls, "all_reduce")
+        self._watchdog.wrap(dist.all_reduce(tensor, op=op, group=self.group, async_op=True)).wait()
         return tensor
 
     # ------------------------------------------------------------------ DeepEP API surface
