@@ -227,3 +227,31 @@ def test_bench_ll_small_run(tmp_path):
     assert row["ll_dispatch_wire_bytes"] == R * (R - 1) * T * (H + 8 + 8 + 8)   # fp8 | scales | ids | src
     assert row["ll_combine_wire_bytes"] == R * (R - 1) * T * (4 * K + 2 * H)   # weights, then one row per slot
     assert row["ll_dispatch_ms"] > 0 and row["raw_dispatch_ms"] > 0 and row["ll_vs_raw"] > 0
+
+
+def _destroy_and_reuse():
+    """``Buffer.destroy()`` frees the kept buffers; every kind of call works after it, with the
+    same results as before (it once raised IndexError on the next low-latency dispatch)."""
+    R, rank = dist.get_world_size(), dist.get_rank()
+    buffer = Buffer(low_latency_mode=True)
+    case = dict(seed=5, N=[6] * R, E=2 * R, K=2, H=128)
+    x, idx, w = _inputs(case, rank)
+    results = []
+    for _ in range(2):
+        # an odd number of low-latency calls before destroy: the next one takes the second set
+        recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, idx, 8, case["E"], use_fp8=False)
+        combined, _, _ = buffer.low_latency_combine(_experts(recv_x, count), idx, w, handle)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, case["E"])
+        rx, *_, h, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                       num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
+        y, _, _ = buffer.combine(rx, h)
+        used = torch.cat([recv_x[e, :n] for e, n in enumerate(count.tolist())])  # the rest is never written
+        results.append((used, count.clone(), combined, y))
+        buffer.destroy()
+    return results
+
+
+def test_destroy_then_every_call_works_again():
+    for rank, (first, second) in enumerate(spawn(_destroy_and_reuse, 2, timeout_s=60)):
+        for a, b in zip(first, second):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"rank {rank}"

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from moeflow import spawn
 from moeflow.balance import Placement
 from moeflow.balance.replicas import check_phy2log, plan_migration, replica_tables, slot_states, spread_over_replicas
+from moeflow.comm import ProcessGroupTransport
 from moeflow.comm.rows import exchange_rows
 from moeflow.layer import MoELayer
 
@@ -138,7 +139,7 @@ def _rank_exchange_rows():
                torch.arange(5, dtype=torch.int64) + 1000 * rank]
     send = [torch.tensor([], dtype=torch.int64), torch.tensor([4, 1, 2])] if rank == 0 else \
            [torch.tensor([0]), torch.tensor([], dtype=torch.int64)]
-    recv = exchange_rows(tensors, send, [0, 1] if rank == 0 else [3, 0])
+    recv = exchange_rows(ProcessGroupTransport(), tensors, send, [0, 1] if rank == 0 else [3, 0])
     return [[t.clone() for t in r] for r in recv]
 
 

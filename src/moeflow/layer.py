@@ -598,8 +598,8 @@ class MoELayer(nn.Module):
         device = tensors[0].device
         recvs = []
         if migration.moves:  # the same count on every rank: all join the collective or none does
-            recvs = exchange_rows(tensors, migration.send_slots, [r.numel() for r in migration.recv_slots],
-                                  self.buffer.group)
+            recvs = exchange_rows(self.buffer.transport, tensors, migration.send_slots,
+                                  [r.numel() for r in migration.recv_slots])
         keep = (migration.local_src >= 0).nonzero().flatten()
         keep_from = migration.local_src[keep].to(device)
         keep = keep.to(device)

@@ -1,9 +1,8 @@
 """Who goes where: pure tensor math on routing decisions, no communication.
 
-Shape letters:
-    N  tokens on this rank            K  top-k (experts chosen per token)
-    E  experts in the group           L  experts per rank (E / R)
-    R  ranks in the group             S  rows this rank sends (one per token-rank pair)
+Shape letters (the package legend, docs/architecture.md): T tokens on this rank, K top-k,
+E experts the ids range over (a layer's physical slots when it dispatches over replicas),
+L = E / R experts per rank, R ranks in the group, N nodes.
 
 Experts are split evenly and contiguously over ranks: expert ``e`` lives on rank ``e // L`` as
 local expert ``e % L``. ``-1`` in ``topk_idx`` means "no expert" and is ignored everywhere.
@@ -13,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dispatch_layout", "send_order", "local_topk", "rank_in_expert", "align_up", "smallest_int_dtype",
-           "wide_rows"]
+__all__ = ["dispatch_layout", "is_token_in_rank", "is_token_in_node", "num_tokens_per_node", "local_topk", "rank_in_expert",
+           "align_up", "smallest_int_dtype", "itemsize", "wide_rows"]
 
 
 def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
@@ -22,7 +21,7 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     """Count what each rank and expert receives from this rank.
 
     Args:
-        topk_idx: ``[N, K]`` int64, expert ids in ``[-1, num_experts)``; validated by the caller.
+        topk_idx: ``[T, K]`` int64, expert ids in ``[-1, num_experts)``; validated by the caller.
         num_experts: E, divisible by ``num_ranks``.
         num_ranks: R.
 
@@ -30,37 +29,45 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         num_tokens_per_rank: ``[R]`` int32, tokens sent to each rank (a token counts once per rank
             however many of its experts live there).
         num_tokens_per_expert: ``[E]`` int32, token-expert pairs per expert.
-        is_token_in_rank: ``[N, R]`` bool.
+        is_token_in_rank: ``[T, R]`` bool.
     """
-    N = topk_idx.size(0)
-    L = num_experts // num_ranks
-    valid = topk_idx >= 0
-    # Invalid entries go to an extra column R (resp. bin E) that is dropped afterwards, so that
-    # one scatter / one bincount does the work with no boolean indexing (no host sync on CUDA).
-    rank_idx = torch.where(valid, topk_idx // L, num_ranks)
-    hit = torch.zeros(N, num_ranks + 1, dtype=torch.bool, device=topk_idx.device)
-    hit.scatter_(1, rank_idx, True)
-    is_token_in_rank = hit[:, :num_ranks].contiguous()
-    num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
-    expert_idx = torch.where(valid, topk_idx, num_experts).flatten()
+    in_rank = is_token_in_rank(topk_idx, num_experts, num_ranks)
+    num_tokens_per_rank = in_rank.sum(0, dtype=torch.int32)
+    # -1 entries go to an extra bin E, dropped afterwards: one bincount, no boolean indexing
+    expert_idx = torch.where(topk_idx >= 0, topk_idx, num_experts).flatten()
     num_tokens_per_expert = torch.bincount(expert_idx, minlength=num_experts + 1)[:num_experts].to(torch.int32)
-    return num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank
+    return num_tokens_per_rank, num_tokens_per_expert, in_rank
 
 
-def send_order(is_token_in_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows this rank sends, grouped by destination rank, token order kept inside a group.
+def is_token_in_rank(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
+    """``[T, R]`` bool: whether each token has an expert on each rank. No host sync.
 
     Args:
-        is_token_in_rank: ``[N, R]`` bool.
-
-    Returns:
-        send_token_idx: ``[S]`` int64, the token each sent row carries.
-        send_rank_idx: ``[S]`` int64, the rank each row goes to (non-decreasing).
+        topk_idx: ``[T, K]`` int (any width), ids in ``[-1, num_experts)``; ``num_experts``: E;
+            ``num_ranks``: R, divides E.
     """
-    # nonzero over the [R, N] transpose enumerates (rank, token) pairs rank-major, which is
-    # exactly the wire order. Host sync on CUDA: the row count S sizes the send buffer.
-    pairs = is_token_in_rank.t().nonzero()
-    return pairs[:, 1].contiguous(), pairs[:, 0].contiguous()
+    T = topk_idx.size(0)
+    # -1 entries go to an extra column R, dropped afterwards: one scatter, no boolean indexing
+    rank_idx = torch.where(topk_idx >= 0, topk_idx // (num_experts // num_ranks), num_ranks).long()
+    hit = torch.zeros(T, num_ranks + 1, dtype=torch.bool, device=topk_idx.device)
+    hit.scatter_(1, rank_idx, True)
+    return hit[:, :num_ranks].contiguous()
+
+
+def num_tokens_per_node(is_token_in_rank: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``[N]`` int32: tokens reaching at least one rank of each node (DeepEP's
+    ``num_tokens_per_rdma_rank``); rank ``r`` lives on node ``r // (R / N)``.
+
+    Args:
+        is_token_in_rank: ``[T, R]`` bool. num_nodes: N, divides R.
+    """
+    return is_token_in_node(is_token_in_rank, num_nodes).sum(0, dtype=torch.int32)
+
+
+def is_token_in_node(is_token_in_rank: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``[T, N]`` bool: whether each token reaches a rank of each node."""
+    T, R = is_token_in_rank.shape
+    return is_token_in_rank.view(T, num_nodes, R // num_nodes).any(2)
 
 
 def local_topk(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, dst_rank: torch.Tensor,
@@ -68,15 +75,15 @@ def local_topk(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, dst_ra
     """Translate global expert ids into the destination rank's local ids.
 
     Args:
-        topk_idx: ``[S, K]`` int64 global expert ids (``-1`` = none), one row per sent row.
-        topk_weights: ``[S, K]`` float32 or None.
-        dst_rank: ``[S]`` int64, the rank each row goes to.
+        topk_idx: ``[rows, K]`` int64 global expert ids (``-1`` = none), one row per sent row.
+        topk_weights: ``[rows, K]`` float32 or None.
+        dst_rank: ``[rows]`` int64, the rank each row goes to.
         num_local_experts: L.
 
     Returns:
-        local_idx: ``[S, K]`` int64, ids in ``[0, L)`` where the expert lives on ``dst_rank``,
+        local_idx: ``[rows, K]`` int64, ids in ``[0, L)`` where the expert lives on ``dst_rank``,
             else ``-1``.
-        local_weights: ``[S, K]`` float32 with 0 where ``local_idx`` is ``-1`` (None if no weights).
+        local_weights: ``[rows, K]`` float32 with 0 where ``local_idx`` is ``-1`` (None if no weights).
     """
     local = topk_idx - dst_rank.unsqueeze(1) * num_local_experts
     mine = (topk_idx >= 0) & (local >= 0) & (local < num_local_experts)
@@ -91,12 +98,12 @@ def rank_in_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Each pair's 0-based position among the pairs of its expert, in the given order.
 
     Args:
-        expert_ids: ``[P]`` int64 in ``[-1, num_experts)`` (e.g. a flattened ``topk_idx``: token
+        expert_ids: ``[T * K]`` int64 in ``[-1, num_experts)`` (e.g. a flattened ``topk_idx``: token
             order, then k order); ``-1`` pairs are numbered among themselves.
         num_experts: E.
 
     Returns:
-        ``[P]`` int64. One stable sort and a count, on device: no host sync.
+        ``[T * K]`` int64. One stable sort and a count, on device: no host sync.
     """
     key = torch.where(expert_ids >= 0, expert_ids, num_experts)             # "-1" as its own group
     order = torch.argsort(key, stable=True)                                  # pairs grouped by expert
@@ -121,6 +128,11 @@ def smallest_int_dtype(max_value: int) -> torch.dtype:
     return torch.int64
 
 
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes of one element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def wide_rows(t: torch.Tensor) -> torch.Tensor:
     """View a row-contiguous 2-D tensor with the widest integer type its row width allows.
 
@@ -129,7 +141,7 @@ def wide_rows(t: torch.Tensor) -> torch.Tensor:
     """
     nbytes = t.size(1) * t.element_size()
     for dtype in (torch.int64, torch.int32, torch.int16):
-        size = torch.empty((), dtype=dtype).element_size()
+        size = itemsize(dtype)
         if nbytes % size == 0 and (t.stride(0) * t.element_size()) % size == 0 \
                 and (t.storage_offset() * t.element_size()) % size == 0:
             return t.view(torch.uint8).view(dtype) if t.element_size() != size else t.view(dtype)

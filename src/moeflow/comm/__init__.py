@@ -1,10 +1,11 @@
-"""Communication layer: the Buffer (dispatch / combine) and the transports under it."""
+"""Communication layer: the Buffer (DeepEP's dispatch / combine), the route it plans, and the
+Transport every ``torch.distributed`` call of moeflow goes through (docs/architecture.md)."""
 
 from .buffer import Buffer, DispatchHandle
 from .health import PeerFailureError
-from .hierarchical import NodeRoute
 from .low_latency import LowLatencyHandle
-from .transport import ByteCounters, EventOverlap, FlatTransport
+from .plan import Hop, Plan
+from .transport import ByteCounters, EventOverlap, ProcessGroupTransport, Transport
 
-__all__ = ["Buffer", "DispatchHandle", "EventOverlap", "ByteCounters", "FlatTransport", "LowLatencyHandle",
-           "NodeRoute", "PeerFailureError"]
+__all__ = ["Buffer", "DispatchHandle", "EventOverlap", "ByteCounters", "LowLatencyHandle", "Hop", "Plan",
+           "PeerFailureError", "Transport", "ProcessGroupTransport"]

@@ -1,73 +1,110 @@
-"""Argument checks shared by the Buffer's calls.
+"""Argument checks of the Buffer's calls, normal and low-latency: one home for every message.
 
 Every message names the call, the argument, the rank and the bad value, so that on a run with
-hundreds of ranks the one log line says where to look.
+hundreds of ranks the one log line says where to look. ``TypeError`` for a wrong type or dtype,
+``ValueError`` for a wrong shape or value.
+
+Shape letters (docs/architecture.md): T tokens on this rank, H hidden, K top-k, E experts, R ranks.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..quant import FP8_BLOCK
 
+__all__ = ["ArgChecker", "DispatchArgs", "FLOAT_DTYPES", "resolve_ranks_per_node", "describe"]
+
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float8_e4m3fn: 4}
 CODE_DTYPE = {v: k for k, v in DTYPE_CODE.items()}
+SIGNATURE = ("hidden", "dtype", "num_experts", "num_topk", "has topk_idx", "has topk_weights")
+
+
+@dataclass(frozen=True)
+class DispatchArgs:
+    """A fresh dispatch's checked input.
+
+    Attributes:
+        x: ``[T, H]`` payload (FP8 rows for an FP8 tuple), contiguous. scales: ``[T, H / 128]``
+        float32 or None. num_experts: E (0 without ``topk_idx``). signature: what every rank
+        must agree on, in :data:`SIGNATURE` order.
+    """
+
+    x: torch.Tensor
+    scales: Optional[torch.Tensor]
+    num_experts: int
+    signature: tuple[int, ...]
+
+
+def describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {list(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
 
 
 class ArgChecker:
-    """Raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or value)."""
+    """Checks for one rank of a group of ``num_ranks``; ``where`` names the Buffer call."""
 
     def __init__(self, rank: int, num_ranks: int):
         self.rank = rank
         self.num_ranks = num_ranks
 
-    def x(self, where: str, x) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.dtype]:
+    def fail(self, where: str, name: str, msg: str, exc: type = ValueError):
+        raise exc(f"Buffer.{where}: `{name}` on rank {self.rank} {msg}")
+
+    def x(self, where: str, x) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``x`` or the FP8 tuple -> ``(payload [T, H], scales [T, H / 128] or None)``, contiguous."""
         if isinstance(x, tuple):
             if len(x) != 2 or not all(isinstance(t, torch.Tensor) for t in x):
                 raise TypeError(f"Buffer.{where}: `x` on rank {self.rank}: an FP8 tuple must be "
-                                f"(float8_e4m3fn [N, H], float32 [N, H/128]), got {len(x)} items")
+                                f"(float8_e4m3fn [T, H], float32 [T, H/128]), got {len(x)} items")
             x_fp8, scales = x
             self.tensor(where, "x[0]", x_fp8, torch.float8_e4m3fn, (None, None))
-            N, H = x_fp8.shape
+            T, H = x_fp8.shape
             if H % FP8_BLOCK:
                 raise ValueError(f"Buffer.{where}: `x` on rank {self.rank}: FP8 hidden size {H} is not a "
                                  f"multiple of {FP8_BLOCK}")
-            self.tensor(where, "x[1]", scales, torch.float32, (N, H // FP8_BLOCK))
-            return x_fp8.contiguous(), scales.contiguous(), torch.float8_e4m3fn
+            self.tensor(where, "x[1]", scales, torch.float32, (T, H // FP8_BLOCK))
+            return x_fp8.contiguous(), scales.contiguous()
         self.tensor(where, "x", x, FLOAT_DTYPES, (None, None))
-        return x.contiguous(), None, x.dtype
+        return x.contiguous(), None
 
     def tensor(self, where: str, name: str, t, dtype, shape: tuple) -> None:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"Buffer.{where}: `{name}` on rank {self.rank} must be a tensor, got {type(t).__name__}")
+            self.fail(where, name, f"must be a tensor, got {type(t).__name__}", TypeError)
         if dtype is not None:
             allowed = dtype if isinstance(dtype, tuple) else (dtype,)
             if t.dtype not in allowed:
                 names = " or ".join(str(d).replace("torch.", "") for d in allowed)
-                raise TypeError(f"Buffer.{where}: `{name}` on rank {self.rank} must be {names}, got {t.dtype}")
+                self.fail(where, name, f"must be {names}, got {t.dtype}", TypeError)
         if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-            raise ValueError(f"Buffer.{where}: `{name}` on rank {self.rank} must have shape {want}, "
-                             f"got {list(t.shape)}")
+            self.fail(where, name, f"must have shape {want}, got {list(t.shape)}")
+
+    def positive_int(self, where: str, name: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.fail(where, name, f"must be a positive int, got {value!r}")
 
     def num_experts(self, where: str, num_experts) -> None:
-        if not isinstance(num_experts, int) or num_experts < 1 or num_experts % self.num_ranks:
-            raise ValueError(f"Buffer.{where}: `num_experts` on rank {self.rank} must be a positive multiple "
-                             f"of the group size {self.num_ranks}, got {num_experts!r}")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1 \
+                or num_experts % self.num_ranks:
+            self.fail(where, "num_experts", f"must be a positive multiple of the group size {self.num_ranks}, "
+                                            f"got {num_experts!r}")
 
-    def topk_idx(self, where: str, topk_idx, num_tokens: Optional[int], num_experts: int) -> None:
+    def topk_idx(self, where: str, topk_idx, num_tokens: Optional[int], num_experts: int,
+                 values: bool = True) -> None:
+        """Shape and dtype; with ``values`` the ids too (one host sync)."""
         self.tensor(where, "topk_idx", topk_idx, torch.int64, (num_tokens, None))
-        if topk_idx.numel():
+        if values and topk_idx.numel():
             # Host sync (one, for both bounds): out-of-range ids would silently corrupt the layout.
-            lo, hi = torch.aminmax(topk_idx)
-            lo, hi = int(lo), int(hi)
+            lo, hi = (int(v) for v in torch.aminmax(topk_idx))
             if lo < -1 or hi >= num_experts:
-                bad = lo if lo < -1 else hi
-                raise ValueError(f"Buffer.{where}: `topk_idx` on rank {self.rank} must lie in "
-                                 f"[-1, {num_experts}), found {bad}")
+                self.fail(where, "topk_idx", f"must lie in [-1, {num_experts}), found {lo if lo < -1 else hi}")
 
     def finite(self, where: str, name: str, t: torch.Tensor) -> None:
         """Raise naming the first row of ``t`` holding NaN or Inf (``Buffer(check_finite=True)``)."""
@@ -80,13 +117,93 @@ class ArgChecker:
             row = int(bad_rows[0])
             shown = values[row].reshape(-1)
             value = shown[~torch.isfinite(shown)][0].item()
-            raise ValueError(f"Buffer.{where}: `{name}` on rank {self.rank} holds a non-finite value ({value}) "
-                             f"in row {row} ({bad_rows.numel()} bad rows of {t.size(0)}); "
-                             "check_finite=True was set on the Buffer")
+            self.fail(where, name, f"holds a non-finite value ({value}) in row {row} ({bad_rows.numel()} bad rows "
+                                   f"of {t.size(0)}); check_finite=True was set on the Buffer")
+
+    def dispatch(self, x, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                 expert_alignment, check_finite: bool) -> DispatchArgs:
+        """Everything a fresh dispatch checks on this rank before the count exchange."""
+        where = "dispatch"
+        self.positive_int(where, "expert_alignment", expert_alignment)
+        payload, scales = self.x(where, x)
+        if check_finite:
+            self.finite(where, "x" if scales is None else "x[0]", payload)
+            if scales is not None:
+                self.finite(where, "x[1]", scales)
+        T, H = payload.shape
+        if is_token_in_rank is None:
+            self.fail(where, "is_token_in_rank", "is required for a fresh dispatch (from get_dispatch_layout), "
+                                                 "or pass `handle`")
+        self.tensor(where, "is_token_in_rank", is_token_in_rank, torch.bool, (T, self.num_ranks))
+        if num_tokens_per_rank is not None:
+            self.tensor(where, "num_tokens_per_rank", num_tokens_per_rank, None, (self.num_ranks,))
+        if topk_weights is not None and topk_idx is None:
+            self.fail(where, "topk_weights", "given without `topk_idx`")
+        E = 0
+        if topk_idx is not None:
+            if num_tokens_per_expert is None:
+                self.fail(where, "num_tokens_per_expert", "is required with `topk_idx` (from get_dispatch_layout)")
+            if not isinstance(num_tokens_per_expert, torch.Tensor) or num_tokens_per_expert.dim() != 1:
+                self.fail(where, "num_tokens_per_expert", f"must be a 1-D tensor [num_experts], got "
+                                                          f"{describe(num_tokens_per_expert)}", TypeError)
+            E = num_tokens_per_expert.numel()
+            self.num_experts(where, E)
+            self.topk_idx(where, topk_idx, T, E)
+            if topk_weights is not None:
+                self.tensor(where, "topk_weights", topk_weights, torch.float32, tuple(topk_idx.shape))
+                if check_finite:
+                    self.finite(where, "topk_weights", topk_weights)
+        K = topk_idx.size(1) if topk_idx is not None else 0
+        dtype = torch.float8_e4m3fn if scales is not None else payload.dtype
+        signature = (H, DTYPE_CODE[dtype], E, K, int(topk_idx is not None), int(topk_weights is not None))
+        return DispatchArgs(payload, scales, E, signature)
+
+    def handle(self, where: str, handle, cls: type) -> None:
+        if not isinstance(handle, cls):
+            self.fail(where, "handle", f"must be a {cls.__name__} returned by dispatch, got {type(handle).__name__}",
+                      TypeError)
+
+    def cached_dispatch(self, x, num_tokens: int, hidden: int, topk_idx, topk_weights,
+                        check_finite: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A cached dispatch's ``x`` (``[T, H]`` of the handle) -> ``(payload, scales or None)``."""
+        where = "dispatch"
+        if topk_idx is not None or topk_weights is not None:
+            raise ValueError(f"Buffer.dispatch: rank {self.rank}: a cached dispatch (with `handle`) "
+                             "takes no `topk_idx`/`topk_weights`; the handle fixes the layout")
+        payload, scales = self.x(where, x)
+        if check_finite:
+            self.finite(where, "x" if scales is None else "x[0]", payload)
+            if scales is not None:
+                self.finite(where, "x[1]", scales)
+        if tuple(payload.shape) != (num_tokens, hidden):
+            self.fail(where, "x", f"has shape {tuple(payload.shape)} but the handle was made for [{num_tokens}, {hidden}]")
+        return payload, scales
+
+    def combine(self, x, num_recv: int, num_tokens: int, hidden: int, topk_weights, bias, check_finite: bool) -> tuple:
+        """A combine's arguments (``x`` ``[M, H]``, ``topk_weights`` ``[M, K]``, up to two
+        ``[T, H]`` biases) -> the biases as a tuple."""
+        where = "combine"
+        if isinstance(x, tuple):
+            self.fail(where, "x", "must be a bf16/fp16/fp32 tensor; FP8 tuples are dispatch-only", TypeError)
+        self.tensor(where, "x", x, FLOAT_DTYPES, (num_recv, None))
+        if x.size(1) != hidden:
+            self.fail(where, "x", f"has hidden {x.size(1)} but the handle's dispatch had hidden {hidden}")
+        if topk_weights is not None:
+            self.tensor(where, "topk_weights", topk_weights, torch.float32, (num_recv, None))
+        if check_finite:
+            self.finite(where, "x", x)
+            if topk_weights is not None:
+                self.finite(where, "topk_weights", topk_weights)
+        biases = () if bias is None else (bias if isinstance(bias, tuple) else (bias,))
+        if len(biases) > 2:
+            self.fail(where, "bias", f"takes at most 2 tensors, got {len(biases)}")
+        for i, b in enumerate(biases):
+            self.tensor(where, f"bias[{i}]", b, FLOAT_DTYPES, (num_tokens, hidden))
+        return biases
 
     def signatures(self, sigs: torch.Tensor) -> None:
-        names = ("hidden", "dtype", "num_experts", "num_topk", "has topk_idx", "has topk_weights")
-        for col, name in enumerate(names):
+        """``sigs`` ``[R, len(SIGNATURE)]``, every rank's: raise on every rank if they differ."""
+        for col, name in enumerate(SIGNATURE):
             values = sigs[:, col].tolist()
             if len(set(values)) > 1:
                 if name == "dtype":
@@ -94,3 +211,20 @@ class ArgChecker:
                 shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
                 raise ValueError(f"Buffer.dispatch: ranks disagree on {name} ({shown}); every rank of "
                                  "the group must dispatch the same kind of tensor")
+
+
+def resolve_ranks_per_node(ranks_per_node, rank: int, num_ranks: int) -> int:
+    """Ranks per node from the argument, else env ``LOCAL_WORLD_SIZE`` (capped at the group
+    size), else R (one node); checked to divide R."""
+    if ranks_per_node is None:
+        env = os.environ.get("LOCAL_WORLD_SIZE", "")
+        if not env.isdigit() or int(env) < 1:
+            return num_ranks
+        ranks_per_node, source = min(int(env), num_ranks), "env LOCAL_WORLD_SIZE"
+    else:
+        source = "`ranks_per_node`"
+    if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1 \
+            or num_ranks % ranks_per_node:
+        raise ValueError(f"moeflow.Buffer: {source} on rank {rank} must be a positive int dividing the "
+                         f"group size {num_ranks}, got {ranks_per_node!r}")
+    return ranks_per_node

@@ -1,15 +1,24 @@
-"""CUDA symmetric-memory exchange for the low-latency dispatch: send only the used slots, with
-the split sizes living on the device, so the host never learns a count.
+"""``SymmMemTransport``: the process-group transport plus torch's NVSHMEM symmetric memory for the
+low-latency slot exchange, which then moves only the used slots with their counts kept on the
+device (no host sync; capturable in a CUDA graph).
 
-NOT YET RUN ON A GPU: written from torch's documented API (torch 2.13,
-``torch/distributed/_symmetric_memory/__init__.py`` and ``symm_mem/nvshmem_extension.hpp``:
-``all_to_all_vdev(input, out, in_splits [R], out_splits_offsets [2, R], group_name)``, splits in
-elements of the 1-D ``input``, ``out_splits_offsets`` filled with the received splits and their
-exclusive-scan offsets). Nothing on the CPU path imports this module: :func:`symm_mem_exchange`
-is called only for CUDA tensors, and the low-latency dispatch falls back to the equal-split
-``all_to_all_single`` (NCCL) whenever it returns None.
+Written from torch's documented API (torch 2.13 ``torch.distributed._symmetric_memory``:
+``empty``, ``rendezvous``, ``set_backend``/``get_backend``, ``is_nvshmem_available``; and
+``torch.ops.symm_mem.all_to_all_vdev(input, out, in_splits [R], out_splits_offsets [2, R],
+group_name)``, splits in elements of the 1-D ``input``, ``out_splits_offsets`` filled with the
+received splits and their exclusive-scan offsets). ``tests/test_gpu.py`` checks it against the
+process-group exchange; ``scripts/gpu_check.sh`` runs that on a GPU machine.
 
-Shape letters: R ranks, T slots per (source, destination) pair, Wq int64 words per slot row.
+Two buffer sets per shape, used in turn. ``all_to_all_vdev`` pulls from the peers' inputs and
+writes the peers' split tables before its barrier, so a rank one call ahead would overwrite what
+a slower peer is still reading; with two sets, the barrier inside call k + 1 guarantees every
+peer finished call k before any rank touches that set again (call k + 2).
+
+Nothing on the CPU path imports torch's CUDA code: :func:`symm_mem_available` is cheap and
+False without CUDA.
+
+Shape letters (docs/architecture.md): R ranks; C slots per (source, destination) pair; a slot
+row is ``Wq`` int64 words.
 """
 
 from __future__ import annotations
@@ -19,81 +28,100 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["SymmMemSlotExchange", "symm_mem_exchange"]
+from .transport import ProcessGroupTransport
+
+__all__ = ["SymmMemTransport", "symm_mem_available"]
 
 
-def symm_mem_exchange(group: Optional[dist.ProcessGroup], device: torch.device, num_slots: int,
-                      row_words: int) -> Optional["SymmMemSlotExchange"]:
-    """A :class:`SymmMemSlotExchange` when ``device`` is CUDA and torch has NVSHMEM symmetric
-    memory with ``all_to_all_vdev``; else None (the caller keeps its collective)."""
-    if device.type != "cuda":
-        return None
+def symm_mem_available(group: Optional[dist.ProcessGroup]) -> bool:
+    """True when ``group`` runs NCCL on CUDA and this torch has NVSHMEM symmetric memory with
+    ``all_to_all_vdev`` (and the process has not chosen another symmetric-memory backend)."""
+    if not torch.cuda.is_available() or "nccl" not in str(dist.get_backend(group)).lower():
+        return False
     try:
         import torch.distributed._symmetric_memory as symm_mem
     except ImportError:
-        return None
+        return False
     if not hasattr(torch.ops, "symm_mem") or not hasattr(torch.ops.symm_mem, "all_to_all_vdev"):
-        return None
+        return False
     if not getattr(symm_mem, "is_nvshmem_available", lambda: False)():
-        return None
-    if symm_mem.get_backend(device) not in (None, "NVSHMEM"):
-        return None  # the process chose another symmetric-memory backend; leave it alone
-    return SymmMemSlotExchange(group, device, num_slots, row_words)
+        return False
+    return symm_mem.get_backend(torch.device("cuda", torch.cuda.current_device())) in (None, "NVSHMEM")
 
 
-class SymmMemSlotExchange:
-    """Moves ``[R * T, W]`` slot rows, only the first ``n_d`` of destination ``d``'s T slots.
+class _SymmBuffers:
+    """Symmetric buffers (same size on every rank) for ``R * C`` slot rows of ``Wq`` words."""
 
-    Buffers are symmetric (same size on every rank) and made once: a packed send buffer, a
-    receive buffer of the static worst case ``R * T`` rows, and the device-side splits.
-    """
-
-    def __init__(self, group: Optional[dist.ProcessGroup], device: torch.device, num_slots: int,
-                 row_words: int):
+    def __init__(self, group_name: str, R: int, C: int, Wq: int, device: torch.device):
         import torch.distributed._symmetric_memory as symm_mem
 
-        if symm_mem.get_backend(device) is None:
-            symm_mem.set_backend("NVSHMEM")
-        self.group = group or dist.group.WORLD
-        self.group_name = self.group.group_name
-        self.R = dist.get_world_size(group)
-        self.T, self.Wq = num_slots, row_words
-        n = self.R * self.T * self.Wq
+        n = R * C * Wq
         self.inp = symm_mem.empty(n, dtype=torch.int64, device=device)
         self.out = symm_mem.empty(n, dtype=torch.int64, device=device)
-        self.in_splits = symm_mem.empty(self.R, dtype=torch.int64, device=device)
-        self.out_splits_offsets = symm_mem.empty((2, self.R), dtype=torch.int64, device=device)
+        self.in_splits = symm_mem.empty(R, dtype=torch.int64, device=device)
+        self.out_splits_offsets = symm_mem.empty((2, R), dtype=torch.int64, device=device)
         for t in (self.inp, self.out, self.in_splits, self.out_splits_offsets):
-            symm_mem.rendezvous(t, self.group_name)  # collective: once, when the buffers are made
+            symm_mem.rendezvous(t, group_name)  # collective: once, when the buffers are made
 
-    def exchange(self, send_slots: torch.Tensor, num_valid_per_rank: torch.Tensor,
-                 recv_slots: torch.Tensor) -> torch.Tensor:
-        """Send the valid slot rows, receive into the slot layout.
 
-        Args:
-            send_slots: ``[R * T, Wq]`` int64, destination ``d``'s rows at ``d * T``, valid first.
-            num_valid_per_rank: ``[R]`` int64 on the device, valid rows per destination.
-            recv_slots: ``[R * T, Wq]`` int64, filled at ``s * T + j`` for source ``s``.
+class SymmMemTransport(ProcessGroupTransport):
+    """:class:`~moeflow.comm.transport.ProcessGroupTransport` whose :meth:`exchange_slots`, for CUDA
+    slots with device-side counts, moves only the used slots through NVSHMEM symmetric memory."""
 
-        Returns:
-            ``[R * T]`` bool on the device: which received slots hold a row.
-        """
-        R, T, Wq = self.R, self.T, self.Wq
-        dev = send_slots.device
-        i = torch.arange(R * T, device=dev)
-        # Pack: row i of the packed buffer is slot (d, i - start[d]) of the destination d it falls in.
-        end = torch.cumsum(num_valid_per_rank, 0)
-        start = end - num_valid_per_rank
-        d = torch.bucketize(i, end, right=True).clamp(max=R - 1)
-        src = (d * T + (i - start[d])).clamp(0, R * T - 1)
-        torch.index_select(send_slots, 0, src, out=self.inp.view(R * T, Wq))
-        self.in_splits.copy_(num_valid_per_rank * Wq)
-        # The exchange: splits and offsets stay on the device (no host sync, capturable).
-        torch.ops.symm_mem.all_to_all_vdev(self.inp, self.out, self.in_splits, self.out_splits_offsets,
-                                           self.group_name)
-        splits, offsets = self.out_splits_offsets[0] // Wq, self.out_splits_offsets[1] // Wq
-        s, j = i // T, i % T
-        valid = j < splits[s]
-        rows = (offsets[s] + j).clamp(0, R * T - 1)
-        torch.index_select(self.out.view(R * T, Wq), 0, rows, out=recv_slots)
-        return valid
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, **kwargs):
+        super().__init__(group, **kwargs)
+        import torch.distributed._symmetric_memory as symm_mem
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        if symm_mem.get_backend(device) is None:
+            symm_mem.set_backend("NVSHMEM")
+        self.group_name = (group or dist.group.WORLD).group_name
+        self._buffers: dict[tuple, list] = {}  # (C, Wq, device) -> [two _SymmBuffers, turn]
+
+    def exchange_slots(self, send: torch.Tensor, recv: torch.Tensor, num_valid_per_rank: Optional[torch.Tensor],
+                       kind: str, *, new_call: bool = True) -> tuple:
+        """See :meth:`Transport.exchange_slots`; ``send``/``recv`` ``[R * C, W]`` with ``W`` a
+        multiple of 8 bytes. Counted at the static size (what the process-group transport moves)."""
+        R = self.num_ranks
+        if num_valid_per_rank is None or send.device.type != "cuda" or (send.size(1) * send.element_size()) % 8:
+            return super().exchange_slots(send, recv, num_valid_per_rank, kind, new_call=new_call)
+        C, Wq = send.size(0) // R, send.size(1) * send.element_size() // 8
+        row = send.size(1) * send.element_size()
+        self.counters.record(kind, [C * row] * R, [C * row] * R, new_call)
+        pair = self._buffers.setdefault((C, Wq, send.device), [None, None, 0])
+        turn = pair[2] % 2
+        pair[2] += 1
+        if pair[turn] is None:
+            pair[turn] = _SymmBuffers(self.group_name, R, C, Wq, send.device)
+        return None, _exchange(pair[turn], send.view(torch.int64).view(R * C, Wq), num_valid_per_rank,
+                               recv.view(torch.int64).view(R * C, Wq), self.group_name)
+
+    def destroy(self) -> None:
+        """Drop the symmetric buffers: their memory goes back to torch's symmetric-memory pool."""
+        self._buffers.clear()
+
+
+def _exchange(buf: _SymmBuffers, send: torch.Tensor, num_valid_per_rank: torch.Tensor, recv: torch.Tensor,
+              group_name: str) -> torch.Tensor:
+    """Pack the valid rows of ``send`` ``[R * C, Wq]`` int64 (destination ``d``'s at ``d * C``,
+    valid first), exchange, unpack into the slot layout of ``recv``. Returns ``[R * C]`` bool on
+    the device: which received slots hold a row."""
+    RC, Wq = send.shape
+    R = num_valid_per_rank.numel()
+    C = RC // R
+    i = torch.arange(RC, device=send.device)
+    num_valid = num_valid_per_rank.to(torch.int64)
+    # Packed row i is slot (d, i - start[d]) of the destination d it falls in.
+    end = torch.cumsum(num_valid, 0)
+    start = end - num_valid
+    d = torch.bucketize(i, end, right=True).clamp(max=R - 1)
+    src = (d * C + (i - start[d])).clamp(0, RC - 1)
+    torch.index_select(send, 0, src, out=buf.inp.view(RC, Wq))
+    buf.in_splits.copy_(num_valid * Wq)
+    # The exchange: splits and offsets stay on the device (no host sync, capturable).
+    torch.ops.symm_mem.all_to_all_vdev(buf.inp, buf.out, buf.in_splits, buf.out_splits_offsets, group_name)
+    splits, offs = buf.out_splits_offsets[0] // Wq, buf.out_splits_offsets[1] // Wq
+    s, j = i // C, i % C
+    valid = j < splits[s]
+    torch.index_select(buf.out.view(RC, Wq), 0, (offs[s] + j).clamp(0, RC - 1), out=recv)
+    return valid

@@ -1,44 +1,45 @@
-"""Moving chosen rows of several tensors between ranks in one collective (expert weight migration).
+"""Moving chosen rows of several tensors between ranks in one message per peer (expert weight migration).
 
-Shape letters: R ranks; each tensor is ``[S, ...]`` (S rows, e.g. expert slots); n rows sent to
-or received from one rank.
+Shape letters (docs/architecture.md): R ranks; each tensor is ``[S_local, ...]`` (rows, e.g. this
+rank's expert slots).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
-import torch.distributed as dist
+
+from .transport import Transport
 
 __all__ = ["exchange_rows"]
 
 
-def exchange_rows(tensors: Sequence[torch.Tensor], send_rows: Sequence[torch.Tensor],
-                  num_recv_rows: Sequence[int], group: Optional[dist.ProcessGroup] = None) -> list[list[torch.Tensor]]:
+def exchange_rows(transport: Transport, tensors: Sequence[torch.Tensor], send_rows: Sequence[torch.Tensor],
+                  num_recv_rows: Sequence[int], kind: str = "migration") -> list[list[torch.Tensor]]:
     """Send rows ``send_rows[d]`` of every tensor to rank d; receive the rows the others send.
 
-    Everything travels as bytes in one ``all_to_all_single`` with uneven splits: per destination,
-    one flat block holding tensor 0's rows, then tensor 1's, ... (so tensors of different dtypes
-    share the message). Every rank of ``group`` must call it, with matching counts
-    (``num_recv_rows[s]`` on rank d = ``send_rows[d].numel()`` on rank s) and tensors of the
-    same row shapes and dtypes in the same order.
+    Everything travels as bytes in one ``all_to_all_single`` with uneven splits through
+    ``transport`` (watched: a lost peer is named; counted under ``kind``): per destination, one
+    flat block holding tensor 0's rows, then tensor 1's, ... (so tensors of different dtypes share
+    the message). Every rank of the group must call it, with matching counts
+    (``num_recv_rows[s]`` on rank d = ``send_rows[d].numel()`` on rank s) and tensors of the same
+    row shapes and dtypes in the same order.
 
     Args:
-        tensors: ``[S, ...]`` tensors on one device (rows may differ in shape and dtype between
-            tensors).
+        transport: the group's :class:`~moeflow.comm.transport.Transport`.
+        tensors: ``[S_local, ...]`` tensors on one device (rows may differ in shape and dtype).
         send_rows: R int64 tensors, the rows to send to each rank (empty for this rank).
         num_recv_rows: R ints, the rows arriving from each rank.
-        group: the process group (None = the world).
 
     Returns:
         ``recv[s][j]``: ``[num_recv_rows[s], ...]`` rows of tensor j from rank s, in the order
         rank s listed them.
     """
-    R = dist.get_world_size(group)
+    R = transport.num_ranks
     if len(send_rows) != R or len(num_recv_rows) != R:
         raise ValueError(f"exchange_rows: `send_rows` and `num_recv_rows` must hold one entry per rank ({R}), "
-                         f"got {len(send_rows)} and {len(num_recv_rows)}")
+                         f"got {len(send_rows)} and {len(num_recv_rows)} (rank {transport.rank})")
     device = tensors[0].device
     row_bytes = [t[0].numel() * t.element_size() for t in tensors]
     width = sum(row_bytes)
@@ -48,8 +49,9 @@ def exchange_rows(tensors: Sequence[torch.Tensor], send_rows: Sequence[torch.Ten
     in_splits = [rows.numel() * width for rows in send_rows]
     out_splits = [n * width for n in num_recv_rows]
     recv_buf = torch.empty(sum(out_splits), dtype=torch.uint8, device=device)
+    transport.arrive(kind)
     # one collective for every row of every tensor (sizes known on both sides: no count exchange)
-    dist.all_to_all_single(recv_buf, send_buf, out_splits, in_splits, group=group)
+    transport.all_to_all(recv_buf, send_buf, out_splits, in_splits, kind=kind, host=True)
     out = []
     for n, chunk in zip(num_recv_rows, recv_buf.split(out_splits)):
         parts = chunk.split([n * b for b in row_bytes])

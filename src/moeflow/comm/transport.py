@@ -1,27 +1,43 @@
-"""How bytes move between ranks, and how many moved.
+"""The Transport: the one place where moeflow calls ``torch.distributed``, watched and counted.
 
-The Buffer packs everything it sends into byte tensors (``uint8``, rows of a fixed width) and
-hands them here. Sending bytes rather than typed tensors keeps one code path for every dtype,
-FP8 included (Gloo has no FP8 type), and lets metadata ride in the same message as the payload.
+Every collective and point-to-point message of the library goes through a :class:`Transport`:
+the Buffer's count exchange and row moves, the low-latency slot exchange, the layer's small
+all-reduces, the Router's load sums and expert-weight migration. Each one is
 
-Shape letters: R ranks, P ranks per node; rows and widths are in the caller's units (one row
-per token copy).
+* **watched**: waited on with the :class:`~moeflow.comm.health.Watchdog`'s timeout, so a dead or
+  stuck peer becomes a :class:`~moeflow.comm.health.PeerFailureError` naming it instead of a
+  hang. On CUDA only the waits whose result the host reads anyway (count exchange, all-reduce)
+  block the host: ``Work.wait(timeout)`` on NCCL spins the host until the transfer is done,
+  which would serialise the host with every dispatch and break CUDA-graph capture, so row
+  moves there are stream-ordered (``Work.wait()``), and a lost peer is named by the next
+  host-side wait (every fresh dispatch has one).
+* **counted**: bytes to and from each peer per kind of exchange (:class:`ByteCounters`).
+
+Two implementations: :class:`ProcessGroupTransport` (any process group: Gloo, NCCL) and
+``SymmMemTransport`` (:mod:`moeflow.comm.gpu`: NCCL plus torch's NVSHMEM symmetric memory for
+the low-latency slot exchange, sizes kept on the device).
+
+Shape letters (docs/architecture.md): R ranks in the group; a row is one token copy, W its
+width in bytes or elements.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from .health import Watchdog
+from .health import Watchdog, resolve_timeout
 
-__all__ = ["ByteCounters", "EventOverlap", "FlatTransport", "RowFormat", "Workspace", "rows_view"]
+__all__ = ["ByteCounters", "EventOverlap", "Transport", "ProcessGroupTransport", "Workspace", "make_transport",
+           "rows_view"]
 
-_ALIGN = 8  # bytes; every field of a packed metadata row starts on this boundary so it can be viewed in place
+# A message of a row exchange: (peer, rows). On the sending side the rows may be a callable that
+# builds them when their turn comes (see ProcessGroupTransport.exchange).
+Rows = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 
 class EventOverlap:
@@ -32,7 +48,7 @@ class EventOverlap:
     idempotent, and also runs on leaving a ``with event:`` block.
     """
 
-    def __init__(self, works: tuple = (), finalizers: tuple[Callable[[], None], ...] = ()):
+    def __init__(self, works: Sequence = (), finalizers: Sequence[Callable[[], None]] = ()):
         self._works = [w for w in works if w is not None]
         self._finalizers = list(finalizers)
 
@@ -61,8 +77,10 @@ class ByteCounters:
 
     ``sent[kind][r]`` is what this rank sent to rank ``r``; the entry for this rank itself is the
     copy that never leaves the process (kept so totals match the tensors moved; use
-    :meth:`wire_bytes` for what crossed a link). ``ranks_per_node`` (P, default: all ranks on
-    one node) says which peers share this rank's node: rank ``r`` lives on node ``r // P``.
+    :meth:`wire_bytes` for what crossed a link). ``calls[kind]`` counts calls, all-reduces
+    included (their bytes per peer depend on the backend's algorithm and are not counted).
+    ``ranks_per_node`` (default: all ranks on one node) says which peers share this rank's
+    node: rank ``r`` lives on node ``r // ranks_per_node``.
     """
 
     rank: int
@@ -72,7 +90,8 @@ class ByteCounters:
     recv: dict[str, list[int]] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
 
-    def record(self, kind: str, sent_per_rank: list[int], recv_per_rank: list[int], new_call: bool = True) -> None:
+    def record(self, kind: str, sent_per_rank: Sequence[int], recv_per_rank: Sequence[int],
+               new_call: bool = True) -> None:
         """Add one exchange's bytes; ``new_call=False`` for a companion message of the same call."""
         s = self.sent.setdefault(kind, [0] * self.num_ranks)
         r = self.recv.setdefault(kind, [0] * self.num_ranks)
@@ -87,23 +106,23 @@ class ByteCounters:
         """Bytes that crossed to other ranks (self excluded), for one kind or all kinds.
 
         Args:
-            kind: ``"layout"``, ``"dispatch"``, ``"combine"``, ... or None for all kinds.
+            kind: ``"layout"``, ``"dispatch"``, ``"combine"``, ``"migration"``, ... or None for all.
             direction: ``"sent"`` or ``"recv"``.
             scope: ``"all"`` (every other rank), ``"inter_node"`` (ranks on other nodes) or
                 ``"intra_node"`` (other ranks on this rank's node).
-            ranks_per_node: P for the node split (default: the counters' own, else one node).
+            ranks_per_node: for the node split (default: the counters' own, else one node).
         """
         if direction not in ("sent", "recv"):
             raise ValueError(f"ByteCounters.wire_bytes: `direction` must be 'sent' or 'recv', got {direction!r}")
         if scope not in ("all", "inter_node", "intra_node"):
             raise ValueError(f"ByteCounters.wire_bytes: `scope` must be 'all', 'inter_node' or 'intra_node', "
                              f"got {scope!r}")
-        P = ranks_per_node or self.ranks_per_node or self.num_ranks
-        if P < 1 or self.num_ranks % P:
-            raise ValueError(f"ByteCounters.wire_bytes: `ranks_per_node` must divide {self.num_ranks}, got {P}")
-        node = self.rank // P
+        per_node = ranks_per_node or self.ranks_per_node or self.num_ranks
+        if per_node < 1 or self.num_ranks % per_node:
+            raise ValueError(f"ByteCounters.wire_bytes: `ranks_per_node` must divide {self.num_ranks}, got {per_node}")
+        node = self.rank // per_node
         peers = [i for i in range(self.num_ranks) if i != self.rank
-                 and (scope == "all" or (i // P != node) == (scope == "inter_node"))]
+                 and (scope == "all" or (i // per_node != node) == (scope == "inter_node"))]
         table = self.sent if direction == "sent" else self.recv
         kinds = [kind] if kind is not None else list(table)
         return sum(table[k][i] for k in kinds if k in table for i in peers)
@@ -114,192 +133,211 @@ class ByteCounters:
         self.calls.clear()
 
 
+class Transport:
+    """What moeflow asks of a communication backend; every method is watched and counted.
 
-
-def unpack_topk_meta(fmt: "RowFormat", recv_meta, recv_scales, recv_topk_idx, recv_topk_weights,
-                     ids_dtype: torch.dtype, has_weights: bool) -> None:
-    """Copy the received metadata rows (FP8 scales, local top-k ids, weights) into their outputs."""
-    if recv_scales is not None:
-        recv_scales.copy_(fmt.view(recv_meta, "scales", torch.float32))
-    if recv_topk_idx is not None:
-        recv_topk_idx.copy_(fmt.view(recv_meta, "ids", ids_dtype))
-        if has_weights:
-            recv_topk_weights.copy_(fmt.view(recv_meta, "weights", torch.float32))
-
-
-@dataclass(frozen=True)
-class RowFormat:
-    """Byte layout of a packed metadata row: named fields, each starting on an 8-byte boundary.
-
-    ``fields`` is ``((name, nbytes), ...)`` in wire order; zero-byte fields take no room.
+    Attributes:
+        group: the process group (None: the world). rank, num_ranks: this rank, R.
+        counters: :class:`ByteCounters`.
+        watchdog: the :class:`Watchdog` of this transport's waits (None with one rank).
     """
 
-    fields: tuple[tuple[str, int], ...]
+    group: Optional[dist.ProcessGroup]
+    rank: int
+    num_ranks: int
+    counters: ByteCounters
+    watchdog: Optional[Watchdog]
 
-    def offset(self, name: str) -> int:
-        at = 0
-        for n, nbytes in self.fields:
-            if n == name:
-                return at
-            at += _pad(nbytes)
-        raise KeyError(name)
+    def arrive(self, kind: str) -> None:
+        """Count one call (a dispatch, a combine, ...) for the watchdog; every rank makes the
+        same calls in the same order. Hot path: an int increment."""
+        if self.watchdog is not None:
+            self.watchdog.arrive(kind)
 
-    def nbytes(self, name: str) -> int:
-        return dict(self.fields)[name]
+    def exchange_counts(self, table: torch.Tensor, kind: str = "layout") -> torch.Tensor:
+        """Row r of ``table`` ``[R, C]`` int64 goes to rank r; returns ``[R, C]``, row r from rank r.
+        Synchronous: the caller needs the numbers on the host to size what follows."""
+        raise NotImplementedError
 
-    @property
-    def width(self) -> int:
-        return sum(_pad(n) for _, n in self.fields)
+    def exchange(self, sends: Sequence[tuple[int, Rows]], recvs: Sequence[tuple[int, torch.Tensor]],
+                 kind: str, *, device: torch.device, new_call: bool = True,
+                 on_first_step: Optional[Callable[[], None]] = None, own_bytes: int = 0) -> list:
+        """Point-to-point row messages; returns the works to wait on (see the implementation)."""
+        raise NotImplementedError
 
-    def view(self, rows_u8: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Field ``name`` of ``[rows, width]`` uint8, viewed in place as ``[rows, nbytes / itemsize]`` ``dtype``."""
-        at = self.offset(name)
-        return rows_u8[:, at:at + self.nbytes(name)].view(dtype)
+    def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, recv_splits: Optional[list[int]] = None,
+                   send_splits: Optional[list[int]] = None, *, kind: str, async_op: bool = False,
+                   new_call: bool = True, host: bool = False):
+        """``all_to_all_single`` of rows (even splits when None); the Work when ``async_op``.
+        ``host``: the host reads the result (waited on with the timeout on any device)."""
+        raise NotImplementedError
+
+    def exchange_slots(self, send: torch.Tensor, recv: torch.Tensor, num_valid_per_rank: Optional[torch.Tensor],
+                       kind: str, *, new_call: bool = True) -> tuple:
+        """Static slots ``[R * C, W]``: block ``d`` of ``send`` goes to rank ``d``, block ``s`` of
+        ``recv`` comes from rank ``s``. With ``num_valid_per_rank`` (``[R]`` on the device: only
+        the first rows of each block are used) an implementation may move the used rows only.
+        Returns ``(work or None, recv_valid [R * C] bool or None)``: None when every slot moved."""
+        raise NotImplementedError
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
+        """``tensor`` reduced over the group in place, counted as one call and waited on with the
+        timeout (a lost peer is named, never waited on forever)."""
+        raise NotImplementedError
+
+    def destroy(self) -> None:
+        """Free what the transport keeps between calls (it comes back on the next call)."""
 
 
-def _pad(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+class ProcessGroupTransport(Transport):
+    """A :class:`Transport` over any ``torch.distributed`` process group (Gloo, NCCL, ...).
 
+    Args:
+        group: the process group (None: the world).
+        timeout_s: seconds any one wait may take (default: env ``MOEFLOW_TIMEOUT_S``, else 30).
+        ranks_per_node: for the node split of :attr:`counters` (default: one node).
+    """
 
-class FlatTransport:
-    """One ``all_to_all_single`` per exchange, every rank talking to every rank directly."""
-
-    def __init__(self, group: dist.ProcessGroup | None, ranks_per_node: Optional[int] = None,
-                 watchdog: Optional["Watchdog"] = None):
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, *, timeout_s: Optional[float] = None,
+                 ranks_per_node: Optional[int] = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
+        self.timeout_s = resolve_timeout(timeout_s)
         self.counters = ByteCounters(self.rank, self.num_ranks, ranks_per_node)
-        # Every Work this transport hands out is waited on with the watchdog's timeout, so a dead
-        # or stuck peer becomes an error naming it (see moeflow.comm.health).
-        self.watchdog = watchdog
+        # One rank has no peer to lose: no watchdog, no heartbeat thread.
+        self.watchdog = Watchdog(group, self.timeout_s) if self.num_ranks > 1 else None
+        # group rank -> global rank, for point-to-point ops (which take global ranks)
+        world = group is None or group is dist.group.WORLD
+        self._global = list(range(self.num_ranks)) if world else dist.get_process_group_ranks(group)
 
-    def _timed(self, works: list) -> list:
+    def _issue(self, collective: Callable, *args, **kwargs):
+        """Start a collective; a backend that cannot even start it (a peer's connection is gone)
+        is diagnosed like a failed wait, naming the lost peer."""
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as cause:  # DistBackendError included; bad arguments raise others
+            wd = self.watchdog
+            if wd is None:
+                raise
+            raise wd.diagnose(wd.calls, wd.kind, cause, 0.0) from cause
+
+    def _watch(self, works: list, host: bool) -> list:
+        """Works whose ``wait()`` is bounded by the timeout: all of them where the host waits
+        anyway (CPU tensors, or ``host``), else the stream-ordered works as they are."""
         wd = self.watchdog
-        return works if wd is None else [wd.wrap(w) for w in works]
+        return works if wd is None or not host else [wd.wrap(w) for w in works]
 
-    def all_to_all_rows(self, recv_rows: torch.Tensor, send_rows: torch.Tensor,
-                        num_recv_rows_per_rank: list[int], num_send_rows_per_rank: list[int],
-                        kind: str, async_op: bool = False, new_call: bool = True):
-        """Exchange rows of a 2-D tensor: rank r gets ``num_send_rows_per_rank[r]`` rows from us.
+    def exchange_counts(self, table: torch.Tensor, kind: str = "layout") -> torch.Tensor:
+        recv = torch.empty_like(table)
+        self.all_to_all(recv, table, kind=kind, host=True)
+        return recv
 
-        Args:
-            recv_rows: ``[sum(num_recv_rows_per_rank), W]``, written in source-rank order.
-            send_rows: ``[sum(num_send_rows_per_rank), W]``, grouped by destination rank.
-
-        Returns:
-            the collective's ``Work`` when ``async_op``, else None.
-        """
-        width = send_rows.size(1) * send_rows.element_size() if send_rows.dim() == 2 else send_rows.element_size()
-        self.counters.record(kind, [n * width for n in num_send_rows_per_rank],
-                             [n * width for n in num_recv_rows_per_rank], new_call)
-        if self.num_ranks == 1:
-            # Nothing to exchange: the single "peer" is this rank. Skip the collective's
-            # overhead; a copy keeps the output buffer semantics identical.
-            recv_rows.copy_(send_rows)
+    def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, recv_splits: Optional[list[int]] = None,
+                   send_splits: Optional[list[int]] = None, *, kind: str, async_op: bool = False,
+                   new_call: bool = True, host: bool = False):
+        R = self.num_ranks
+        row = math.prod(send.shape[1:]) * send.element_size()  # bytes of one row (dim 0 is split)
+        num_send = send_splits if send_splits is not None else [send.size(0) // R] * R
+        num_recv = recv_splits if recv_splits is not None else [recv.size(0) // R] * R
+        self.counters.record(kind, [n * row for n in num_send], [n * row for n in num_recv], new_call)
+        if R == 1:
+            recv.copy_(send)  # no peer: skip the collective, same output semantics
             return None
-        if self.watchdog is None:
-            return dist.all_to_all_single(recv_rows, send_rows, num_recv_rows_per_rank,
-                                          num_send_rows_per_rank, group=self.group, async_op=async_op)
-        # Always issued async so that even a synchronous exchange waits with the timeout.
-        work = self.watchdog.wrap(dist.all_to_all_single(recv_rows, send_rows, num_recv_rows_per_rank,
-                                                         num_send_rows_per_rank, group=self.group, async_op=True))
+        # Always issued async, so that a synchronous exchange is waited on with the timeout too.
+        work = self._issue(dist.all_to_all_single, recv, send, recv_splits, send_splits, group=self.group,
+                           async_op=True)
+        (work,) = self._watch([work], host or send.device.type == "cpu")
         if async_op:
             return work
         work.wait()
         return None
 
-    def exchange_pairwise(self, recv_by_rank: list[Optional[torch.Tensor]],
-                          send_for: Callable[[int], torch.Tensor], kind: str,
-                          on_first_step: Optional[Callable[[], None]] = None) -> list:
-        """Row exchange as R-1 pairwise steps: at step i send to rank+i, receive from rank-i.
+    def exchange(self, sends: Sequence[tuple[int, Rows]], recvs: Sequence[tuple[int, torch.Tensor]],
+                 kind: str, *, device: torch.device, new_call: bool = True,
+                 on_first_step: Optional[Callable[[], None]] = None, own_bytes: int = 0) -> list:
+        """Point-to-point messages: ``(peer, rows)`` to send and ``(peer, tensor)`` to receive into.
 
-        Used for the payload instead of one ``all_to_all_single`` because it lets the caller
-        (1) build each peer's rows just before they are sent, so building the next peer's rows
-        overlaps the previous transfer, (2) handle its own rows with no send buffer and no
-        loopback copy (``on_first_step`` runs while the first transfer is in flight), and
-        (3) receive each peer's rows into any contiguous tensor. Measured on loopback Gloo it
-        moves bytes as fast as the all-to-all. Every rank walks the steps in the same order,
-        each step one batched send/recv pair, so no backend can deadlock on it.
+        Messages to or from this rank itself are the caller's (a local copy of ``own_bytes``,
+        counted as sent to and received from itself); empty ones are skipped. The k-th message from rank a to rank b pairs with the k-th message b expects
+        from a (tagged k: Gloo matches tags, NCCL matches posting order, both agree).
 
-        Args:
-            recv_by_rank: for each source rank, the contiguous tensor its rows land in (None or
-                empty: nothing comes from it; this rank's own entry is ignored).
-            send_for: ``send_for(dst)`` returns the contiguous rows for rank ``dst`` (empty:
-                nothing to send). Called once per peer, in step order.
+        Per backend (docs/architecture.md, "Why pairwise steps on Gloo"):
+          CPU (Gloo): R-1 pairwise steps, at step i everything to rank+i and from rank-i, one
+              batch each. A callable's rows are built when its step comes, so building the next
+              peer's rows overlaps the transfer of the previous ones (Gloo sends on its own
+              threads); ``on_first_step`` runs while the first step is in flight.
+          CUDA (NCCL): every message in one batch, i.e. one NCCL group, as ``all_to_all_single``
+              is; gathers are kernels on the stream and overlap by themselves, and R-1 separate
+              groups would serialise R-1 launches.
 
         Returns:
             the works to wait on.
         """
         R, rank = self.num_ranks, self.rank
         sent, recvd = [0] * R, [0] * R
-        works: list = []
-        for i in range(1, R):
-            dst, src = (rank + i) % R, (rank - i) % R
-            ops = []
-            rows = send_for(dst)
-            if rows.numel():
-                ops.append(dist.P2POp(dist.isend, rows, self._global(dst), self.group))
-                sent[dst] = rows.numel() * rows.element_size()
-            target = recv_by_rank[src]
-            if target is not None and target.numel():
-                ops.append(dist.P2POp(dist.irecv, target, self._global(src), self.group))
-                recvd[src] = target.numel() * target.element_size()
-            if ops:
-                works += self._timed(dist.batch_isend_irecv(ops))
-            if i == 1 and on_first_step is not None:
+        by_dst: dict[int, list] = {}
+        by_src: dict[int, list] = {}
+        for peer, rows in sends:
+            if peer != rank:
+                by_dst.setdefault(peer, []).append(rows)
+        for peer, t in recvs:
+            if peer != rank:
+                by_src.setdefault(peer, []).append(t)
+        cpu = device.type == "cpu"
+        steps = [(rank + i) % R for i in range(1, R)]
+        ops, works = [], []
+        for i, dst in enumerate(steps):
+            src = (rank - i - 1) % R
+            for tag, rows in enumerate(by_dst.get(dst, ())):
+                t = rows() if callable(rows) else rows
+                if t.numel():
+                    ops.append(dist.P2POp(dist.isend, t, self._global[dst], self.group, tag))
+                    sent[dst] += t.numel() * t.element_size()
+            for tag, t in enumerate(by_src.get(src, ())):
+                if t.numel():
+                    ops.append(dist.P2POp(dist.irecv, t, self._global[src], self.group, tag))
+                    recvd[src] += t.numel() * t.element_size()
+            if cpu and ops:  # Gloo: this step goes now; the next peer's rows are built meanwhile
+                works += self._watch(self._issue(dist.batch_isend_irecv, ops), True)
+                ops = []
+            if i == 0 and on_first_step is not None:
                 on_first_step()
-        if R == 1 and on_first_step is not None:
+                on_first_step = None
+        if ops:  # NCCL: the whole exchange as one group
+            works += self._watch(self._issue(dist.batch_isend_irecv, ops), False)
+        if on_first_step is not None:
             on_first_step()
-        own = recv_by_rank[rank]
-        if own is not None:
-            sent[rank] = recvd[rank] = own.numel() * own.element_size()
-        self.counters.record(kind, sent, recvd)
+        sent[rank] += own_bytes
+        recvd[rank] += own_bytes
+        self.counters.record(kind, sent, recvd, new_call)
         return works
 
-    def exchange_segments(self, sends: list[tuple[int, int, torch.Tensor]],
-                          recvs: list[tuple[int, int, torch.Tensor]], kind: str,
-                          new_call: bool = False) -> list:
-        """Post point-to-point messages, one per ``(peer, tag, tensor)``, as one batch.
-
-        Lets a message land straight in a slice of a larger tensor (the hierarchical transport
-        places each source rank's rows at their place in ``recv_x`` with no staging copy).
-        Messages between one pair of ranks are told apart by ``tag``; every rank posts its
-        sends and receives in the same call, so no backend can deadlock on it. Empty tensors
-        and this rank itself are skipped (the caller copies its own rows).
-
-        Returns:
-            the works to wait on.
-        """
+    def exchange_slots(self, send: torch.Tensor, recv: torch.Tensor, num_valid_per_rank: Optional[torch.Tensor],
+                       kind: str, *, new_call: bool = True) -> tuple:
+        # The static slots move whole: equal splits, so no rank needs to know the others' counts.
         R = self.num_ranks
-        sent, recvd = [0] * R, [0] * R
-        ops = []
-        for peer, tag, t in sends:
-            if peer != self.rank and t.numel():
-                ops.append(dist.P2POp(dist.isend, t, self._global(peer), self.group, tag))
-                sent[peer] += t.numel() * t.element_size()
-        for peer, tag, t in recvs:
-            if peer != self.rank and t.numel():
-                ops.append(dist.P2POp(dist.irecv, t, self._global(peer), self.group, tag))
-                recvd[peer] += t.numel() * t.element_size()
-        self.counters.record(kind, sent, recvd, new_call)
-        # The exchange itself: every message of the step in one batch (see the docstring).
-        return self._timed(dist.batch_isend_irecv(ops)) if ops else []
+        work = self.all_to_all(recv.view(R, -1), send.view(R, -1), kind=kind, async_op=True, new_call=new_call)
+        return work, None
 
-    def _global(self, group_rank: int) -> int:
-        if self.group is None or self.group is dist.group.WORLD:
-            return group_rank
-        return dist.get_global_rank(self.group, group_rank)
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
+        if self.num_ranks == 1:
+            return tensor
+        self.arrive(kind)
+        self.counters.record(kind, [0] * self.num_ranks, [0] * self.num_ranks)
+        work = self._issue(dist.all_reduce, tensor, op=op, group=self.group, async_op=True)
+        self._watch([work], True)[0].wait()
+        return tensor
 
-    def exchange_counts(self, send_counts: torch.Tensor, kind: str = "layout") -> torch.Tensor:
-        """All-to-all of a small int64 table: row r of ``send_counts`` [R, C] goes to rank r.
 
-        Returns ``[R, C]`` int64, row r from rank r. Synchronous: the caller needs the numbers
-        on the host to size the next exchange.
-        """
-        recv_counts = torch.empty_like(send_counts)
-        self.all_to_all_rows(recv_counts, send_counts, [1] * self.num_ranks, [1] * self.num_ranks, kind)
-        return recv_counts
+def make_transport(group: Optional[dist.ProcessGroup] = None, **kwargs) -> Transport:
+    """The transport for ``group``: ``SymmMemTransport`` (:mod:`moeflow.comm.gpu`) for NCCL groups
+    whose torch has NVSHMEM symmetric memory, else :class:`ProcessGroupTransport`. ``kwargs``:
+    ``timeout_s``, ``ranks_per_node`` as there."""
+    from .gpu import SymmMemTransport, symm_mem_available  # imports no CUDA code unless usable
+
+    cls = SymmMemTransport if symm_mem_available(group) else ProcessGroupTransport
+    return cls(group, **kwargs)
 
 
 class Workspace:

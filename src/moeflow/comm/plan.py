@@ -1,0 +1,257 @@
+"""The route of a dispatch as data: which rows go to which rank, hop by hop, and the one row format.
+
+Pure: no collectives. A :class:`Plan` is a tuple of :class:`Hop` s. Flat (one node) is one hop,
+every rank sending each token once to each rank that holds one of its experts. Node-aware (several
+nodes) is two: the *rail* hop sends a token once to each node it reaches, to the rank there with
+this rank's local index (its own node: to itself), and the *in-node* hop forwards what arrived to
+the ranks of that node the token needs. Dispatch runs the hops forward; combine runs them backward,
+summing a token's copies at each hop. The handle keeps the plan, so cached dispatch and combine
+learn nothing new.
+
+Shape letters (docs/architecture.md): T tokens on this rank, R ranks, N nodes, E experts the
+Buffer dispatches over, L = E / R local experts, K top-k, M rows received here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
+
+import torch
+
+from .. import layout as _layout
+
+__all__ = ["Hop", "Plan", "RowFormat", "RowMeta", "flat_hop", "rail_hop", "in_node_hop", "offsets", "pack_meta"]
+
+_ALIGN = 8  # bytes; every field of a row starts on this boundary, so it can be viewed in place
+
+
+def offsets(counts) -> list[int]:
+    """``[0, c0, c0+c1, ...]``: where each block starts, the total last."""
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + int(c))
+    return out
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One step of a route: the messages this rank sends and receives.
+
+    Sent rows are rows of the hop's input (the tokens for the first hop, what the previous hop
+    brought for the next), message after message. Received rows lie message after message in
+    ``recv`` order: the hop's output. A message to or from this rank itself is a local copy.
+    The k-th message from rank a to rank b pairs with the k-th message b expects from a.
+
+    Attributes:
+        send_idx: ``[rows sent]`` int64, the input row each sent row carries.
+        send_peers, send_counts: destination rank and row count of each sent message.
+        recv_peers, recv_counts: source rank and row count of each received message.
+    """
+
+    send_idx: torch.Tensor
+    send_peers: tuple[int, ...]
+    send_counts: tuple[int, ...]
+    recv_peers: tuple[int, ...]
+    recv_counts: tuple[int, ...]
+
+    @property
+    def num_recv(self) -> int:
+        return sum(self.recv_counts)
+
+    @cached_property
+    def send_offsets(self) -> list[int]:
+        return offsets(self.send_counts)
+
+    @cached_property
+    def recv_offsets(self) -> list[int]:
+        return offsets(self.recv_counts)
+
+    def send_peer_of_rows(self) -> torch.Tensor:
+        """``[rows sent]`` int64, the destination rank of each sent row."""
+        peers = torch.tensor(self.send_peers, dtype=torch.int64, device=self.send_idx.device)
+        counts = torch.tensor(self.send_counts, dtype=torch.int64, device=self.send_idx.device)
+        return peers.repeat_interleave(counts, output_size=self.send_idx.numel())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A dispatch's route: its hops, in dispatch order.
+
+    Attributes:
+        hops: one (flat) or two (node-aware: rail, then in-node).
+        num_tokens: T, rows of the first hop's input.
+    """
+
+    hops: tuple[Hop, ...]
+    num_tokens: int
+
+    @property
+    def num_recv(self) -> int:
+        """M, rows the last hop delivers here."""
+        return self.hops[-1].num_recv
+
+
+def flat_hop(is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int]) -> Hop:
+    """Each token once to each rank it reaches, rank after rank, token order kept.
+
+    Args:
+        is_token_in_rank: ``[T, R]`` bool.
+        num_recv_per_rank: ``[R]`` rows arriving from each rank (from the count exchange).
+    """
+    R = is_token_in_rank.size(1)
+    # nonzero over the [R, T] transpose lists (rank, token) pairs rank-major: the wire order.
+    # Host sync on CUDA: the row count sizes the send.
+    pairs = is_token_in_rank.t().nonzero()
+    counts = is_token_in_rank.sum(0).tolist()  # host sync (CUDA): message sizes
+    ranks = tuple(range(R))
+    return Hop(pairs[:, 1].contiguous(), ranks, tuple(counts), ranks, tuple(int(n) for n in num_recv_per_rank))
+
+
+def rail_hop(is_token_in_node: torch.Tensor, rank: int, ranks_per_node: int, num_recv_per_node: list[int]) -> Hop:
+    """Each token once to each node it reaches, to the rank there with this rank's local index.
+
+    Args:
+        is_token_in_node: ``[T, N]`` bool.
+        rank: this rank; ``ranks_per_node``: R / N.
+        num_recv_per_node: ``[N]`` rows arriving from each node's rail peer; this rank's own
+            node's entry is ignored (its own tokens for its node, known here).
+
+    Returns:
+        a hop whose output is one block per node, in node order: this rank's own tokens for its
+        own node, else what that node's rail peer sent.
+    """
+    N = is_token_in_node.size(1)
+    node, local = divmod(rank, ranks_per_node)
+    pairs = is_token_in_node.t().nonzero()  # (node, token) node-major; host sync (CUDA): sizes
+    counts = [int(n) for n in is_token_in_node.sum(0).tolist()]
+    peers = tuple(m * ranks_per_node + local for m in range(N))
+    recv = tuple(counts[m] if m == node else int(num_recv_per_node[m]) for m in range(N))
+    return Hop(pairs[:, 1].contiguous(), peers, tuple(counts), peers, recv)
+
+
+def in_node_hop(rank_mask: torch.Tensor, rail: Hop, rank: int, ranks_per_node: int,
+                num_recv_per_rank: list[int]) -> Hop:
+    """Forward what the rail hop brought to the ranks of this node that need it.
+
+    Args:
+        rank_mask: ``[rail.num_recv, R / N]`` bool: which ranks of this node each row of the rail
+            hop's output must reach (the sender's ``is_token_in_rank`` for this node).
+        rail: the rail hop; rank, ranks_per_node: as there.
+        num_recv_per_rank: ``[R]`` rows arriving here from each source rank (count exchange).
+
+    Returns:
+        a hop with one message per (local destination, node block), whose output is grouped by
+        source rank in rank order, each source's token order kept: the flat dispatch's layout.
+    """
+    P = ranks_per_node
+    N = len(rail.recv_counts)
+    node, local = divmod(rank, P)
+    block = rail.recv_offsets
+    send_idx, peers, counts = [], [], []
+    for j in range(P):  # destination's local index
+        for m in range(N):  # the source node's block, in node order
+            rows = rank_mask[block[m]:block[m + 1], j].nonzero().flatten() + block[m]  # host sync: sizes
+            send_idx.append(rows)
+            peers.append(node * P + j)
+            counts.append(rows.numel())
+    # Source rank (m, l') reaches here through forwarder (node, l'): its rows, in rank order.
+    R = len(num_recv_per_rank)
+    recv_peers = tuple(node * P + s % P for s in range(R))
+    idx = torch.cat(send_idx) if send_idx else rank_mask.new_zeros(0, dtype=torch.int64)
+    return Hop(idx, tuple(peers), tuple(counts), recv_peers, tuple(int(n) for n in num_recv_per_rank))
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """Byte layout of a packed row: named fields, each starting on an 8-byte boundary.
+
+    The one row format of the package: the Buffer's metadata rows (FP8 scales | top-k weights |
+    top-k ids | rank mask) and the low-latency slot rows (payload | scales | ids | source).
+    ``fields`` is ``((name, nbytes), ...)`` in wire order; zero-byte fields take no room.
+    ``ids_dtype``: the integer type of the ``"ids"`` field (top-k ids travel as the narrowest
+    type that holds them).
+    """
+
+    fields: tuple[tuple[str, int], ...]
+    ids_dtype: torch.dtype = torch.int64
+
+    def offset(self, name: str) -> int:
+        at = 0
+        for n, nbytes in self.fields:
+            if n == name:
+                return at
+            at += _pad(nbytes)
+        raise KeyError(name)
+
+    def nbytes(self, name: str) -> int:
+        return dict(self.fields)[name]
+
+    @property
+    def width(self) -> int:
+        return sum(_pad(n) for _, n in self.fields)
+
+    def view(self, rows_u8: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Field ``name`` of ``[rows, width]`` uint8, viewed in place as ``[rows, nbytes / itemsize]`` ``dtype``."""
+        at = self.offset(name)
+        return rows_u8[:, at:at + self.nbytes(name)].view(dtype)
+
+    @staticmethod
+    def meta(scale_cols: int, num_topk: int, has_weights: bool, ids_dtype: torch.dtype,
+             mask_cols: int = 0) -> "RowFormat":
+        """Metadata rows: ``scale_cols`` fp32 FP8 scales, ``num_topk`` fp32 weights (if any) and
+        ids of ``ids_dtype``, and a ``mask_cols``-byte rank mask (rail hop only)."""
+        return RowFormat((("scales", 4 * scale_cols), ("weights", 4 * num_topk if has_weights else 0),
+                          ("ids", num_topk * _layout.itemsize(ids_dtype)), ("mask", mask_cols)), ids_dtype)
+
+
+def _pad(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass(frozen=True)
+class RowMeta:
+    """Per-row metadata of a hop's input, each ``[rows, ...]`` or None.
+
+    Attributes:
+        scales: FP8 scales ``[rows, H / 128]`` float32. topk_idx: ``[rows, K]`` global expert ids
+        (any int dtype). topk_weights: ``[rows, K]`` float32.
+    """
+
+    scales: Optional[torch.Tensor] = None
+    topk_idx: Optional[torch.Tensor] = None
+    topk_weights: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def of(fmt: RowFormat, rows_u8: Optional[torch.Tensor]) -> "RowMeta":
+        """The fields of packed rows ``rows_u8`` (views, no copy); empty for None."""
+        if rows_u8 is None:
+            return RowMeta()
+        get = (lambda name, dtype: fmt.view(rows_u8, name, dtype) if fmt.nbytes(name) else None)
+        return RowMeta(get("scales", torch.float32), get("ids", fmt.ids_dtype), get("weights", torch.float32))
+
+
+def pack_meta(fmt: RowFormat, meta: RowMeta, idx: torch.Tensor, *, dst_rank: Optional[torch.Tensor] = None,
+              num_local_experts: int = 0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows ``idx`` of ``meta`` packed as ``fmt``: ``[idx.numel(), fmt.width]`` uint8.
+
+    With ``dst_rank`` (``[rows]`` int64, the rank each row goes to) the top-k ids become that
+    rank's local ids (``-1`` elsewhere, weight 0 there); without, they stay global (the rail hop:
+    the forwarder translates them per destination). ``mask``: ``[rows, mask bytes]`` bool.
+    """
+    rows = torch.empty(idx.numel(), fmt.width, dtype=torch.uint8, device=idx.device)
+    if fmt.nbytes("scales"):
+        torch.index_select(meta.scales, 0, idx, out=fmt.view(rows, "scales", torch.float32))
+    if fmt.nbytes("ids"):
+        ids = meta.topk_idx.index_select(0, idx).long()
+        weights = meta.topk_weights.index_select(0, idx) if fmt.nbytes("weights") else None
+        if dst_rank is not None:
+            ids, weights = _layout.local_topk(ids, weights, dst_rank, num_local_experts)
+        fmt.view(rows, "ids", fmt.ids_dtype).copy_(ids)
+        if weights is not None:
+            fmt.view(rows, "weights", torch.float32).copy_(weights)
+    if mask is not None:
+        fmt.view(rows, "mask", torch.bool).copy_(mask)
+    return rows
+

@@ -1,0 +1,328 @@
+"""Run a :class:`~moeflow.comm.plan.Plan`: rows forward along its hops (dispatch), or backward with
+a token's copies summed at each hop (combine). The only code that moves a Buffer's rows;
+:class:`PlanRunner` also plans and runs a fresh dispatch (payload and metadata rows).
+
+Copies, per hop and direction (docs/architecture.md lists why each is there):
+  forward   each message's rows are gathered into a reused send buffer just before they leave
+            (``index_select``), received straight into the output; this rank's own rows are
+            gathered straight into the output while the first message travels.
+  backward  each message is a contiguous slice of the input, sent as is (cast first where the
+            hop's partial sums are fp32 and the wire is narrower); arrivals land in a reused
+            buffer, this rank's own rows are read in place, and :func:`reduce_rows` sums them.
+
+Shape letters (docs/architecture.md): T tokens on this rank, H hidden (W: any row width), M rows
+received here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .. import layout as _layout
+from ..quant import FP8_BLOCK
+from .plan import Hop, Plan, RowFormat, RowMeta, flat_hop, in_node_hop, pack_meta, rail_hop
+from .transport import Transport, Workspace, rows_view
+
+__all__ = ["PlanRunner", "Routed", "Outputs", "reduce_rows", "wait"]
+
+_ACC_BYTES = 4 << 20  # fp32 accumulator per reduce pass (token blocks of this many bytes)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as flat bytes: what travels (both sides see the same dtype and count)."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _wide_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` (rows of one byte width) viewed as the widest int type both allow:
+    ``index_select`` on int64 rows is ~30x faster than on bf16 rows here."""
+    wa, wb = _layout.wide_rows(a), _layout.wide_rows(b)
+    if wa.dtype != wb.dtype:
+        wa, wb = a.view(torch.uint8), b.view(torch.uint8)
+    return wa, wb
+
+
+def _own_pairs(hop: Hop, rank: int) -> list[tuple[int, int]]:
+    """(sent message, received message) pairs of this rank to itself, in order."""
+    sent = [k for k, p in enumerate(hop.send_peers) if p == rank]
+    recv = [k for k, p in enumerate(hop.recv_peers) if p == rank]
+    return list(zip(sent, recv))
+
+
+@dataclass(frozen=True)
+class Routed:
+    """What a fresh dispatch's route delivers, once ``works`` are done and ``releases`` have run.
+
+    Attributes:
+        plan: the route. recv_x: ``[M, H]`` payload rows. meta_format, recv_meta: the received
+        metadata rows ``[M, width]`` uint8 (None: no metadata) and their format.
+    """
+
+    plan: Plan
+    recv_x: torch.Tensor
+    meta_format: RowFormat
+    recv_meta: Optional[torch.Tensor]
+    works: list
+    releases: list
+
+    def outputs(self, fp8: bool, sent: RowMeta) -> "Outputs":
+        """The dispatch's outputs for what ``sent`` held (see :class:`Outputs`)."""
+        M, device = self.recv_x.size(0), self.recv_x.device
+        K = sent.topk_idx.size(1) if sent.topk_idx is not None else 0
+        scales = torch.empty(M, self.recv_x.size(1) // FP8_BLOCK, dtype=torch.float32, device=device) if fp8 else None
+        idx = torch.empty(M, K, dtype=torch.int64, device=device) if sent.topk_idx is not None else None
+        weights = torch.zeros(M, K, dtype=torch.float32, device=device) if sent.topk_idx is not None else None
+
+        def unpack() -> None:
+            got = RowMeta.of(self.meta_format, self.recv_meta)
+            if scales is not None:
+                scales.copy_(got.scales)
+            if idx is not None:
+                idx.copy_(got.topk_idx)
+                if sent.topk_weights is not None:
+                    weights.copy_(got.topk_weights)
+
+        return Outputs((self.recv_x, scales) if fp8 else self.recv_x, idx, weights, unpack)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """A fresh dispatch's outputs, filled by ``unpack()`` once the metadata rows have arrived.
+
+    Attributes:
+        recv_x: ``[M, H]``, or with FP8 the tuple with ``[M, H / 128]`` float32 scales.
+        recv_topk_idx: ``[M, K]`` int64 local ids (None without ids). recv_topk_weights:
+        ``[M, K]`` float32, 0 where the id is -1.
+    """
+
+    recv_x: object
+    recv_topk_idx: Optional[torch.Tensor]
+    recv_topk_weights: Optional[torch.Tensor]
+    unpack: Callable[[], None]
+
+
+class PlanRunner:
+    """Moves rows along plans over ``transport``, with send buffers reused through ``workspace``."""
+
+    def __init__(self, transport: Transport, workspace: Workspace):
+        self.transport, self.workspace = transport, workspace
+
+    # ------------------------------------------------------------------ one hop
+    def send_forward(self, hop: Hop, src: torch.Tensor, out: torch.Tensor, kind: str, *, gather: bool = True,
+                     new_call: bool = True) -> tuple[list, Callable[[], None]]:
+        """Move rows along ``hop``: with ``gather`` rows ``src[hop.send_idx]``, else ``src`` is
+        already in send order; arrivals fill ``out`` ``[hop.num_recv, W]``. Returns the works to
+        wait on and a callback that gives the send buffer back once they are done."""
+        rank, so, ro = self.transport.rank, hop.send_offsets, hop.recv_offsets
+        src_w, out_w = _wide_pair(src, out)
+        # every message to a peer, empty ones too: a message's tag is its place among the pair's
+        remote = [k for k, p in enumerate(hop.send_peers) if p != rank]
+        num_remote = sum(hop.send_counts[k] for k in remote)
+        buf = self.workspace.take(num_remote * src_w.size(1) * src_w.element_size(), src.device) \
+            if gather and num_remote else None
+        cursor = [0]
+
+        def rows_for(k: int) -> Callable[[], torch.Tensor]:
+            def build() -> torch.Tensor:  # called when the message's turn comes (see Transport.exchange)
+                n, at = hop.send_counts[k], cursor[0]
+                if not n or not gather:
+                    return _bytes(src_w[so[k]:so[k + 1]] if n else src_w[:0])
+                cursor[0] += n
+                rows = rows_view(buf, num_remote, src_w)[at:at + n]
+                torch.index_select(src_w, 0, hop.send_idx[so[k]:so[k + 1]], out=rows)
+                return _bytes(rows)
+            return build
+
+        own = _own_pairs(hop, rank)
+
+        def own_rows() -> None:  # runs while the first message travels
+            for ks, kr in own:
+                dst = out_w[ro[kr]:ro[kr + 1]]
+                if gather:
+                    torch.index_select(src_w, 0, hop.send_idx[so[ks]:so[ks + 1]], out=dst)
+                else:
+                    dst.copy_(src_w[so[ks]:so[ks + 1]])
+
+        sends = [(hop.send_peers[k], rows_for(k)) for k in remote]
+        recvs = [(p, _bytes(out_w[ro[k]:ro[k + 1]])) for k, p in enumerate(hop.recv_peers) if p != rank]
+        own_bytes = sum(hop.send_counts[ks] for ks, _ in own) * out.size(1) * out.element_size()
+        works = self.transport.exchange(sends, recvs, kind, device=out.device, new_call=new_call,
+                                        on_first_step=own_rows, own_bytes=own_bytes)
+        return works, self._release(buf)
+
+    def send_backward(self, hop: Hop, rows: torch.Tensor, kind: str, *, wire_dtype: Optional[torch.dtype] = None,
+                      new_call: bool = True) -> tuple[list[torch.Tensor], list, Callable[[], None]]:
+        """Rows of ``hop``'s output ``[hop.num_recv, W]`` back to the ranks they came from, in
+        ``wire_dtype`` (default: their own). Returns one segment per sent message of the hop
+        (what came back for it, ``[send_counts[k], W]``; this rank's own: a view of ``rows``),
+        the works to wait on, and a callback that gives the buffer back."""
+        rank, ro = self.transport.rank, hop.recv_offsets
+        wire = wire_dtype or rows.dtype
+        W = rows.size(1)
+        remote = [k for k, p in enumerate(hop.send_peers) if p != rank]
+        num_remote = sum(hop.send_counts[k] for k in remote)
+        buf = self.workspace.take(num_remote * W * _layout.itemsize(wire), rows.device) if num_remote else None
+        like = rows.new_empty(0, W, dtype=wire)
+        segments: list = [None] * len(hop.send_peers)
+        at = 0
+        for k in remote:
+            n = hop.send_counts[k]
+            segments[k] = rows_view(buf, num_remote, like)[at:at + n] if n else like
+            at += n
+        own = _own_pairs(hop, rank)
+        for ks, kr in own:
+            segments[ks] = rows[ro[kr]:ro[kr + 1]]  # never leaves: read in place
+
+        def back(k: int) -> Callable[[], torch.Tensor]:
+            return lambda: _bytes(rows[ro[k]:ro[k + 1]].to(wire))  # a cast only where the wire is narrower
+
+        sends = [(p, back(k)) for k, p in enumerate(hop.recv_peers) if p != rank]
+        recvs = [(hop.send_peers[k], _bytes(segments[k])) for k in remote]
+        own_bytes = sum(hop.send_counts[ks] for ks, _ in own) * W * rows.element_size()
+        works = self.transport.exchange(sends, recvs, kind, device=rows.device, new_call=new_call,
+                                        own_bytes=own_bytes)
+        return segments, works, self._release(buf)
+
+    def _release(self, buf: Optional[torch.Tensor]) -> Callable[[], None]:
+        return (lambda: self.workspace.give(buf)) if buf is not None else _noop
+
+    # ------------------------------------------------------------------ whole plans
+    def forward(self, plan: Plan, rows: torch.Tensor, kind: str, new_call: bool = True
+                ) -> tuple[torch.Tensor, list, list]:
+        """Rows ``[T, W]`` along every hop: returns ``(out [M, W], works, releases)``; ``out`` is
+        filled once the works are done (earlier hops are waited on here: a hop forwards what the
+        one before brought)."""
+        for h, hop in enumerate(plan.hops):
+            out = rows.new_empty(hop.num_recv, rows.size(1))
+            works, release = self.send_forward(hop, rows, out, kind, new_call=new_call and h == 0)
+            if h + 1 < len(plan.hops):
+                wait(works)
+                release()
+            rows = out
+        return rows, works, [release]
+
+    def backward(self, plan: Plan, rows: torch.Tensor, kind: str, *, out: torch.Tensor, biases: tuple = (),
+                 new_call: bool = True) -> tuple[list, Callable[[], None]]:
+        """Rows ``[M, W]`` back along ``plan``, each token's copies summed in fp32 into ``out``
+        ``[T, W]`` (+ ``biases``), in source order: rank order (flat), node order across nodes.
+
+        Hops before the first are summed here into fp32 partial sums (a node's sum crosses nodes
+        once, in ``rows.dtype``); the first hop's arrivals are summed by the returned ``finish``
+        once the returned works are done.
+        """
+        wire = rows.dtype
+        for h in range(len(plan.hops) - 1, -1, -1):
+            hop = plan.hops[h]
+            segments, works, release = self.send_backward(hop, rows, kind, wire_dtype=wire,
+                                                          new_call=new_call and h == len(plan.hops) - 1)
+            index = [hop.send_idx[hop.send_offsets[k]:hop.send_offsets[k + 1]] for k in range(len(segments))]
+            if h == 0:
+                def finish(segments=segments, index=index, release=release) -> None:
+                    reduce_rows(out, segments, index, biases)
+                    release()
+                return works, finish
+            wait(works)  # this hop's partial sums need every row of the node
+            rows = torch.empty(plan.hops[h - 1].num_recv, rows.size(1), dtype=torch.float32, device=rows.device)
+            reduce_rows(rows, segments, index)
+            release()
+        raise AssertionError("a plan has at least one hop")
+
+    # ------------------------------------------------------------------ fresh dispatch
+    def dispatch_flat(self, x: torch.Tensor, meta: RowMeta, fmt: RowFormat, is_token_in_rank: torch.Tensor,
+                      num_recv_per_rank: list[int], num_local_experts: int) -> Routed:
+        """One hop: payload rows ``x`` ``[T, H]`` (gathered per peer), then their metadata rows
+        (local top-k ids of the destination), in the same messages."""
+        hop = flat_hop(is_token_in_rank, num_recv_per_rank)
+        recv_x = x.new_empty(hop.num_recv, x.size(1))
+        works, release = self.send_forward(hop, x, recv_x, "dispatch")
+        recv_meta = self._send_meta(hop, fmt, meta, works, dst_rank=hop.send_peer_of_rows(),
+                                    num_local_experts=num_local_experts)
+        return Routed(Plan((hop,), x.size(0)), recv_x, fmt, recv_meta, works, [release])
+
+    def dispatch_node_aware(self, x: torch.Tensor, meta: RowMeta, formats: tuple[RowFormat, RowFormat],
+                            is_token_in_rank: torch.Tensor, num_recv_per_node: list[int],
+                            num_recv_per_rank: list[int], num_local_experts: int) -> Routed:
+        """Two hops: the rail hop across nodes (payload, and metadata rows of ``formats[0]``: global
+        ids and the destination node's rank mask), then the in-node hop that forwards what
+        arrived (metadata of ``formats[1]``: the destination's local ids)."""
+        (T, H), R, N = x.shape, is_token_in_rank.size(1), len(num_recv_per_node)
+        P, rail_fmt = R // N, formats[0]
+        rail = rail_hop(_layout.is_token_in_node(is_token_in_rank, N), self.transport.rank, P, num_recv_per_node)
+        stage = x.new_empty(rail.num_recv, H)
+        works, release = self.send_forward(rail, x, stage, "dispatch")
+        mask = is_token_in_rank.view(T, N, P)[rail.send_idx, rail.send_peer_of_rows() // P]
+        stage_meta = self._send_meta(rail, rail_fmt, meta, works, mask=mask)
+        wait(works)  # the in-node hop forwards what the rail hop brought
+        release()
+        hop = in_node_hop(rail_fmt.view(stage_meta, "mask", torch.bool), rail, self.transport.rank, P,
+                          num_recv_per_rank)
+        recv_x = x.new_empty(hop.num_recv, H)
+        works, release = self.send_forward(hop, stage, recv_x, "dispatch", new_call=False)
+        recv_meta = self._send_meta(hop, formats[1], RowMeta.of(rail_fmt, stage_meta), works,
+                                    dst_rank=hop.send_peer_of_rows(), num_local_experts=num_local_experts)
+        return Routed(Plan((rail, hop), T), recv_x, formats[1], recv_meta, works, [release])
+
+    def _send_meta(self, hop: Hop, fmt: RowFormat, meta: RowMeta, works: list, **kw) -> Optional[torch.Tensor]:
+        """Metadata rows of ``hop``'s sent rows, packed and sent right behind the payload (same
+        messages); returns the received rows (None when there is no metadata)."""
+        if not fmt.width:
+            return None
+        rows = pack_meta(fmt, meta, hop.send_idx, **kw)
+        out = rows.new_empty(hop.num_recv, fmt.width)
+        more, _ = self.send_forward(hop, rows, out, "dispatch", gather=False, new_call=False)
+        works += more
+        return out
+
+
+def reduce_rows(out: torch.Tensor, segments: list[torch.Tensor], index: list[torch.Tensor], biases: tuple = ()) -> None:
+    """``out[t] = sum over k of segments[k][i] where index[k][i] == t`` (+ biases), in fp32.
+
+    ``out`` is ``[T, W]``; ``segments[k]`` ``[n_k, W]`` (any float dtype) with token ids
+    ``index[k]`` ascending (the wire order). Sums in list order. Works through blocks of tokens
+    so the fp32 accumulator and the converted rows stay small and contiguous; a block's rows are
+    a contiguous range inside every segment.
+    """
+    T, W = out.shape
+    if out.dtype == torch.float32 and not biases and all(s.dtype == torch.float32 for s in segments):
+        out.zero_()
+        for seg, idx in zip(segments, index):
+            out.index_add_(0, idx, seg)
+        return
+    block = max(1, min(T, _ACC_BYTES // max(4 * W, 1)))
+    edges = torch.arange(0, T + block, block, device=out.device).clamp_(max=T)
+    # Row ranges of every token block inside every segment: one searchsorted per segment.
+    parts = [(seg, idx, torch.searchsorted(idx, edges).tolist())  # host sync (CUDA): slicing bounds
+             for seg, idx in zip(segments, index) if idx.numel()]
+    acc_buf = torch.empty(block, W, dtype=torch.float32, device=out.device)
+    # A segment holds a token at most once, so a block's rows from one segment fit in `block`
+    # rows; converting into this buffer instead of a fresh `.float()` saves the page faults.
+    rows_buf = torch.empty(block, W, dtype=torch.float32, device=out.device)
+    edges = edges.tolist()
+    for b in range(len(edges) - 1):
+        t0, t1 = edges[b], edges[b + 1]
+        if t1 <= t0:
+            continue
+        acc = acc_buf[:t1 - t0]
+        acc.zero_()
+        for seg, idx, cut in parts:
+            lo, hi = cut[b], cut[b + 1]
+            if hi > lo:
+                converted = rows_buf[:hi - lo]
+                converted.copy_(seg[lo:hi])
+                acc.index_add_(0, idx[lo:hi] - t0, converted)
+        for bias in biases:
+            acc.add_(bias[t0:t1])
+        out[t0:t1].copy_(acc)
+
+
+def wait(works: list) -> None:
+    """Wait for every work of a list."""
+    for w in works:
+        w.wait()
+
+
+def _noop() -> None:
+    pass

@@ -1,0 +1,166 @@
+"""The route as data (moeflow.comm.plan), without processes: every rank's hops are built in one
+process and their messages delivered by a small in-process simulation, so the plan alone must
+bring each token to the right ranks, in the flat layout, with the node-dedup byte minimum."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+from moeflow import layout
+from moeflow.comm.plan import Plan, RowFormat, RowMeta, flat_hop, in_node_hop, pack_meta, rail_hop
+
+from _reference import ref_combine, ref_dispatch
+
+
+def _deliver(hops, inputs, gather=True):
+    """Run one hop for every rank: ``inputs[r]`` rows of rank r (gathered by ``send_idx``, or
+    already in send order). Returns each rank's output and the rows that crossed, per (src, dst)."""
+    queues = defaultdict(list)
+    crossed = defaultdict(int)
+    for r, hop in enumerate(hops):
+        so = hop.send_offsets
+        for k, p in enumerate(hop.send_peers):
+            rows = inputs[r][hop.send_idx[so[k]:so[k + 1]]] if gather else inputs[r][so[k]:so[k + 1]]
+            queues[r, p].append(rows)
+            crossed[r, p] += rows.size(0)
+    outs = []
+    for q, hop in enumerate(hops):
+        parts = []
+        for k, p in enumerate(hop.recv_peers):
+            rows = queues[p, q].pop(0)  # the k-th message from p to q
+            assert rows.size(0) == hop.recv_counts[k], (p, q, k)
+            parts.append(rows)
+        outs.append(torch.cat(parts) if parts else inputs[q][:0])
+    assert not any(queues.values()), "a message was sent but never received"
+    return outs, crossed
+
+
+def _routing(R, E, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    idxs = []
+    for r in range(R):
+        idx = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(T[r])]) if T[r] else \
+            torch.empty(0, 3, dtype=torch.int64)
+        idx[torch.rand(idx.shape, generator=g) < 0.2] = -1
+        idxs.append(idx)
+    return idxs
+
+
+def _plans(idxs, E, R, P):
+    """Every rank's plan; the in-node hop is built from what the rail hop delivered, as the Buffer does."""
+    in_rank = [layout.is_token_in_rank(idx, E, R) for idx in idxs]
+    num_recv = [[int(in_rank[s][:, d].sum()) for s in range(R)] for d in range(R)]
+    if P == R:
+        return [Plan((flat_hop(in_rank[r], num_recv[r]),), idxs[r].size(0)) for r in range(R)], in_rank
+    N = R // P
+    in_node = [layout.is_token_in_node(t, N) for t in in_rank]
+    rail_recv = [[int(in_node[m * P + r % P][:, r // P].sum()) for m in range(N)] for r in range(R)]
+    rails = [rail_hop(in_node[r], r, P, rail_recv[r]) for r in range(R)]
+    # each rail row carries the sender's rank mask for the destination node
+    masks = [in_rank[r].view(-1, N, P)[rails[r].send_idx, rails[r].send_peer_of_rows() // P] for r in range(R)]
+    got_masks, _ = _deliver(rails, masks, gather=False)
+    hops = [in_node_hop(got_masks[r], rails[r], r, P, num_recv[r]) for r in range(R)]
+    return [Plan((rails[r], hops[r]), idxs[r].size(0)) for r in range(R)], in_rank
+
+
+def _forward(plans, rows):
+    for h in range(len(plans[0].hops)):
+        rows, crossed = _deliver([p.hops[h] for p in plans], rows)
+    return rows
+
+
+@pytest.mark.parametrize("R,P", [(3, 3), (4, 2), (8, 4), (6, 3), (4, 1)])
+def test_hops_bring_each_token_to_its_ranks_in_the_flat_layout(R, P):
+    E = 4 * R
+    T = [7 + 5 * r for r in range(R)]
+    T[1] = 0  # a rank with no tokens still takes part
+    idxs = _routing(R, E, T, seed=R * 10 + P)
+    plans, in_rank = _plans(idxs, E, R, P)
+    # payload: (source rank, token) of each token, so the layout can be read off the rows
+    tags = [torch.stack([torch.full((T[r],), r), torch.arange(T[r])], 1) for r in range(R)]
+    got = _forward(plans, tags)
+    ref = ref_dispatch([t.float() for t in tags], idxs, None, E)
+    for d in range(R):
+        assert got[d].tolist() == [list(o) for o in ref[d]["origin"]], f"rank {d}"
+        assert plans[d].num_recv == len(ref[d]["origin"])
+
+
+@pytest.mark.parametrize("R,P", [(4, 2), (8, 4), (6, 2)])
+def test_rail_hop_crosses_nodes_once_per_token_and_node(R, P):
+    E, N = 4 * R, R // P
+    idxs = _routing(R, E, [9 + r for r in range(R)], seed=R + P)
+    plans, in_rank = _plans(idxs, E, R, P)
+    _, crossed = _deliver([p.hops[0] for p in plans], [torch.zeros(idx.size(0), 1) for idx in idxs])
+    for s in range(R):
+        in_node = layout.is_token_in_node(in_rank[s], N)
+        for d in range(R):
+            if d // P != s // P:
+                expect = int(in_node[:, d // P].sum()) if d % P == s % P else 0
+                assert crossed.get((s, d), 0) == expect, (s, d)
+    # the in-node hop never leaves a node
+    _, crossed = _deliver([p.hops[1] for p in plans], _forward([Plan(p.hops[:1], p.num_tokens) for p in plans],
+                                                               [torch.zeros(idx.size(0), 1) for idx in idxs]))
+    assert all(s // P == d // P for (s, d), n in crossed.items() if n)
+
+
+def _backward(plans, rows):
+    """The plans run backward: each hop's rows back to their senders, summed per input row in fp32,
+    in message order (what moeflow.comm.route.backward does, here with plain loops)."""
+    for h in range(len(plans[0].hops) - 1, -1, -1):
+        hops = [p.hops[h] for p in plans]
+        back = [_reverse(hop) for hop in hops]
+        returned, _ = _deliver(back, rows, gather=False)
+        rows = []
+        for r, hop in enumerate(hops):
+            size = plans[r].num_tokens if h == 0 else plans[r].hops[h - 1].num_recv
+            acc = torch.zeros(size, returned[r].size(1))
+            acc.index_add_(0, hop.send_idx, returned[r].float())
+            rows.append(acc)
+    return rows
+
+
+def _reverse(hop):
+    from moeflow.comm.plan import Hop
+
+    return Hop(torch.arange(hop.num_recv), hop.recv_peers, hop.recv_counts, hop.send_peers, hop.send_counts)
+
+
+@pytest.mark.parametrize("R,P", [(4, 4), (4, 2), (8, 2)])
+def test_backward_sums_each_tokens_copies(R, P):
+    E = 2 * R
+    idxs = _routing(R, E, [6 + r for r in range(R)], seed=7 * R + P)
+    plans, _ = _plans(idxs, E, R, P)
+    xs = [torch.randn(idx.size(0), 4) for idx in idxs]
+    recv = _forward(plans, xs)
+    ys = [2.0 * y + d for d, y in enumerate(recv)]  # "experts": anything row-wise, per rank
+    got = _backward(plans, ys)
+    ref = ref_dispatch(xs, idxs, None, E)
+    exp, _ = ref_combine(ys, [r["origin"] for r in ref], [x.size(0) for x in xs], 4, torch.float32)
+    for s in range(R):
+        torch.testing.assert_close(got[s], exp[s], rtol=1e-6, atol=1e-6)
+
+
+def test_row_format_fields_are_aligned_and_round_trip():
+    fmt = RowFormat.meta(scale_cols=3, num_topk=5, has_weights=True, ids_dtype=torch.int8, mask_cols=2)
+    assert [fmt.offset(n) for n in ("scales", "weights", "ids", "mask")] == [0, 16, 40, 48]
+    assert fmt.width == 56
+    g = torch.Generator().manual_seed(0)
+    T, K, L = 6, 5, 4
+    meta = RowMeta(torch.randn(T, 3, generator=g), torch.randint(-1, 3 * L, (T, K), generator=g),
+                   torch.rand(T, K, generator=g))
+    idx = torch.tensor([4, 0, 2])
+    dst = torch.tensor([1, 1, 2])
+    mask = torch.tensor([[True, False], [False, True], [True, True]])
+    rows = pack_meta(fmt, meta, idx, dst_rank=dst, num_local_experts=L, mask=mask)
+    back = RowMeta.of(fmt, rows)
+    assert torch.equal(back.scales, meta.scales[idx])
+    local, weights = layout.local_topk(meta.topk_idx[idx], meta.topk_weights[idx], dst, L)
+    assert torch.equal(back.topk_idx.long(), local) and torch.equal(back.topk_weights, weights)
+    assert torch.all(back.topk_weights[local < 0] == 0) and bool((local < L).all())
+    assert torch.equal(fmt.view(rows, "mask", torch.bool), mask)
+    # without a destination the ids stay global (the rail hop's rows)
+    glob = RowMeta.of(fmt, pack_meta(fmt, meta, idx))
+    assert torch.equal(glob.topk_idx.long(), meta.topk_idx[idx])
