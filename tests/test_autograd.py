@@ -12,7 +12,7 @@ from moeflow import Buffer, spawn
 H, K = 16, 3
 
 
-def _rank_grads(E, dtype):
+def _rank_grads(E, dtype, async_finish=False):
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(50 + rank)
     N = 6 + 3 * rank
@@ -22,10 +22,15 @@ def _rank_grads(E, dtype):
     w = torch.rand(N, K, generator=g).requires_grad_()
     G = torch.randn(N, H, generator=g)
     buffer = Buffer()
-    out = ag.dispatch(buffer, x, idx, w, E)
+    out = ag.dispatch(buffer, x, idx, w, E, async_finish=async_finish)
+    if async_finish:
+        assert isinstance(out, ag.Pending)
+        out = out.wait()
     # "experts": a row-wise function that uses both the token and its local weights
     rows = out.recv_x * (1.0 + out.recv_topk_weights.sum(1, keepdim=True)).to(dtype)
-    combined = ag.combine(buffer, rows, out.handle)
+    combined = ag.combine(buffer, rows, out.handle, async_finish=async_finish)
+    if async_finish:
+        combined = combined.wait()
     (combined.float() * G).sum().backward()
     return x.detach(), idx, w.detach(), G, x.grad, w.grad, combined.detach()
 
@@ -53,9 +58,11 @@ def _reference(results, E):
     return [(x.grad, w.grad, c.detach()) for x, w, c in grads]
 
 
-@pytest.mark.parametrize("world_size,E", [(1, 4), (2, 8), (3, 6), (4, 8)])
-def test_gradients_match_reference(world_size, E):
-    results = spawn(_rank_grads, world_size, E, torch.float32, timeout_s=120)
+@pytest.mark.parametrize("world_size,E,async_finish", [(1, 4, False), (2, 8, False), (3, 6, False), (4, 8, False),
+                                                      (3, 6, True)])
+def test_gradients_match_reference(world_size, E, async_finish):
+    """Sync, and in flight (``Pending.wait()``, what MoELayer runs): the same gradients."""
+    results = spawn(_rank_grads, world_size, E, torch.float32, async_finish, timeout_s=120)
     ref = _reference(results, E)
     for rank, (got, exp) in enumerate(zip(results, ref)):
         torch.testing.assert_close(got[6], exp[2], rtol=1e-5, atol=1e-5, msg=f"rank {rank} forward")

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moeflow import Buffer, RankError, spawn
+import moeflow.layer
+from moeflow import Buffer, RankError, Router, spawn
 from moeflow.comm.health import PeerFailureError, resolve_timeout
 from moeflow.layer import MoELayer
 
@@ -56,6 +57,8 @@ def _fault_rank(point: str, how: str):
     try:
         if point.startswith("layer"):
             return _layer_fault(point, how, rank)
+        if point == "router_update":
+            return _router_fault(how, rank)
         buffer = Buffer(timeout_s=TIMEOUT)
         x, idx, w = _inputs(rank)
         if point == "before_layout" and rank == FAULTY:
@@ -93,10 +96,34 @@ def _layer_fault(point: str, how: str, rank: int):
     t0 = time.monotonic()
     try:
         layer(x).sum().backward()
+        if point == "layer_migrate":  # rank 2 fails as the expert weights are about to move
+            if rank == FAULTY:
+                moeflow.layer.exchange_rows = lambda *args, **kwargs: _die(how)
+            t0 = time.monotonic()
+            layer.apply_placement(layer.phy2log.roll(1))  # every slot's expert moves to the next slot
+            return ("no error", "", time.monotonic() - t0, [], [], [])
         if rank == FAULTY:
             _die(how)
         t0 = time.monotonic()
         layer.update_bias()
+        return ("no error", "", time.monotonic() - t0, [], [], [])
+    except PeerFailureError as e:
+        return (type(e).__name__, str(e), time.monotonic() - t0, e.missing_ranks, e.dead_ranks, e.stuck_ranks)
+
+
+def _router_fault(how: str, rank: int):
+    """A Router on its own (no layer, no Buffer): rank 2 fails before the load sums of
+    ``update_bias``, which go through the watched transport the Router makes at its first sum."""
+    os.environ["MOEFLOW_TIMEOUT_S"] = str(TIMEOUT)
+    torch.manual_seed(0)
+    router = Router(H, E, K, bias_update_rate=1e-3)
+    router(torch.randn(N, H))
+    if rank == FAULTY:
+        _die(how)
+        return "stuck rank done"
+    t0 = time.monotonic()
+    try:
+        router.update_bias()
         return ("no error", "", time.monotonic() - t0, [], [], [])
     except PeerFailureError as e:
         return (type(e).__name__, str(e), time.monotonic() - t0, e.missing_ranks, e.dead_ranks, e.stuck_ranks)
@@ -110,6 +137,8 @@ CASES = [
     ("async_dispatch", "kill", "dead"),
     ("layer_async", "kill", "dead"),
     ("layer_update", "kill", "dead"),
+    ("layer_migrate", "kill", "dead"),
+    ("router_update", "kill", "dead"),
 ]
 
 

@@ -33,83 +33,14 @@ from torch import nn
 from .balance import Placement, plan
 from .balance.replicas import (check_phy2log, default_phy2log, off_node_slot, plan_migration, replica_tables,
                                slot_states, spread_over_replicas)
-from .comm.buffer import Buffer, DispatchHandle, EventOverlap
+from . import autograd as ag
+from .comm.buffer import Buffer
 from .comm.rows import exchange_rows
 from .experts import GroupedExperts, SwiGLU
 from .layout import rank_in_expert
 from .routing import Router
 
 __all__ = ["MoELayer"]
-
-
-class _Pending:
-    """A holder the autograd functions fill: the event to wait on and the handle (if any)."""
-
-    __slots__ = ("event", "handle", "counts")
-
-    def __init__(self) -> None:
-        self.event: Optional[EventOverlap] = None
-        self.handle: Optional[DispatchHandle] = None
-        self.counts: Optional[list[int]] = None
-
-
-class _DispatchAsync(torch.autograd.Function):
-    """Forward: an async fresh dispatch (tensors valid after :class:`_Wait`). Backward: a combine."""
-
-    @staticmethod
-    def forward(ctx, x, topk_weights, buffer, topk_idx, num_experts, pending):
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-        recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=topk_idx, topk_weights=topk_weights, async_finish=True)
-        pending.event, pending.handle, pending.counts = event, handle, counts
-        # Kept as attributes, not saved tensors: the event fills recv_idx in place after this
-        # returns, which would trip autograd's version check on a saved tensor.
-        ctx.buffer, ctx.handle, ctx.recv_idx = buffer, handle, recv_idx
-        ctx.mark_non_differentiable(recv_idx)
-        return recv_x, recv_idx, recv_w
-
-    @staticmethod
-    def backward(ctx, grad_recv_x, _grad_idx, grad_recv_w):
-        handle = ctx.handle
-        if grad_recv_x is None:
-            grad_recv_x = torch.zeros(handle.num_recv_tokens, handle.hidden, device=ctx.recv_idx.device)
-        if grad_recv_w is not None:
-            # weights of experts on other ranks are constant zeros: no gradient flows back
-            grad_recv_w = torch.where(ctx.recv_idx >= 0, grad_recv_w, 0.0).float()
-        grad_x, grad_w, _ = ctx.buffer.combine(grad_recv_x.contiguous(), handle, topk_weights=grad_recv_w)
-        return grad_x, grad_w, None, None, None, None
-
-
-class _CombineAsync(torch.autograd.Function):
-    """Forward: an async combine (valid after :class:`_Wait`). Backward: a cached dispatch."""
-
-    @staticmethod
-    def forward(ctx, x, buffer, handle, pending):
-        combined, _, event = buffer.combine(x, handle, async_finish=True)
-        pending.event = event
-        ctx.buffer, ctx.handle = buffer, handle
-        return combined
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_x, *_ = ctx.buffer.dispatch(grad.contiguous(), handle=ctx.handle)
-        return grad_x, None, None, None
-
-
-class _Wait(torch.autograd.Function):
-    """Wait for a pending transfer; identity for autograd (gradients pass straight through)."""
-
-    @staticmethod
-    def forward(ctx, pending, *tensors):
-        pending.event.current_stream_wait()
-        outs = tuple(t.view_as(t) for t in tensors)
-        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, *grads)
 
 
 class MoELayer(nn.Module):
@@ -201,10 +132,8 @@ class MoELayer(nn.Module):
                              topk_groups=topk_groups, route_scale=route_scale, norm_topk_prob=norm_topk_prob,
                              bias_update_rate=bias_update_rate, aux_loss_coeff=aux_loss_coeff,
                              seq_aux_loss_coeff=seq_aux_loss_coeff, global_aux_loss_coeff=global_aux_loss_coeff,
-                             z_loss_coeff=z_loss_coeff, group=group, num_nodes=self.buffer.num_nodes,
-                             max_nodes_per_token=max_nodes_per_token)
-        # the router's load sums go through the Buffer: same group, and a missing peer is named
-        self.router.group, self.router.sum_over_group = self.buffer.group, self.buffer.all_reduce
+                             z_loss_coeff=z_loss_coeff, num_nodes=self.buffer.num_nodes,
+                             max_nodes_per_token=max_nodes_per_token, transport=self.buffer.transport)
         self.experts = GroupedExperts(self.num_local_experts, hidden, ffn_hidden)
         self.shared = SwiGLU(hidden, ffn_hidden * num_shared_experts) if num_shared_experts else None
         self.last_router_output = None
@@ -254,30 +183,27 @@ class MoELayer(nn.Module):
         wire = self.wire_dtype or x_TD.dtype
         def launch(c):
             lo, hi = bounds[c], bounds[c + 1]
-            pending = _Pending()
-            recv = _DispatchAsync.apply(x_TD[lo:hi].to(wire), topk_weights[lo:hi], self.buffer,
-                                        topk_idx[lo:hi], self.num_replicas, pending)
-            return pending, recv
+            return ag.dispatch(self.buffer, x_TD[lo:hi].to(wire), topk_idx[lo:hi], topk_weights[lo:hi],
+                               self.num_replicas, async_finish=True)
 
         shared_out = None
-        pending, recv = launch(0)
+        pending = launch(0)
         if self.shared is not None:
             shared_out = self.shared(x_TD)  # runs while chunk 0 travels
         outs: list = [None] * C
         combines: list = []
         for c in range(C):
-            recv_x, recv_idx, recv_w = _Wait.apply(pending, *recv)
-            handle, counts = pending.handle, pending.counts
+            d = pending.wait()
             if c + 1 < C:
-                pending, recv = launch(c + 1)  # travels while the experts below run
-            h = self.experts(recv_x.to(x_TD.dtype), recv_idx, recv_w, num_tokens_per_expert=counts)
-            cpending = _Pending()
-            combines.append((c, cpending, _CombineAsync.apply(h.to(wire), self.buffer, handle, cpending)))
+                pending = launch(c + 1)  # travels while the experts below run
+            h = self.experts(d.recv_x.to(x_TD.dtype), d.recv_topk_idx, d.recv_topk_weights,
+                             num_tokens_per_expert=d.num_recv_tokens_per_expert_list)
+            combines.append((c, ag.combine(self.buffer, h.to(wire), d.handle, async_finish=True)))
             if len(combines) > 1:  # wait for the previous chunk's combine only now
-                cc, cp, t = combines.pop(0)
-                outs[cc] = _Wait.apply(cp, t)[0]
-        for cc, cp, t in combines:
-            outs[cc] = _Wait.apply(cp, t)[0]
+                cc, cp = combines.pop(0)
+                outs[cc] = cp.wait()
+        for cc, cp in combines:
+            outs[cc] = cp.wait()
         y = torch.cat(outs).to(x_TD.dtype) if C > 1 else outs[0].to(x_TD.dtype)
         if shared_out is not None:
             y = y + shared_out

@@ -31,12 +31,14 @@ training mode; ``update_bias`` is the one per-step hook that consumes and clears
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .comm.transport import ProcessGroupTransport, Transport
 
 __all__ = ["Router", "RouterOutput"]
 
@@ -101,6 +103,10 @@ class Router(nn.Module):
         group: the data-parallel group whose load counts are summed (bias update, global-batch
             aux loss); None = the default group when torch.distributed is initialised, else no
             communication.
+        transport: the :class:`~moeflow.comm.transport.Transport` the sums go through (its group
+            replaces ``group``; a :class:`MoELayer` passes its Buffer's). Default: one made over
+            ``group`` at the first sum. Either way the sums are watched: a lost peer is named
+            within the timeout instead of hanging the update.
     """
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, *, score_func: str = "softmax",
@@ -109,7 +115,7 @@ class Router(nn.Module):
                  aux_loss_coeff: float = 0.0, seq_aux_loss_coeff: float = 0.0,
                  global_aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
                  group: Optional[dist.ProcessGroup] = None, num_nodes: int = 1,
-                 max_nodes_per_token: Optional[int] = None) -> None:
+                 max_nodes_per_token: Optional[int] = None, transport: Optional[Transport] = None) -> None:
         super().__init__()
         for name, value in (("hidden", hidden), ("num_experts", num_experts), ("num_groups", num_groups)):
             if not isinstance(value, int) or value < 1:
@@ -143,10 +149,8 @@ class Router(nn.Module):
         self.bias_update_rate = bias_update_rate
         self.aux_loss_coeff, self.seq_aux_loss_coeff = aux_loss_coeff, seq_aux_loss_coeff
         self.global_aux_loss_coeff, self.z_loss_coeff = global_aux_loss_coeff, z_loss_coeff
-        self.group = group
-        # how load counts are summed over `group`; MoELayer puts its Buffer's watched all-reduce
-        # here, so that a dead or stuck peer is named instead of hanging the update
-        self.sum_over_group: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.group = transport.group if transport is not None else group
+        self.transport = transport
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         # [E] fp32, saved with the model, not trained: used for selection only. Kept fp32 through
         # module.to(dtype) (see _apply): an update of 1e-3 vanishes next to a bias of 1 in bf16.
@@ -281,11 +285,10 @@ class Router(nn.Module):
         return (f_E * probs_TE.sum(0)).sum() / max(T, 1)
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over ``group`` in place (through ``sum_over_group`` when set)."""
-        if self.sum_over_group is not None:
-            return self.sum_over_group(tensor)
-        dist.all_reduce(tensor, group=self.group)
-        return tensor
+        """Sum ``tensor`` over ``group`` in place, through the (watched, counted) transport."""
+        if self.transport is None:
+            self.transport = ProcessGroupTransport(self.group)
+        return self.transport.all_reduce(tensor, kind="router_load")
 
     def _group_size(self) -> int:
         return dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
