@@ -32,11 +32,11 @@ def _overhead(N: int, H: int, reps: int):
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
     w = torch.rand(N, K, generator=g)
     buffer = Buffer()
-    watchdog = buffer._watchdog
+    watchdog = buffer.transport.watchdog
 
     def step(on: bool):
         # One Buffer, the watchdog switched on and off: nothing else differs between the two.
-        buffer._watchdog = buffer.transport.watchdog = watchdog if on else None
+        buffer.transport.watchdog = watchdog if on else None
         dist.barrier()  # start together: the timing covers the exchange, not a peer's lateness
         t0 = time.perf_counter()
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, E)
@@ -71,7 +71,7 @@ def _wait_cost(reps: int):
             if kind == "plain wait()":
                 work.wait()
             else:
-                buffer._watchdog.wrap(work).wait()
+                buffer.transport.watchdog.wrap(work).wait()
             times[kind].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e6 for k, v in times.items()}
 

@@ -164,3 +164,32 @@ def test_row_format_fields_are_aligned_and_round_trip():
     # without a destination the ids stay global (the rail hop's rows)
     glob = RowMeta.of(fmt, pack_meta(fmt, meta, idx))
     assert torch.equal(glob.topk_idx.long(), meta.topk_idx[idx])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_two_source_sum_in_the_output_dtype_is_the_fp32_sum(dtype):
+    """MoELayer on two ranks sums at most two copies per token; that sum is done in the output's
+    dtype (no fp32 pass), which must be bit-identical to the fp32 accumulation, edge values too."""
+    from moeflow.comm.route import _Sum, reduce_rows
+
+    T, W = 64, 16
+    g = torch.Generator().manual_seed(3)
+    idx = [torch.randperm(T, generator=g)[:50].sort().values for _ in range(2)]
+    segs = [(torch.randn(50, W, generator=g) * torch.logspace(-6, 6, W)).to(dtype) for _ in range(2)]
+    edge = torch.tensor([1e30, 1.0, 3.0, 2 ** -9, 65504.0, 1e-30, float("inf"), 0.5])
+    segs[0][0, :8], segs[1][0, :8] = edge.to(dtype), torch.tensor([1e-5, 2 ** -9, 2 ** -7, -1.0, 1.0, -1e-30,
+                                                                      1.0, 2 ** -10]).to(dtype)
+    idx[1][0] = idx[0][0]  # the edge row is summed from both
+    fp32 = torch.zeros(T, W)
+    for s, i in zip(segs, idx):
+        fp32.index_add_(0, i, s.float())
+    blockwise = torch.empty(T, W, dtype=dtype)
+    reduce_rows(blockwise, segs, idx)
+    direct = torch.empty(T, W, dtype=dtype)
+    total = _Sum(direct, idx, (), [1], {dtype})
+    assert total.direct
+    total.own(segs)   # this rank's own segment first (it needs no transfer), the other after
+    total.rest(segs)
+    for got in (blockwise, direct):
+        assert torch.equal(got.view(torch.uint8), fp32.to(dtype).view(torch.uint8))
+    assert not _Sum(direct, idx + [idx[0]], (), [0], {dtype}).direct  # three sources: fp32, in order

@@ -154,11 +154,13 @@ class PlanRunner:
         return works, self._release(buf)
 
     def send_backward(self, hop: Hop, rows: torch.Tensor, kind: str, *, wire_dtype: Optional[torch.dtype] = None,
-                      new_call: bool = True) -> tuple[list[torch.Tensor], list, Callable[[], None]]:
+                      new_call: bool = True, on_first_step: Optional[Callable[[list], None]] = None
+                      ) -> tuple[list[torch.Tensor], list, Callable[[], None]]:
         """Rows of ``hop``'s output ``[hop.num_recv, W]`` back to the ranks they came from, in
         ``wire_dtype`` (default: their own). Returns one segment per sent message of the hop
         (what came back for it, ``[send_counts[k], W]``; this rank's own: a view of ``rows``),
-        the works to wait on, and a callback that gives the buffer back."""
+        the works to wait on, and a callback that gives the buffer back. ``on_first_step(segments)``
+        runs while the first message travels (this rank's own segments are ready then)."""
         rank, ro = self.transport.rank, hop.recv_offsets
         wire = wire_dtype or rows.dtype
         W = rows.size(1)
@@ -182,8 +184,8 @@ class PlanRunner:
         sends = [(p, back(k)) for k, p in enumerate(hop.recv_peers) if p != rank]
         recvs = [(hop.send_peers[k], _bytes(segments[k])) for k in remote]
         own_bytes = sum(hop.send_counts[ks] for ks, _ in own) * W * rows.element_size()
-        works = self.transport.exchange(sends, recvs, kind, device=rows.device, new_call=new_call,
-                                        own_bytes=own_bytes)
+        works = self.transport.exchange(sends, recvs, kind, device=rows.device, new_call=new_call, own_bytes=own_bytes,
+                                        on_first_step=(lambda: on_first_step(segments)) if on_first_step else None)
         return segments, works, self._release(buf)
 
     def _release(self, buf: Optional[torch.Tensor]) -> Callable[[], None]:
@@ -216,14 +218,19 @@ class PlanRunner:
         wire = rows.dtype
         for h in range(len(plan.hops) - 1, -1, -1):
             hop = plan.hops[h]
-            segments, works, release = self.send_backward(hop, rows, kind, wire_dtype=wire,
-                                                          new_call=new_call and h == len(plan.hops) - 1)
-            index = [hop.send_idx[hop.send_offsets[k]:hop.send_offsets[k + 1]] for k in range(len(segments))]
+            index = [hop.send_idx[hop.send_offsets[k]:hop.send_offsets[k + 1]] for k in range(len(hop.send_peers))]
             if h == 0:
-                def finish(segments=segments, index=index, release=release) -> None:
-                    reduce_rows(out, segments, index, biases)
+                total = _Sum(out, index, biases, [ks for ks, _ in _own_pairs(hop, self.transport.rank)],
+                             {wire, rows.dtype})
+                segments, works, release = self.send_backward(hop, rows, kind, wire_dtype=wire, new_call=new_call
+                                                              and len(plan.hops) == 1, on_first_step=total.own)
+
+                def finish(segments=segments, release=release) -> None:
+                    total.rest(segments)
                     release()
                 return works, finish
+            segments, works, release = self.send_backward(hop, rows, kind, wire_dtype=wire,
+                                                          new_call=new_call and h == len(plan.hops) - 1)
             wait(works)  # this hop's partial sums need every row of the node
             rows = torch.empty(plan.hops[h - 1].num_recv, rows.size(1), dtype=torch.float32, device=rows.device)
             reduce_rows(rows, segments, index)
@@ -277,6 +284,43 @@ class PlanRunner:
         return out
 
 
+class _Sum:
+    """A hop's returned segments summed onto its input rows ``out``, as :func:`reduce_rows` does.
+
+    With at most two sources per row, no biases and segments of ``out``'s dtype the sum is done
+    in that dtype by ``index_add_`` (exact: ``0 + a`` is ``a``, and ``a + b`` is computed in fp32
+    and rounded once, as the fp32 accumulation rounds it; two terms add the same in any order),
+    and this rank's own segments are added while the other rows travel.
+    """
+
+    def __init__(self, out: torch.Tensor, index: list[torch.Tensor], biases: tuple, own: list[int],
+                 dtypes: set[torch.dtype]):
+        """``dtypes``: of the segments (own ones in the rows' dtype, the others in the wire's)."""
+        self.out, self.index, self.biases, self.own_msgs = out, index, biases, own
+        self.direct = not biases and dtypes == {out.dtype} and sum(1 for i in index if i.numel()) <= 2
+
+    def own(self, segments: list) -> None:
+        if not self.direct:
+            return
+        if not self.own_msgs:
+            self.out.zero_()
+            return
+        first = self.own_msgs[0]
+        _zero_rows_not_in(self.out, self.index[first])
+        out_w, seg_w = _wide_pair(self.out, segments[first])
+        out_w.index_copy_(0, self.index[first], seg_w)  # 0 + a is a: a copy, as wide words
+        for k in self.own_msgs[1:]:
+            self.out.index_add_(0, self.index[k], segments[k])
+
+    def rest(self, segments: list) -> None:
+        if not self.direct:
+            reduce_rows(self.out, segments, self.index, self.biases)
+            return
+        for k, seg in enumerate(segments):
+            if k not in self.own_msgs and seg.numel():
+                self.out.index_add_(0, self.index[k], seg)
+
+
 def reduce_rows(out: torch.Tensor, segments: list[torch.Tensor], index: list[torch.Tensor], biases: tuple = ()) -> None:
     """``out[t] = sum over k of segments[k][i] where index[k][i] == t`` (+ biases), in fp32.
 
@@ -316,6 +360,18 @@ def reduce_rows(out: torch.Tensor, segments: list[torch.Tensor], index: list[tor
         for bias in biases:
             acc.add_(bias[t0:t1])
         out[t0:t1].copy_(acc)
+
+
+def _zero_rows_not_in(out: torch.Tensor, idx: torch.Tensor) -> None:
+    """Zero the rows of ``out`` that ``idx`` does not list. On CPU only those rows are written (a
+    fresh output's pages are touched once, by the copy that follows); elsewhere all of ``out``,
+    which needs no host sync."""
+    if out.device.type != "cpu":
+        out.zero_()
+        return
+    missing = torch.ones(out.size(0), dtype=torch.bool)
+    missing[idx] = False
+    out.index_fill_(0, missing.nonzero().flatten(), 0)
 
 
 def wait(works: list) -> None:

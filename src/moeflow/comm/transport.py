@@ -24,6 +24,7 @@ width in bytes or elements.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -332,11 +333,12 @@ class ProcessGroupTransport(Transport):
 
 def make_transport(group: Optional[dist.ProcessGroup] = None, **kwargs) -> Transport:
     """The transport for ``group``: ``SymmMemTransport`` (:mod:`moeflow.comm.gpu`) for NCCL groups
-    whose torch has NVSHMEM symmetric memory, else :class:`ProcessGroupTransport`. ``kwargs``:
-    ``timeout_s``, ``ranks_per_node`` as there."""
+    whose torch has NVSHMEM symmetric memory (unless env ``MOEFLOW_SYMM_MEM=0``), else
+    :class:`ProcessGroupTransport`. ``kwargs``: ``timeout_s``, ``ranks_per_node`` as there."""
     from .gpu import SymmMemTransport, symm_mem_available  # imports no CUDA code unless usable
 
-    cls = SymmMemTransport if symm_mem_available(group) else ProcessGroupTransport
+    wanted = os.environ.get("MOEFLOW_SYMM_MEM", "1") != "0"
+    cls = SymmMemTransport if wanted and symm_mem_available(group) else ProcessGroupTransport
     return cls(group, **kwargs)
 
 

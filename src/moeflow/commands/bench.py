@@ -118,7 +118,7 @@ def _bench_rank(cfg: dict) -> dict:
     buffer = Buffer(group, ranks_per_node=cfg["P"])
 
     def moeflow_round():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, E)
         recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
             x_in, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
@@ -127,13 +127,13 @@ def _bench_rank(cfg: dict) -> dict:
         y = recv_x if not isinstance(recv_x, tuple) else torch.empty(recv_x[0].shape, dtype=torch.bfloat16)
         combined, _, _ = buffer.combine(y, handle)
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, handle, recv_x, combined
+        return t1 - t0, t2 - t1, handle, recv_x, combined, time.process_time() - c0
 
     # Extra peak memory of the first dispatch+combine, before any allocator reuse can hide it.
     dist.barrier()
     peak_ok = _reset_peak_rss()
     rss0 = _rss_bytes("VmRSS")
-    _, _, handle, recv_x, combined = moeflow_round()
+    _, _, handle, recv_x, combined, _ = moeflow_round()
     peak_extra = _rss_bytes("VmHWM") - rss0 if peak_ok else -1
     recv_payload = handle.num_recv_tokens * H * x.element_size()
     # What the caller holds afterwards (recv_x, its metadata, the combined tokens) is output,
@@ -159,11 +159,11 @@ def _bench_rank(cfg: dict) -> dict:
     raw_recv_c = torch.empty(S, comb_bytes, dtype=torch.uint8)
 
     def raw_round():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         dist.all_to_all_single(raw_recv_d, raw_send_d, recv_splits, send_splits, group=group)
         t1 = time.perf_counter()
         dist.all_to_all_single(raw_recv_c, raw_send_c, send_splits, recv_splits, group=group)
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, time.perf_counter() - t1, time.process_time() - c0
 
     def no_dedup_round():
         t0 = time.perf_counter()
@@ -172,21 +172,24 @@ def _bench_rank(cfg: dict) -> dict:
 
     buffer.counters.reset()
     times = {"dispatch": [], "combine": [], "raw_dispatch": [], "raw_combine": [], "no_dedup": []}
+    cpu_times = {"ours": [], "raw": []}  # process CPU time (every thread, Gloo's too): steadier under load
     show = rank == 0
     total = cfg["warmup"] + cfg["iters"]
     bar = _progress(total, show)
     for it in range(total):
         # Interleave the three so that drift on a shared machine hits them alike.
         dist.barrier()
-        d, c, *_ = moeflow_round()
+        d, c, *_, cpu = moeflow_round()
         dist.barrier()
-        rd, rc = raw_round()
+        rd, rc, raw_cpu = raw_round()
         dist.barrier()
         nd = no_dedup_round()
         if it >= cfg["warmup"]:
             for k, v in (("dispatch", d), ("combine", c), ("raw_dispatch", rd), ("raw_combine", rc),
                          ("no_dedup", nd)):
                 times[k].append(v)
+            cpu_times["ours"].append(cpu)
+            cpu_times["raw"].append(raw_cpu)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -205,7 +208,7 @@ def _bench_rank(cfg: dict) -> dict:
     other_nodes = torch.ones(R // P, dtype=torch.bool)
     other_nodes[rank // P] = False
     in_node = in_rank.view(N, R // P, P).any(2)
-    return dict(times=times, wire_dispatch=c.wire_bytes("dispatch") // rounds,
+    return dict(times=times, cpu_times=cpu_times, wire_dispatch=c.wire_bytes("dispatch") // rounds,
                 wire_combine=c.wire_bytes("combine") // rounds, wire_layout=c.wire_bytes("layout") // rounds,
                 inter_dispatch=(c.wire_bytes("dispatch", scope="inter_node") + c.wire_bytes("layout", scope="inter_node"))
                 // rounds,
@@ -228,6 +231,7 @@ def _progress(total: int, show: bool):
 # ----------------------------------------------------------------------------- parent side
 def _summarise(R: int, mode: str, cfg: dict, per_rank: list[dict]) -> dict:
     t = {k: slowest_median(per_rank, k) for k in per_rank[0]["times"]}
+    cpu = {k: slowest_median(per_rank, k, "cpu_times") for k in per_rank[0]["cpu_times"]}
     wire_d = sum(r["wire_dispatch"] for r in per_rank)
     wire_c = sum(r["wire_combine"] for r in per_rank)
     wire_l = sum(r["wire_layout"] for r in per_rank)
@@ -256,6 +260,7 @@ def _summarise(R: int, mode: str, cfg: dict, per_rank: list[dict]) -> dict:
         fp8_vs_no_dedup_dispatch=(wire_d + wire_l) / (nd / 2) if fp8 and nd else None,
         fp8_vs_no_dedup_total=(wire_d + wire_c + wire_l) / nd if fp8 and nd else None,
         ours_vs_raw=ours / raw, speedup_vs_no_dedup=t["no_dedup"] / ours,
+        ours_cpu_ms=cpu["ours"] * 1e3, raw_cpu_ms=cpu["raw"] * 1e3, ours_vs_raw_cpu=cpu["ours"] / cpu["raw"],
         peak_extra_bytes=peak, recv_payload_bytes=payload, peak_vs_payload=peak_ratio,
         transient_vs_payload=transient_ratio,
     )
@@ -267,6 +272,7 @@ def _print_table(s: dict) -> None:
         ("dispatch (layout+dispatch)", f"{s['dispatch_ms']:8.2f} ms", f"{s['dispatch_wire_bytes'] * mb:9.1f} MiB", f"{s['dispatch_GBps']:6.2f} GB/s/rank"),
         ("combine", f"{s['combine_ms']:8.2f} ms", f"{s['combine_wire_bytes'] * mb:9.1f} MiB", f"{s['combine_GBps']:6.2f} GB/s/rank"),
         ("raw all_to_all, same bytes", f"{s['raw_dispatch_ms'] + s['raw_combine_ms']:8.2f} ms", "", f"ours / raw = {s['ours_vs_raw']:.2f}x"),
+        ("  CPU time, ours / raw", f"{s['ours_cpu_ms']:8.2f} ms", f"{s['raw_cpu_ms']:9.2f} ms", f"ours / raw = {s['ours_vs_raw_cpu']:.2f}x"),
         ("no-dedup exchange (torchtitan)", f"{s['no_dedup_ms']:8.2f} ms", f"{s['no_dedup_wire_bytes'] * mb:9.1f} MiB", f"speed-up = {s['speedup_vs_no_dedup']:.2f}x"),
     ]
     for name, a, b, c in lines:
