@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["dispatch_layout", "is_token_in_rank", "is_token_in_node", "num_tokens_per_node", "local_topk", "rank_in_expert",
-           "align_up", "smallest_int_dtype", "itemsize", "wide_rows"]
+           "align_up", "smallest_int_dtype", "itemsize", "wide_rows", "wide_pair"]
 
 
 def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
@@ -146,3 +146,12 @@ def wide_rows(t: torch.Tensor) -> torch.Tensor:
                 and (t.storage_offset() * t.element_size()) % size == 0:
             return t.view(torch.uint8).view(dtype) if t.element_size() != size else t.view(dtype)
     return t.view(torch.uint8)
+
+
+def wide_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` (rows of one byte width) viewed by :func:`wide_rows` as the same type
+    (bytes when their alignments differ), for row gathers and copies from one into the other."""
+    wa, wb = wide_rows(a), wide_rows(b)
+    if wa.dtype != wb.dtype:
+        wa, wb = a.view(torch.uint8), b.view(torch.uint8)
+    return wa, wb

@@ -1,6 +1,7 @@
 """FP8 (e4m3) per-token, per-128-channel cast and the cast back, as DeepEP and DeepGEMM use.
 
-Shape letters: N tokens, H hidden (a multiple of 128), G = H / 128 channel groups.
+Shape letters (docs/architecture.md): T tokens, H hidden (a multiple of 128, in H / 128 blocks of
+128 channels, each block one fp32 scale).
 """
 
 from __future__ import annotations
@@ -21,50 +22,50 @@ def per_token_cast_to_fp8(x: torch.Tensor, out: Optional[tuple[torch.Tensor, tor
     """Quantise each 128-channel block of each token to FP8 with its own scale.
 
     Args:
-        x: ``[N, H]`` float (bf16, fp16 or fp32), ``H % 128 == 0``.
-        out: optional ``(x_fp8 [N, H] float8_e4m3fn, scales [N, H / 128] float32)`` contiguous
+        x: ``[T, H]`` float (bf16, fp16 or fp32), ``H % 128 == 0``.
+        out: optional ``(x_fp8 [T, H] float8_e4m3fn, scales [T, H / 128] float32)`` contiguous
             tensors to write into.
-        workspace: optional contiguous ``[N, H]`` float32 scratch. Callers that cast every step
+        workspace: optional contiguous ``[T, H]`` float32 scratch. Callers that cast every step
             pass ``out`` and ``workspace`` kept across calls: fresh multi-MB tensors page-fault
             on CPU (~0.2 ms/MB here), which costs more than the cast itself.
 
     Returns:
-        x_fp8: ``[N, H]`` float8_e4m3fn.
-        scales: ``[N, H / 128]`` float32, ``amax(block) / 448`` with amax clamped at 1e-4, so that
+        x_fp8: ``[T, H]`` float8_e4m3fn.
+        scales: ``[T, H / 128]`` float32, ``amax(block) / 448`` with amax clamped at 1e-4, so that
             ``x ~= x_fp8.float() * scales`` blockwise.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise TypeError(f"per_token_cast_to_fp8: `x` must be a 2-D tensor, got {_describe(x)}")
-    N, H = x.shape
+    T, H = x.shape
     if H % FP8_BLOCK:
         raise ValueError(f"per_token_cast_to_fp8: hidden size {H} is not a multiple of {FP8_BLOCK}")
-    G = H // FP8_BLOCK
-    ws = torch.empty(N, H, dtype=torch.float32, device=x.device) if workspace is None else workspace
-    x_fp8, scales_NG = out if out is not None else (torch.empty(N, H, dtype=torch.float8_e4m3fn, device=x.device),
-                                                    torch.empty(N, G, dtype=torch.float32, device=x.device))
-    for name, t, shape, dtype in (("workspace", ws, (N, H), torch.float32), ("out[0]", x_fp8, (N, H), torch.float8_e4m3fn),
-                                  ("out[1]", scales_NG, (N, G), torch.float32)):
+    num_blocks = H // FP8_BLOCK
+    ws = torch.empty(T, H, dtype=torch.float32, device=x.device) if workspace is None else workspace
+    x_fp8, scales = out if out is not None else (torch.empty(T, H, dtype=torch.float8_e4m3fn, device=x.device),
+                                                 torch.empty(T, num_blocks, dtype=torch.float32, device=x.device))
+    for name, t, shape, dtype in (("workspace", ws, (T, H), torch.float32), ("out[0]", x_fp8, (T, H), torch.float8_e4m3fn),
+                                  ("out[1]", scales, (T, num_blocks), torch.float32)):
         if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
             raise ValueError(f"per_token_cast_to_fp8: `{name}` must be a contiguous {list(shape)} {dtype} tensor, "
                              f"got {_describe(t)}")
-    ws_NGB = ws.view(N, G, FP8_BLOCK)
-    x_NGB = x.reshape(N, G, FP8_BLOCK)
-    ws_NGB.copy_(x_NGB).abs_()
-    torch.amax(ws_NGB, dim=2, out=scales_NG).clamp_(min=_AMAX_FLOOR).div_(FP8_MAX)
-    torch.div(x_NGB, scales_NG.unsqueeze(2), out=ws_NGB)   # promoted to fp32, as x.float() / scales
+    ws_blocks = ws.view(T, num_blocks, FP8_BLOCK)
+    x_blocks = x.reshape(T, num_blocks, FP8_BLOCK)
+    ws_blocks.copy_(x_blocks).abs_()
+    torch.amax(ws_blocks, dim=2, out=scales).clamp_(min=_AMAX_FLOOR).div_(FP8_MAX)
+    torch.div(x_blocks, scales.unsqueeze(2), out=ws_blocks)   # promoted to fp32, as x.float() / scales
     x_fp8.copy_(ws)
-    return x_fp8, scales_NG
+    return x_fp8, scales
 
 
 def per_token_cast_back(x_fp8: torch.Tensor, scales: torch.Tensor,
                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Undo :func:`per_token_cast_to_fp8`: ``[N, H]`` fp8 and ``[N, H/128]`` scales -> ``[N, H]`` ``dtype``."""
+    """Undo :func:`per_token_cast_to_fp8`: ``[T, H]`` fp8 and ``[T, H/128]`` scales -> ``[T, H]`` ``dtype``."""
     if x_fp8.dim() != 2 or scales.dim() != 2 or scales.shape != (x_fp8.size(0), x_fp8.size(1) // FP8_BLOCK):
         raise ValueError(f"per_token_cast_back: shapes {tuple(x_fp8.shape)} and {tuple(scales.shape)} "
-                         f"do not match [N, H] and [N, H/{FP8_BLOCK}]")
-    N, H = x_fp8.shape
-    x_NGB = x_fp8.float().view(N, H // FP8_BLOCK, FP8_BLOCK) * scales.unsqueeze(2)
-    return x_NGB.view(N, H).to(dtype)
+                         f"do not match [T, H] and [T, H/{FP8_BLOCK}]")
+    T, H = x_fp8.shape
+    x_blocks = x_fp8.float().view(T, H // FP8_BLOCK, FP8_BLOCK) * scales.unsqueeze(2)
+    return x_blocks.view(T, H).to(dtype)
 
 
 def _describe(x: object) -> str:

@@ -1,15 +1,17 @@
 """Cluster cost simulator: an alpha-beta model of MoE dispatch and combine time per layer.
 
-Answers "what would dispatch/combine cost on N nodes x G GPUs?" without the cluster, from three
+Answers "what would dispatch/combine cost on N nodes of R / N GPUs?" without the cluster, from three
 things: where tokens go under the routing (:func:`expected_reach`), how many bytes that puts on
 each GPU's NVLink and RDMA links (:func:`link_bytes`), and a small set of physical link
 parameters (:class:`ClusterSpec`), each link costing ``latency + bytes / bandwidth``
 (:func:`simulate_dispatch_combine`). :data:`DEEPEP_H800` holds DeepEP's published H800 figures
 and :func:`compare_deepep` puts the model beside them.
 
-Shape letters: T tokens per rank, H hidden, E experts, K top-k, R ranks, N nodes,
-G GPUs per node (R = N * G). Experts are split evenly and contiguously over ranks, ranks
-contiguously over nodes (rank r lives on node r // G), as in :class:`moeflow.Buffer`.
+Shape letters (docs/architecture.md): T tokens per rank, H hidden, E experts, K top-k, R ranks
+(GPUs), N nodes, G expert groups; ``gpus_per_node`` is R / N. Experts are split evenly and
+contiguously over ranks, ranks contiguously over nodes (rank r lives on node
+r // gpus_per_node), as in :class:`moeflow.Buffer`; who goes where comes from
+:mod:`moeflow.layout`, as there.
 
 Model assumptions, stated once:
 - Every source rank routes with the same distribution, so one ``[R]`` vector of hit
@@ -34,13 +36,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import layout
+from .quant import FP8_BLOCK  # one float32 scale per 128 channels (DeepSeek-V3 / DeepEP FP8 format)
+
 __all__ = [
     "ClusterSpec", "Reach", "LinkBytes", "PhaseCost", "SimResult", "DeepEPRow", "Comparison",
     "DEEPEP_H800", "deepep_setup", "expected_reach", "bytes_per_token", "link_bytes", "simulate_dispatch_combine",
     "compare_deepep",
 ]
 
-FP8_BLOCK = 128           # one float32 scale per 128 channels (DeepSeek-V3 / DeepEP FP8 format)
 LL_HEADER_BYTES = 16      # DeepEP low-latency dispatch: one int4 of source info per message
 
 
@@ -151,13 +155,10 @@ class Reach:
         T, K = topk_idx.shape
         if T == 0:
             raise ValueError("topk_idx must have at least one token, got 0")
-        N = num_ranks // gpus_per_node
-        valid = topk_idx >= 0
-        rank_idx = torch.where(valid, topk_idx // (num_experts // num_ranks), num_ranks)
-        # is_token_in_rank [T, R + 1]: the last column collects -1 selections and is dropped
-        in_rank = torch.zeros(T, num_ranks + 1, dtype=torch.bool).scatter_(1, rank_idx.long(), True)[:, :-1]
-        in_node = in_rank.view(T, N, gpus_per_node).any(dim=2)
-        per_rank = torch.bincount(rank_idx.flatten().long(), minlength=num_ranks + 1)[:-1]
+        in_rank = layout.is_token_in_rank(topk_idx, num_experts, num_ranks)                       # [T, R]
+        in_node = layout.is_token_in_node(in_rank, num_ranks // gpus_per_node)                   # [T, N]
+        rank_idx = torch.where(topk_idx >= 0, topk_idx // (num_experts // num_ranks), num_ranks)
+        per_rank = torch.bincount(rank_idx.flatten().long(), minlength=num_ranks + 1)[:-1]        # selections
         return cls(num_experts=num_experts, num_topk=K, num_ranks=num_ranks, gpus_per_node=gpus_per_node,
                    prob_token_in_rank=in_rank.double().mean(0).numpy(),
                    prob_token_in_node=in_node.double().mean(0).numpy(),
@@ -176,20 +177,21 @@ def _check_topology(num_experts: int, num_ranks: int, gpus_per_node: int) -> Non
 
 def _sample_topk(expert_loads: np.ndarray | None, num_experts: int, num_topk: int, num_groups: int,
                  num_topk_groups: int, num_samples: int, seed: int) -> torch.Tensor:
-    """[S, K] int64 expert ids sampled like a router: iid scores (with loads, the exponential
-    race -Exp(1) / load, whose top-K is sampling K experts without replacement in proportion to
-    load), group score = best expert score, top-M groups, then top-K experts inside them."""
-    S, E, G, M = num_samples, num_experts, num_groups, num_topk_groups
+    """[T, K] int64 expert ids of ``num_samples`` = T tokens sampled like a router: iid scores (with
+    loads, the exponential race -Exp(1) / load, whose top-K is sampling K experts without
+    replacement in proportion to load), group score = best expert score, the best
+    ``num_topk_groups`` of the G groups, then top-K experts inside them."""
+    T, E, G, top_groups = num_samples, num_experts, num_groups, num_topk_groups
     gen = torch.Generator().manual_seed(seed)
     if expert_loads is None:
-        scores = torch.rand(S, E, generator=gen)                                       # [S, E]
+        scores = torch.rand(T, E, generator=gen)                                       # [T, E]
     else:
         p = torch.from_numpy(expert_loads / expert_loads.sum()).float()
-        scores = -torch.empty(S, E).exponential_(generator=gen) / p                     # load 0 -> -inf
+        scores = -torch.empty(T, E).exponential_(generator=gen) / p                     # load 0 -> -inf
         scores = scores.masked_fill(p == 0, -math.inf)
-    if M < G:
-        group_idx = scores.view(S, G, E // G).amax(dim=2).topk(M, dim=1).indices        # [S, M]
-        in_group = torch.zeros(S, G, dtype=torch.bool).scatter_(1, group_idx, True)     # [S, G]
+    if top_groups < G:
+        group_idx = scores.view(T, G, E // G).amax(dim=2).topk(top_groups, dim=1).indices  # [T, top_groups]
+        in_group = torch.zeros(T, G, dtype=torch.bool).scatter_(1, group_idx, True)     # [T, G]
         scores = scores.masked_fill(~in_group.repeat_interleave(E // G, dim=1), -math.inf)
     return scores.topk(num_topk, dim=1).indices
 
@@ -217,8 +219,8 @@ def expected_reach(num_experts: int, num_topk: int, num_ranks: int, gpus_per_nod
     over more of its groups than uniform picks would.
     """
     _check_topology(num_experts, num_ranks, gpus_per_node)
-    E, K, R, G = num_experts, num_topk, num_ranks, gpus_per_node
-    N = R // G
+    E, K, R, per_node = num_experts, num_topk, num_ranks, gpus_per_node
+    N = R // per_node
     if not isinstance(K, int) or isinstance(K, bool) or not 1 <= K <= E:
         raise ValueError(f"num_topk must be in [1, num_experts={E}], got num_topk={K!r}")
     if max_nodes is not None:
@@ -254,11 +256,11 @@ def expected_reach(num_experts: int, num_topk: int, num_ranks: int, gpus_per_nod
         # probability C(E - u, K) / C(E, K).
         miss_rank = math.comb(E - E // R, K) / math.comb(E, K)
         miss_node = math.comb(E - E // N, K) / math.comb(E, K)
-        return Reach(num_experts=E, num_topk=K, num_ranks=R, gpus_per_node=G,
+        return Reach(num_experts=E, num_topk=K, num_ranks=R, gpus_per_node=per_node,
                      prob_token_in_rank=np.full(R, 1 - miss_rank), prob_token_in_node=np.full(N, 1 - miss_node),
                      num_selections_per_rank=np.full(R, K / R), method="exact")
     topk_idx = _sample_topk(expert_loads, E, K, num_groups, M, num_samples, seed)
-    return Reach.from_topk_idx(topk_idx, E, R, G, method=f"Monte Carlo, {num_samples} tokens, seed {seed}")
+    return Reach.from_topk_idx(topk_idx, E, R, per_node, method=f"Monte Carlo, {num_samples} tokens, seed {seed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,27 +315,27 @@ def link_bytes(reach: Reach, num_tokens: int, num_bytes_per_token: float, *, hie
     if low_latency and hierarchical:
         raise ValueError("low_latency sends each (token, expert) directly; it cannot be hierarchical, "
                          "got hierarchical=True, low_latency=True")
-    R, G, N = reach.num_ranks, reach.gpus_per_node, reach.num_nodes
+    R, per_node, N = reach.num_ranks, reach.gpus_per_node, reach.num_nodes
     b = float(num_tokens) * float(num_bytes_per_token)
     # copies per token per destination rank: once per rank reached, or once per selection (LL)
     per_rank = reach.num_selections_per_rank if low_latency else reach.prob_token_in_rank    # [R]
-    per_rank_NG = per_rank.reshape(N, G)
-    in_node_NG = per_rank_NG.sum(axis=1, keepdims=True)                                        # [N, 1]
+    per_rank_by_node = per_rank.reshape(N, per_node)                                           # [N, R / N]
+    in_node = per_rank_by_node.sum(axis=1, keepdims=True)                                    # [N, 1]
     if hierarchical and N > 1:
         p_node = reach.prob_token_in_node                                                      # [N]
         # RDMA: once per remote node reached, to the GPU with the sender's local index.
-        rdma_send = np.repeat(p_node.sum() - p_node, G) * b
-        rdma_recv = np.repeat(p_node * (N - 1), G) * b
+        rdma_send = np.repeat(p_node.sum() - p_node, per_node) * b
+        rdma_recv = np.repeat(p_node * (N - 1), per_node) * b
         # NVLink: the forwarder on each node passes tokens from all N senders with its local
         # index (its own included) to the other ranks they reach in its node.
-        nvlink_send = ((in_node_NG - per_rank_NG) * N).reshape(R) * b
-        nvlink_recv = per_rank * N * (G - 1) * b
+        nvlink_send = ((in_node - per_rank_by_node) * N).reshape(R) * b
+        nvlink_recv = per_rank * N * (per_node - 1) * b
     else:
         total = per_rank.sum()
-        nvlink_send = (in_node_NG - per_rank_NG).reshape(R) * b
-        nvlink_recv = per_rank * (G - 1) * b
-        rdma_send = (total - np.repeat(in_node_NG[:, 0], G)) * b
-        rdma_recv = per_rank * (R - G) * b
+        nvlink_send = (in_node - per_rank_by_node).reshape(R) * b
+        nvlink_recv = per_rank * (per_node - 1) * b
+        rdma_send = (total - np.repeat(in_node[:, 0], per_node)) * b
+        rdma_recv = per_rank * (R - per_node) * b
     return LinkBytes(nvlink_send, nvlink_recv, rdma_send, rdma_recv)
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .. import layout as _layout
 from .checks import ArgChecker, DispatchArgs, resolve_ranks_per_node
 from .low_latency import LowLatency, LowLatencyHandle
-from .plan import Plan, RowFormat, RowMeta
+from .plan import Plan, RowMeta
 from .route import PlanRunner
 from .transport import ByteCounters, EventOverlap, Transport, Workspace, make_transport
 
@@ -37,17 +37,17 @@ class DispatchHandle:
 
     Attributes:
         num_tokens: T. hidden: H of the dispatched ``x``.
-        is_token_in_rank: ``[T, R]`` bool, as given to dispatch.
         num_send_tokens_per_rank: rows of this rank's tokens each rank receives.
         num_recv_tokens_per_rank: rows received from each rank (``recv_x`` is grouped this way).
+        is_token_in_rank: ``[T, R]`` bool, as given to dispatch.
         plan: the route (:class:`~moeflow.comm.plan.Plan`): one hop, or two across nodes.
     """
 
     num_tokens: int
     hidden: int
-    is_token_in_rank: torch.Tensor
     num_send_tokens_per_rank: tuple[int, ...]
     num_recv_tokens_per_rank: tuple[int, ...]
+    is_token_in_rank: torch.Tensor
     plan: Plan
 
     @property
@@ -107,6 +107,7 @@ class Buffer:
         self._runner = PlanRunner(self.transport, self._workspace)
         self._low_latency = LowLatency(self.transport) if low_latency_mode else None
         self._check = ArgChecker(rank, R)
+        self._expert_col = _RAIL + (self.num_nodes > 1)  # first count-exchange column of rows per local expert
 
     @property
     def counters(self) -> ByteCounters:
@@ -226,33 +227,25 @@ class Buffer:
         num_recv_per_expert = None
         if args.num_experts:
             num_recv_per_expert = [_layout.align_up(int(n), expert_alignment)
-                                   for n in recv[:, self._first_expert_col():].sum(0).tolist()]
+                                   for n in recv[:, self._expert_col:].sum(0).tolist()]
         num_recv_per_rank = recv[:, _ROWS].tolist()
-        meta, L = RowMeta(args.scales, topk_idx, topk_weights), args.num_experts // self.group_size
-        fmt = self._meta_format(args, meta, L - 1)
-        if self.num_nodes > 1:
-            P = self.ranks_per_node
-            rail_fmt = self._meta_format(args, meta, args.num_experts - 1, mask_cols=P)
-            routed = self._runner.dispatch_node_aware(args.x, meta, (rail_fmt, fmt), is_token_in_rank,
-                                                      recv[self.rank % P::P, _RAIL].tolist(), num_recv_per_rank, L)
-        else:
-            routed = self._runner.dispatch_flat(args.x, meta, fmt, is_token_in_rank, num_recv_per_rank, L)
+        meta = RowMeta(args.scales, topk_idx, topk_weights)
+        # across nodes: the rail hop's rows from each node's rank with this rank's local index
+        rail = recv[self.rank % self.ranks_per_node::self.ranks_per_node, _RAIL].tolist() if self.num_nodes > 1 else None
+        routed = self._runner.dispatch(args.x, meta, is_token_in_rank, num_recv_per_rank, args.num_experts, rail)
         out = routed.outputs(args.scales is not None, meta)
-        handle = DispatchHandle(routed.plan.num_tokens, args.x.size(1), is_token_in_rank,
+        handle = DispatchHandle(routed.plan.num_tokens, args.x.size(1),
                                 tuple(int(n) for n in is_token_in_rank.sum(0).tolist()),
-                                tuple(int(n) for n in num_recv_per_rank), routed.plan)
+                                tuple(int(n) for n in num_recv_per_rank), is_token_in_rank, routed.plan)
         event = _event(routed.works, routed.releases + [out.unpack], async_finish)
         return out.recv_x, out.recv_topk_idx, out.recv_topk_weights, num_recv_per_expert, handle, event
-
-    def _first_expert_col(self) -> int:
-        return _RAIL + (self.num_nodes > 1)
 
     def _exchange_counts(self, args: Optional[DispatchArgs], is_token_in_rank, num_tokens_per_expert,
                          num_local_experts: int, device: torch.device, error: Optional[Exception]) -> torch.Tensor:
         """The count exchange: every rank's rows for every rank (and per local expert), its
         signature and status. Returns ``[R, columns]`` int64 on the host; raises on every rank
         when any rank's input was bad or the ranks disagree."""
-        R, first = self.group_size, self._first_expert_col()
+        R, first = self.group_size, self._expert_col
         header = torch.zeros(R, first + num_local_experts, dtype=torch.int64, device=device)
         if error is None:
             header[:, _ROWS] = is_token_in_rank.sum(0)
@@ -275,26 +268,18 @@ class Buffer:
         self._check.signatures(recv[:, _SIG:_RAIL])
         return recv
 
-    @staticmethod
-    def _meta_format(args: DispatchArgs, meta: RowMeta, ids_max: int, mask_cols: int = 0) -> RowFormat:
-        """Metadata rows: FP8 scales, top-k weights and ids up to ``ids_max``, a rank mask."""
-        scale_cols = args.scales.size(1) if args.scales is not None else 0
-        K = meta.topk_idx.size(1) if meta.topk_idx is not None else 0
-        return RowFormat.meta(scale_cols, K, meta.topk_weights is not None,
-                              _layout.smallest_int_dtype(max(ids_max, 0)), mask_cols)
-
     def _cached_dispatch(self, x, handle, topk_idx, topk_weights, async_finish):
-        self._check.handle("dispatch", handle, DispatchHandle)
+        self._check_handle("dispatch", handle)
         payload, scales = self._check.cached_dispatch(x, handle.num_tokens, handle.hidden, topk_idx, topk_weights,
                                                       self.check_finite)
-        self._check_plan(handle)
         recv_x, works, releases = self._runner.forward(handle.plan, payload, "dispatch")
         if scales is not None:
             recv_scales, more, more_releases = self._runner.forward(handle.plan, scales, "dispatch", new_call=False)
             recv_x, works, releases = (recv_x, recv_scales), works + more, releases + more_releases
         return recv_x, None, None, None, handle, _event(works, releases, async_finish)
 
-    def _check_plan(self, handle: DispatchHandle) -> None:
+    def _check_handle(self, where: str, handle) -> None:
+        self._check.handle(where, handle, DispatchHandle)
         if (len(handle.plan.hops) > 1) != (self.num_nodes > 1):
             raise ValueError(f"Buffer: rank {self.rank}: the handle's route has {len(handle.plan.hops)} hop(s) but "
                              f"this Buffer spans {self.num_nodes} node(s); pass handles back to their Buffer")
@@ -323,7 +308,9 @@ class Buffer:
         if previous_event is not None:
             previous_event.current_stream_wait()
         self.transport.arrive("combine")
-        biases = self._check_combine(x, handle, topk_weights, bias)
+        self._check_handle("combine", handle)
+        biases = self._check.combine(x, handle.num_recv_tokens, handle.num_tokens, handle.hidden, topk_weights, bias,
+                                     self.check_finite)
         T, H = handle.num_tokens, handle.hidden
         combined_x = x.new_empty(T, H)
         works, finish = self._runner.backward(handle.plan, x.contiguous(), "combine", out=combined_x, biases=biases)
@@ -335,13 +322,6 @@ class Buffer:
             works, finishes = works + more, finishes + [finish_w]
         return combined_x, combined_w, _event(works, finishes, async_finish)
 
-    def _check_combine(self, x, handle, topk_weights, bias) -> tuple:
-        self._check.handle("combine", handle, DispatchHandle)
-        biases = self._check.combine(x, handle.num_recv_tokens, handle.num_tokens, handle.hidden, topk_weights, bias,
-                                     self.check_finite)
-        self._check_plan(handle)
-        return biases
-
     # ------------------------------------------------------------------ low-latency mode
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
@@ -349,18 +329,13 @@ class Buffer:
                              round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
                              return_recv_hook: bool = False):
         """DeepEP's low-latency dispatch: static shapes, no host sync on counts (needs
-        ``low_latency_mode``). Arguments and returns as DeepEP's; see
-        :meth:`moeflow.comm.low_latency.LowLatency.dispatch`. ``dispatch_wait_recv_cost_stats``
-        is ignored; ``round_scale`` and ``use_ue8m0`` are not supported."""
-        if round_scale or use_ue8m0:
-            raise ValueError(f"Buffer.low_latency_dispatch: rank {self.rank}: round_scale/use_ue8m0 are not "
-                             "supported (scales are float32 amax / 448)")
+        ``low_latency_mode``); see :meth:`moeflow.comm.low_latency.LowLatency.dispatch`.
+        ``dispatch_wait_recv_cost_stats`` is ignored; ``round_scale``, ``use_ue8m0``: unsupported."""
         ll = self._need_low_latency("low_latency_dispatch")
         self.transport.arrive("low_latency_dispatch")
-        if self.check_finite and isinstance(x, torch.Tensor):
-            self._check.finite("low_latency_dispatch", "x", x)
         return ll.dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
-                           cumulative_local_expert_recv_stats, async_finish, return_recv_hook)
+                           cumulative_local_expert_recv_stats, async_finish, return_recv_hook,
+                           unsupported=dict(round_scale=round_scale, use_ue8m0=use_ue8m0), check_finite=self.check_finite)
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
@@ -368,15 +343,12 @@ class Buffer:
                             out: Optional[torch.Tensor] = None,
                             combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
         """DeepEP's low-latency combine: each token's expert outputs, weighted and summed (see
-        :meth:`moeflow.comm.low_latency.LowLatency.combine`). ``use_logfmt`` and ``zero_copy``
-        are not supported; ``combine_wait_recv_cost_stats`` is ignored."""
-        if use_logfmt or zero_copy:
-            raise ValueError(f"Buffer.low_latency_combine: rank {self.rank}: use_logfmt/zero_copy are not supported")
+        :meth:`moeflow.comm.low_latency.LowLatency.combine`). ``combine_wait_recv_cost_stats`` is
+        ignored; ``use_logfmt``, ``zero_copy``: unsupported."""
         ll = self._need_low_latency("low_latency_combine")
         self.transport.arrive("low_latency_combine")
-        if self.check_finite and isinstance(x, torch.Tensor):
-            self._check.finite("low_latency_combine", "x", x)
-        return ll.combine(x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook)
+        return ll.combine(x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
+                          unsupported=dict(use_logfmt=use_logfmt, zero_copy=zero_copy), check_finite=self.check_finite)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Accepted for DeepEP compatibility: every call rewrites every slot, nothing needs cleaning."""

@@ -17,7 +17,7 @@ import torch
 
 from ..quant import FP8_BLOCK
 
-__all__ = ["ArgChecker", "DispatchArgs", "FLOAT_DTYPES", "resolve_ranks_per_node", "describe"]
+__all__ = ["ArgChecker", "DispatchArgs", "FLOAT_DTYPES", "resolve_ranks_per_node"]
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float8_e4m3fn: 4}
@@ -39,12 +39,6 @@ class DispatchArgs:
     scales: Optional[torch.Tensor]
     num_experts: int
     signature: tuple[int, ...]
-
-
-def describe(x: object) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor of shape {list(x.shape)} and dtype {x.dtype}"
-    return type(x).__name__
 
 
 class ArgChecker:
@@ -85,6 +79,13 @@ class ArgChecker:
         if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             self.fail(where, name, f"must have shape {want}, got {list(t.shape)}")
+
+    def unsupported(self, where: str, options: Optional[dict]) -> None:
+        """DeepEP options moeflow does not implement: an error when any is set."""
+        on = [name for name, value in (options or {}).items() if value]
+        if on:
+            raise ValueError(f"Buffer.{where}: rank {self.rank}: {'/'.join(options)} are not supported "
+                             f"(set: {', '.join(on)})")
 
     def positive_int(self, where: str, name: str, value) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -144,8 +145,10 @@ class ArgChecker:
             if num_tokens_per_expert is None:
                 self.fail(where, "num_tokens_per_expert", "is required with `topk_idx` (from get_dispatch_layout)")
             if not isinstance(num_tokens_per_expert, torch.Tensor) or num_tokens_per_expert.dim() != 1:
-                self.fail(where, "num_tokens_per_expert", f"must be a 1-D tensor [num_experts], got "
-                                                          f"{describe(num_tokens_per_expert)}", TypeError)
+                got = num_tokens_per_expert
+                self.fail(where, "num_tokens_per_expert", "must be a 1-D tensor [num_experts], got "
+                          + (f"shape {list(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__),
+                          TypeError)
             E = num_tokens_per_expert.numel()
             self.num_experts(where, E)
             self.topk_idx(where, topk_idx, T, E)

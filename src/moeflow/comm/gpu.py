@@ -1,24 +1,17 @@
 """``SymmMemTransport``: the process-group transport plus torch's NVSHMEM symmetric memory for the
-low-latency slot exchange, which then moves only the used slots with their counts kept on the
-device (no host sync; capturable in a CUDA graph).
+low-latency slot exchange, which moves only the used slots with their counts kept on the device
+(no host sync; capturable in a CUDA graph). Written from torch 2.13's documented API
+(``torch.distributed._symmetric_memory``; ``torch.ops.symm_mem.all_to_all_vdev(input, out,
+in_splits [R], out_splits_offsets [2, R], group_name)``, splits in elements of the 1-D input);
+``scripts/gpu_check.sh`` runs ``tests/test_gpu.py`` against it on a GPU machine.
 
-Written from torch's documented API (torch 2.13 ``torch.distributed._symmetric_memory``:
-``empty``, ``rendezvous``, ``set_backend``/``get_backend``, ``is_nvshmem_available``; and
-``torch.ops.symm_mem.all_to_all_vdev(input, out, in_splits [R], out_splits_offsets [2, R],
-group_name)``, splits in elements of the 1-D ``input``, ``out_splits_offsets`` filled with the
-received splits and their exclusive-scan offsets). ``tests/test_gpu.py`` checks it against the
-process-group exchange; ``scripts/gpu_check.sh`` runs that on a GPU machine.
+Two buffer sets per shape, used in turn: ``all_to_all_vdev`` pulls from the peers' inputs and
+writes their split tables before its own barrier, so a rank one call ahead would overwrite a set
+a slower peer still reads; with two, the barrier of call k + 1 ends every peer's call k before
+any rank touches that set again. Without CUDA nothing here imports torch's CUDA code.
 
-Two buffer sets per shape, used in turn. ``all_to_all_vdev`` pulls from the peers' inputs and
-writes the peers' split tables before its barrier, so a rank one call ahead would overwrite what
-a slower peer is still reading; with two sets, the barrier inside call k + 1 guarantees every
-peer finished call k before any rank touches that set again (call k + 2).
-
-Nothing on the CPU path imports torch's CUDA code: :func:`symm_mem_available` is cheap and
-False without CUDA.
-
-Shape letters (docs/architecture.md): R ranks; C slots per (source, destination) pair; a slot
-row is ``Wq`` int64 words.
+Shape letters (docs/architecture.md): R ranks, ``T_max`` slots per (source, destination) pair;
+a slot row is ``Wq`` int64 words.
 """
 
 from __future__ import annotations
@@ -50,12 +43,12 @@ def symm_mem_available(group: Optional[dist.ProcessGroup]) -> bool:
 
 
 class _SymmBuffers:
-    """Symmetric buffers (same size on every rank) for ``R * C`` slot rows of ``Wq`` words."""
+    """Symmetric buffers (same size on every rank) for ``R * T_max`` slot rows of ``Wq`` words."""
 
-    def __init__(self, group_name: str, R: int, C: int, Wq: int, device: torch.device):
+    def __init__(self, group_name: str, R: int, T_max: int, Wq: int, device: torch.device):
         import torch.distributed._symmetric_memory as symm_mem
 
-        n = R * C * Wq
+        n = R * T_max * Wq
         self.inp = symm_mem.empty(n, dtype=torch.int64, device=device)
         self.out = symm_mem.empty(n, dtype=torch.int64, device=device)
         self.in_splits = symm_mem.empty(R, dtype=torch.int64, device=device)
@@ -76,25 +69,25 @@ class SymmMemTransport(ProcessGroupTransport):
         if symm_mem.get_backend(device) is None:
             symm_mem.set_backend("NVSHMEM")
         self.group_name = (group or dist.group.WORLD).group_name
-        self._buffers: dict[tuple, list] = {}  # (C, Wq, device) -> [two _SymmBuffers, turn]
+        self._buffers: dict[tuple, list] = {}  # (T_max, Wq, device) -> [two _SymmBuffers, turn]
 
     def exchange_slots(self, send: torch.Tensor, recv: torch.Tensor, num_valid_per_rank: Optional[torch.Tensor],
                        kind: str, *, new_call: bool = True) -> tuple:
-        """See :meth:`Transport.exchange_slots`; ``send``/``recv`` ``[R * C, W]`` with ``W`` a
+        """See :meth:`Transport.exchange_slots`; ``send``/``recv`` ``[R * T_max, W]`` with ``W`` a
         multiple of 8 bytes. Counted at the static size (what the process-group transport moves)."""
         R = self.num_ranks
         if num_valid_per_rank is None or send.device.type != "cuda" or (send.size(1) * send.element_size()) % 8:
             return super().exchange_slots(send, recv, num_valid_per_rank, kind, new_call=new_call)
-        C, Wq = send.size(0) // R, send.size(1) * send.element_size() // 8
+        T_max, Wq = send.size(0) // R, send.size(1) * send.element_size() // 8
         row = send.size(1) * send.element_size()
-        self.counters.record(kind, [C * row] * R, [C * row] * R, new_call)
-        pair = self._buffers.setdefault((C, Wq, send.device), [None, None, 0])
+        self.counters.record(kind, [T_max * row] * R, [T_max * row] * R, new_call)
+        pair = self._buffers.setdefault((T_max, Wq, send.device), [None, None, 0])
         turn = pair[2] % 2
         pair[2] += 1
         if pair[turn] is None:
-            pair[turn] = _SymmBuffers(self.group_name, R, C, Wq, send.device)
-        return None, _exchange(pair[turn], send.view(torch.int64).view(R * C, Wq), num_valid_per_rank,
-                               recv.view(torch.int64).view(R * C, Wq), self.group_name)
+            pair[turn] = _SymmBuffers(self.group_name, R, T_max, Wq, send.device)
+        return None, _exchange(pair[turn], send.view(torch.int64).view(R * T_max, Wq), num_valid_per_rank,
+                               recv.view(torch.int64).view(R * T_max, Wq), self.group_name)
 
     def destroy(self) -> None:
         """Drop the symmetric buffers: their memory goes back to torch's symmetric-memory pool."""
@@ -103,25 +96,25 @@ class SymmMemTransport(ProcessGroupTransport):
 
 def _exchange(buf: _SymmBuffers, send: torch.Tensor, num_valid_per_rank: torch.Tensor, recv: torch.Tensor,
               group_name: str) -> torch.Tensor:
-    """Pack the valid rows of ``send`` ``[R * C, Wq]`` int64 (destination ``d``'s at ``d * C``,
-    valid first), exchange, unpack into the slot layout of ``recv``. Returns ``[R * C]`` bool on
+    """Pack the valid rows of ``send`` ``[R * T_max, Wq]`` int64 (destination ``d``'s at ``d * T_max``,
+    valid first), exchange, unpack into the slot layout of ``recv``. Returns ``[R * T_max]`` bool on
     the device: which received slots hold a row."""
     RC, Wq = send.shape
     R = num_valid_per_rank.numel()
-    C = RC // R
+    T_max = RC // R
     i = torch.arange(RC, device=send.device)
     num_valid = num_valid_per_rank.to(torch.int64)
     # Packed row i is slot (d, i - start[d]) of the destination d it falls in.
     end = torch.cumsum(num_valid, 0)
     start = end - num_valid
     d = torch.bucketize(i, end, right=True).clamp(max=R - 1)
-    src = (d * C + (i - start[d])).clamp(0, RC - 1)
+    src = (d * T_max + (i - start[d])).clamp(0, RC - 1)
     torch.index_select(send, 0, src, out=buf.inp.view(RC, Wq))
     buf.in_splits.copy_(num_valid * Wq)
     # The exchange: splits and offsets stay on the device (no host sync, capturable).
     torch.ops.symm_mem.all_to_all_vdev(buf.inp, buf.out, buf.in_splits, buf.out_splits_offsets, group_name)
     splits, offs = buf.out_splits_offsets[0] // Wq, buf.out_splits_offsets[1] // Wq
-    s, j = i // C, i % C
+    s, j = i // T_max, i % T_max
     valid = j < splits[s]
     torch.index_select(buf.out.view(RC, Wq), 0, (offs[s] + j).clamp(0, RC - 1), out=recv)
     return valid

@@ -1,40 +1,20 @@
 """Low-latency dispatch / combine (DeepEP's decode mode) with static slots.
 
+docs/scale.md ("Low-latency mode") explains the design and its byte cost; in short: every rank
+reserves ``T_max`` slot rows per destination rank in the one row format (payload | FP8 scales |
+local top-k ids | source token and call signature), so the message never depends on the
+routing: :meth:`Transport.exchange_slots` moves it with no count exchange and no host sync (the
+symmetric-memory transport moves only the used slots). The receiver numbers its (row, local
+expert) pairs with one sort on the device and gathers each expert's slots into
+``recv_x [L, R * T_max, H]``. Combine sends the tokens' top-k weights to the experts' ranks,
+which weight and sum their experts' outputs in fp32 (one ``embedding_bag``) and send one row per
+slot back. On CPU (host = device) only the used pairs are touched; elsewhere every call runs at
+the static size, so nothing waits on the host and a CUDA graph can capture it. Buffers alternate
+between two sets per configuration: a result stays valid until the second call after it.
+
 Shape letters (docs/architecture.md): T tokens on this rank (``T <= T_max``), ``T_max`` =
 ``num_max_dispatch_tokens_per_rank`` (the same on every rank), H hidden, K top-k, E experts,
 L = E / R local experts, R ranks.
-
-Static shapes. DeepEP writes each token straight into its experts' slots on the remote GPU and
-signals a per-expert count; a collective transport has neither remote writes nor device-side
-signals. Instead every rank reserves, for every destination rank, ``T_max`` slot rows (a token
-reaches a rank at most once): a send buffer ``[R * T_max, W]`` of rows in the one row format
-(:class:`~moeflow.comm.plan.RowFormat`: payload | FP8 scales | local top-k ids | source token
-and call signature), whose size depends on (T_max, H, K, FP8) and never on the routing.
-:meth:`Transport.exchange_slots` moves it: the process-group transport as one equal-split
-``all_to_all_single`` (no count exchange, no host sync, the same buffer addresses every call),
-the symmetric-memory one moving only the used slots with their counts kept on the device. The
-receiver numbers its (row, local expert) pairs by one sort on the device and fills
-``recv_x [L, R * T_max, H]`` by gathering, for each expert slot, the received row it holds: a
-block per source rank in rank order, each source's token order kept; ``recv_count[e]`` says how
-many slots are valid.
-
-Where the host is the device (CPU), reading a count costs no sync, so the gathers and the
-combine's weighted sums touch only the used pairs; elsewhere they run at the static size (every
-slot gathered, every (row, top-k column) pair summed with weight 0 where unused), so nothing
-waits on the host and a CUDA graph can capture the call.
-
-Combine: the weighted sum DeepEP forms on the source would need one row per (token, local
-expert) at a static size. Instead combine sends the tokens' top-k weights (``[R, T_max, K]``
-fp32, one small slot exchange) to the experts' ranks; each rank sums its local experts' outputs
-of a token weighted in fp32 (one fused ``embedding_bag``) and sends back one row per slot
-(``[R, T_max, H]`` in ``x.dtype``); the source sums a token's rows over ranks in fp32 in rank
-order. A token with experts on one rank is weighted and summed entirely in fp32 as in DeepEP;
-one spread over ranks pays one rounding of each rank's partial sum to ``x.dtype``.
-
-Bytes against the normal mode: every rank sends ``R * T_max`` rows each way, used or not
-(``moeflow bench-ll`` measures it). Buffers: the slots and the returned ``recv_x`` are kept per
-configuration and alternate between two sets (as DeepEP's): a result stays valid until the
-second call after it.
 """
 
 from __future__ import annotations
@@ -118,20 +98,6 @@ class _Slots:
                      torch.empty(T_max, H, dtype=torch.float32, device=device)) if cfg.fp8 else None
 
 
-class _Alternating:
-    """Two sets of buffers for one configuration, handed out in turn (made on first use)."""
-
-    def __init__(self, make: Callable[[], object]):
-        self.make, self.sets, self.turn = make, [], 0
-
-    def next(self):
-        if len(self.sets) < 2:
-            self.sets.append(self.make())
-        out = self.sets[self.turn % 2]
-        self.turn += 1
-        return out
-
-
 class LowLatency:
     """Low-latency dispatch and combine over ``transport``'s group. See the module docstring."""
 
@@ -142,13 +108,15 @@ class LowLatency:
         self.trim_on_cpu = True
         self.rank, self.R = transport.rank, transport.num_ranks
         self._check = ArgChecker(self.rank, self.R)
-        self._pools: dict[tuple, _Alternating] = {}
+        self._pools: dict[tuple, list] = {}  # configuration -> [turn, up to two buffer sets]
 
     def _next(self, key: tuple, make: Callable[[], object]):
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = self._pools[key] = _Alternating(make)
-        return pool.next()
+        """The next of two buffer sets for ``key``, in turn (made on first use)."""
+        pool = self._pools.setdefault(key, [0])
+        if len(pool) < 3:
+            pool.append(make())
+        pool[0] += 1
+        return pool[1 + (pool[0] - 1) % 2]
 
     def destroy(self) -> None:
         """Free every kept buffer set; the next call makes them anew."""
@@ -163,8 +131,11 @@ class LowLatency:
                           ("scales", 4 * (cfg.H // FP8_BLOCK) if cfg.fp8 else 0),
                           ("ids", cfg.K * _layout.itemsize(ids_dtype)), ("src", 8)), ids_dtype)
 
-    def _check_dispatch(self, x, topk_idx, T_max, E, use_fp8) -> _Config:
+    def _check_dispatch(self, x, topk_idx, T_max, E, use_fp8, unsupported: dict, check_finite: bool) -> _Config:
         where, c = "low_latency_dispatch", self._check
+        c.unsupported(where, unsupported)
+        if check_finite and isinstance(x, torch.Tensor):
+            c.finite(where, "x", x)
         c.positive_int(where, "num_max_dispatch_tokens_per_rank", T_max)
         c.num_experts(where, E)
         c.tensor(where, "x", x, torch.bfloat16, (None, None))
@@ -182,7 +153,7 @@ class LowLatency:
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                  num_experts: int, use_fp8: bool, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
-                 async_finish: bool, return_recv_hook: bool):
+                 async_finish: bool, return_recv_hook: bool, *, unsupported: Optional[dict] = None, check_finite: bool = False):
         """DeepEP's ``low_latency_dispatch``.
 
         Args:
@@ -193,6 +164,8 @@ class LowLatency:
             cumulative_local_expert_recv_stats: ``[L]`` int32 or None; ``recv_count`` is added to it.
             async_finish: return while the transfer runs; ``event.current_stream_wait()`` finishes.
             return_recv_hook: return right after sending; calling ``hook()`` receives.
+            unsupported: DeepEP options moeflow does not have (an error when set).
+            check_finite: raise on NaN/Inf in ``x`` (``Buffer(check_finite=True)``).
 
         Returns:
             ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` ``[L, R * T_max, H]`` bf16, or
@@ -201,7 +174,8 @@ class LowLatency:
             low-latency dispatch after it. ``recv_count`` ``[L]`` int32; ``handle`` a
             :class:`LowLatencyHandle`; ``hook`` a callable with ``return_recv_hook``, else None.
         """
-        cfg = self._check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8)
+        cfg = self._check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, unsupported,
+                                   check_finite)
         fmt = self._format(cfg)
         slots: _Slots = self._next(("dispatch", cfg), lambda: _Slots(cfg, self.R, fmt))
         slot_token, token_slot, in_rank = self._pack(x, topk_idx, cfg, fmt, slots)
@@ -240,10 +214,10 @@ class LowLatency:
             if cfg.fp8:
                 x_fp8, scales = per_token_cast_to_fp8(x, out=(slots.cast[0][:T], slots.cast[1][:T]),
                                                       workspace=slots.cast[2][:T])
-                _gather_rows(fmt.view(rows, "x", torch.uint8), x_fp8.view(torch.uint8), tok)
+                _gather(fmt.view(rows, "x", torch.uint8), x_fp8.view(torch.uint8), tok)
                 torch.index_select(scales, 0, tok, out=fmt.view(rows, "scales", torch.float32))
             else:
-                _gather_rows(fmt.view(rows, "x", torch.uint8), x.view(torch.uint8), tok)
+                _gather(fmt.view(rows, "x", torch.uint8), x.view(torch.uint8), tok)
             # local id on the slot's rank; a -1 ("no expert") stays negative after the shift
             ids = topk_idx.index_select(0, tok) - (torch.arange(R * T_max, device=device) // T_max * L).unsqueeze(1)
             mine = (ids >= 0) & (ids < L) & (slot_token.view(-1, 1) >= 0)
@@ -310,8 +284,9 @@ class LowLatency:
                              f"({cfg.T_max}, {cfg.H}, {cfg.K}, {cfg.E}, {cfg.fp8}); every rank must pass the same")
 
     # ------------------------------------------------------------------ combine
-    def _check_combine(self, x, topk_idx, topk_weights, handle, out) -> None:
+    def _check_combine(self, x, topk_idx, topk_weights, handle, out, unsupported: dict, check_finite: bool) -> None:
         where, c = "low_latency_combine", self._check
+        c.unsupported(where, unsupported)
         if not isinstance(handle, LowLatencyHandle):
             c.fail(where, "handle", f"must be the handle low_latency_dispatch returned, got {type(handle).__name__}",
                    TypeError)
@@ -322,22 +297,25 @@ class LowLatency:
         c.tensor(where, "topk_weights", topk_weights, torch.float32, (T, topk_idx.size(1)))
         if out is not None:
             c.tensor(where, "out", out, x.dtype, (T, H))
+        if check_finite:
+            c.finite(where, "x", x)
 
     def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                handle: LowLatencyHandle, out: Optional[torch.Tensor], async_finish: bool, return_recv_hook: bool):
+                handle: LowLatencyHandle, out: Optional[torch.Tensor], async_finish: bool, return_recv_hook: bool, *,
+                unsupported: Optional[dict] = None, check_finite: bool = False):
         """DeepEP's ``low_latency_combine``.
 
         Args:
             x: ``[L, R * T_max, H]`` bf16 (fp16/fp32 accepted), expert outputs in ``recv_x``'s slots.
             topk_idx: ``[T, K]`` int64 and topk_weights: ``[T, K]`` float32, as dispatched.
             handle: from :meth:`dispatch`. out: ``[T, H]`` of ``x.dtype`` to write into, or None.
-            async_finish, return_recv_hook: as in :meth:`dispatch`.
+            async_finish, return_recv_hook, unsupported, check_finite: as in :meth:`dispatch`.
 
         Returns:
             ``(combined_x, event, hook)``: ``combined_x`` ``[T, H]``,
             ``sum_k topk_weights[t, k] * expert_k(t)`` (see the module docstring).
         """
-        self._check_combine(x, topk_idx, topk_weights, handle, out)
+        self._check_combine(x, topk_idx, topk_weights, handle, out, unsupported, check_finite)
         R, T_max, H, T = self.R, handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_tokens
         K, device = topk_idx.size(1), x.device
         w_send, w_recv, back = self._next(("combine", T_max, H, handle.num_experts, K, x.dtype, device), lambda: (
@@ -407,12 +385,9 @@ class LowLatency:
         return F.embedding_bag(bags, x.reshape(LRT, H), offsets, per_sample_weights=w_bag, mode="sum")
 
 
-def _gather_rows(out_u8: torch.Tensor, src_u8: torch.Tensor, idx: torch.Tensor) -> None:
-    """``out[i] = src[idx[i]]`` for byte rows, moved as wide words when alignment allows."""
-    out_w, src_w = _layout.wide_rows(out_u8), _layout.wide_rows(src_u8)
-    if out_w.dtype != src_w.dtype:
-        out_w, src_w = out_u8, src_u8
-    # straight into the (row-strided) field: no temporary, no second copy
+def _gather(out_u8: torch.Tensor, src_u8: torch.Tensor, idx: torch.Tensor) -> None:
+    """``out[i] = src[idx[i]]`` for byte rows, as wide words, straight into the (row-strided) field."""
+    out_w, src_w = _layout.wide_pair(out_u8, src_u8)
     torch.index_select(src_w, 0, idx, out=out_w)
 
 

@@ -1,12 +1,9 @@
 """The route of a dispatch as data: which rows go to which rank, hop by hop, and the one row format.
 
-Pure: no collectives. A :class:`Plan` is a tuple of :class:`Hop` s. Flat (one node) is one hop,
-every rank sending each token once to each rank that holds one of its experts. Node-aware (several
-nodes) is two: the *rail* hop sends a token once to each node it reaches, to the rank there with
-this rank's local index (its own node: to itself), and the *in-node* hop forwards what arrived to
-the ranks of that node the token needs. Dispatch runs the hops forward; combine runs them backward,
-summing a token's copies at each hop. The handle keeps the plan, so cached dispatch and combine
-learn nothing new.
+Pure: no collectives. Flat (one node) is one :class:`Hop`; node-aware is the *rail* hop (a token
+once to each node it reaches, to the rank there with this rank's local index) and the *in-node*
+hop (what arrived, on to the ranks of that node that need it). docs/architecture.md ("The route
+as data") describes both.
 
 Shape letters (docs/architecture.md): T tokens on this rank, R ranks, N nodes, E experts the
 Buffer dispatches over, L = E / R local experts, K top-k, M rows received here.
@@ -145,20 +142,19 @@ def in_node_hop(rank_mask: torch.Tensor, rail: Hop, rank: int, ranks_per_node: i
         a hop with one message per (local destination, node block), whose output is grouped by
         source rank in rank order, each source's token order kept: the flat dispatch's layout.
     """
-    P = ranks_per_node
-    N = len(rail.recv_counts)
-    node, local = divmod(rank, P)
+    per_node, N = ranks_per_node, len(rail.recv_counts)
+    node = rank // per_node
     block = rail.recv_offsets
     send_idx, peers, counts = [], [], []
-    for j in range(P):  # destination's local index
+    for j in range(per_node):  # destination's local index
         for m in range(N):  # the source node's block, in node order
             rows = rank_mask[block[m]:block[m + 1], j].nonzero().flatten() + block[m]  # host sync: sizes
             send_idx.append(rows)
-            peers.append(node * P + j)
+            peers.append(node * per_node + j)
             counts.append(rows.numel())
     # Source rank (m, l') reaches here through forwarder (node, l'): its rows, in rank order.
     R = len(num_recv_per_rank)
-    recv_peers = tuple(node * P + s % P for s in range(R))
+    recv_peers = tuple(node * per_node + s % per_node for s in range(R))
     idx = torch.cat(send_idx) if send_idx else rank_mask.new_zeros(0, dtype=torch.int64)
     return Hop(idx, tuple(peers), tuple(counts), recv_peers, tuple(int(n) for n in num_recv_per_rank))
 

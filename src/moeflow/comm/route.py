@@ -1,14 +1,7 @@
 """Run a :class:`~moeflow.comm.plan.Plan`: rows forward along its hops (dispatch), or backward with
 a token's copies summed at each hop (combine). The only code that moves a Buffer's rows;
 :class:`PlanRunner` also plans and runs a fresh dispatch (payload and metadata rows).
-
-Copies, per hop and direction (docs/architecture.md lists why each is there):
-  forward   each message's rows are gathered into a reused send buffer just before they leave
-            (``index_select``), received straight into the output; this rank's own rows are
-            gathered straight into the output while the first message travels.
-  backward  each message is a contiguous slice of the input, sent as is (cast first where the
-            hop's partial sums are fp32 and the wire is narrower); arrivals land in a reused
-            buffer, this rank's own rows are read in place, and :func:`reduce_rows` sums them.
+docs/architecture.md ("The data path", "Copies per call") says which copies happen and why.
 
 Shape letters (docs/architecture.md): T tokens on this rank, H hidden (W: any row width), M rows
 received here.
@@ -34,15 +27,6 @@ _ACC_BYTES = 4 << 20  # fp32 accumulator per reduce pass (token blocks of this m
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor as flat bytes: what travels (both sides see the same dtype and count)."""
     return t.reshape(-1).view(torch.uint8)
-
-
-def _wide_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a`` and ``b`` (rows of one byte width) viewed as the widest int type both allow:
-    ``index_select`` on int64 rows is ~30x faster than on bf16 rows here."""
-    wa, wb = _layout.wide_rows(a), _layout.wide_rows(b)
-    if wa.dtype != wb.dtype:
-        wa, wb = a.view(torch.uint8), b.view(torch.uint8)
-    return wa, wb
 
 
 def _own_pairs(hop: Hop, rank: int) -> list[tuple[int, int]]:
@@ -117,7 +101,7 @@ class PlanRunner:
         already in send order; arrivals fill ``out`` ``[hop.num_recv, W]``. Returns the works to
         wait on and a callback that gives the send buffer back once they are done."""
         rank, so, ro = self.transport.rank, hop.send_offsets, hop.recv_offsets
-        src_w, out_w = _wide_pair(src, out)
+        src_w, out_w = _layout.wide_pair(src, out)
         # every message to a peer, empty ones too: a message's tag is its place among the pair's
         remote = [k for k, p in enumerate(hop.send_peers) if p != rank]
         num_remote = sum(hop.send_counts[k] for k in remote)
@@ -238,39 +222,47 @@ class PlanRunner:
         raise AssertionError("a plan has at least one hop")
 
     # ------------------------------------------------------------------ fresh dispatch
-    def dispatch_flat(self, x: torch.Tensor, meta: RowMeta, fmt: RowFormat, is_token_in_rank: torch.Tensor,
-                      num_recv_per_rank: list[int], num_local_experts: int) -> Routed:
-        """One hop: payload rows ``x`` ``[T, H]`` (gathered per peer), then their metadata rows
-        (local top-k ids of the destination), in the same messages."""
-        hop = flat_hop(is_token_in_rank, num_recv_per_rank)
-        recv_x = x.new_empty(hop.num_recv, x.size(1))
-        works, release = self.send_forward(hop, x, recv_x, "dispatch")
-        recv_meta = self._send_meta(hop, fmt, meta, works, dst_rank=hop.send_peer_of_rows(),
-                                    num_local_experts=num_local_experts)
-        return Routed(Plan((hop,), x.size(0)), recv_x, fmt, recv_meta, works, [release])
+    def dispatch(self, x: torch.Tensor, meta: RowMeta, is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int],
+                 num_experts: int, num_recv_per_node: Optional[list[int]] = None) -> Routed:
+        """Plan and run a fresh dispatch of payload rows ``x`` ``[T, H]`` and their metadata
+        ``meta``: one hop (flat), or with ``num_recv_per_node`` (the rail hop's rows from each
+        node, from the count exchange) two. Metadata reaches the destination with its local ids
+        (E / R local experts; -1 and weight 0 elsewhere)."""
+        R = is_token_in_rank.size(1)
+        fmt = _meta_format(meta, num_experts // R - 1)
+        if num_recv_per_node is None:
+            hop = flat_hop(is_token_in_rank, num_recv_per_rank)
+            recv_x = x.new_empty(hop.num_recv, x.size(1))
+            works, release = self.send_forward(hop, x, recv_x, "dispatch")
+            recv_meta = self._send_meta(hop, fmt, meta, works, dst_rank=hop.send_peer_of_rows(),
+                                        num_local_experts=num_experts // R)
+            return Routed(Plan((hop,), x.size(0)), recv_x, fmt, recv_meta, works, [release])
+        return self._dispatch_node_aware(x, meta, fmt, is_token_in_rank, num_recv_per_node, num_recv_per_rank,
+                                         num_experts)
 
-    def dispatch_node_aware(self, x: torch.Tensor, meta: RowMeta, formats: tuple[RowFormat, RowFormat],
-                            is_token_in_rank: torch.Tensor, num_recv_per_node: list[int],
-                            num_recv_per_rank: list[int], num_local_experts: int) -> Routed:
-        """Two hops: the rail hop across nodes (payload, and metadata rows of ``formats[0]``: global
-        ids and the destination node's rank mask), then the in-node hop that forwards what
-        arrived (metadata of ``formats[1]``: the destination's local ids)."""
+    def _dispatch_node_aware(self, x, meta: RowMeta, fmt: RowFormat, is_token_in_rank, num_recv_per_node,
+                             num_recv_per_rank, num_experts: int) -> Routed:
+        """Two hops: the rail hop across nodes (payload, and metadata rows with global ids and the
+        destination node's rank mask), then the in-node hop that forwards what arrived (metadata
+        in ``fmt``: the destination's local ids)."""
         (T, H), R, N = x.shape, is_token_in_rank.size(1), len(num_recv_per_node)
-        P, rail_fmt = R // N, formats[0]
-        rail = rail_hop(_layout.is_token_in_node(is_token_in_rank, N), self.transport.rank, P, num_recv_per_node)
+        per_node = R // N
+        rail_fmt = _meta_format(meta, num_experts - 1, mask_cols=per_node)
+        rail = rail_hop(_layout.is_token_in_node(is_token_in_rank, N), self.transport.rank, per_node,
+                        num_recv_per_node)
         stage = x.new_empty(rail.num_recv, H)
         works, release = self.send_forward(rail, x, stage, "dispatch")
-        mask = is_token_in_rank.view(T, N, P)[rail.send_idx, rail.send_peer_of_rows() // P]
+        mask = is_token_in_rank.view(T, N, per_node)[rail.send_idx, rail.send_peer_of_rows() // per_node]
         stage_meta = self._send_meta(rail, rail_fmt, meta, works, mask=mask)
         wait(works)  # the in-node hop forwards what the rail hop brought
         release()
-        hop = in_node_hop(rail_fmt.view(stage_meta, "mask", torch.bool), rail, self.transport.rank, P,
+        hop = in_node_hop(rail_fmt.view(stage_meta, "mask", torch.bool), rail, self.transport.rank, per_node,
                           num_recv_per_rank)
         recv_x = x.new_empty(hop.num_recv, H)
         works, release = self.send_forward(hop, stage, recv_x, "dispatch", new_call=False)
-        recv_meta = self._send_meta(hop, formats[1], RowMeta.of(rail_fmt, stage_meta), works,
-                                    dst_rank=hop.send_peer_of_rows(), num_local_experts=num_local_experts)
-        return Routed(Plan((rail, hop), T), recv_x, formats[1], recv_meta, works, [release])
+        recv_meta = self._send_meta(hop, fmt, RowMeta.of(rail_fmt, stage_meta), works,
+                                    dst_rank=hop.send_peer_of_rows(), num_local_experts=num_experts // R)
+        return Routed(Plan((rail, hop), T), recv_x, fmt, recv_meta, works, [release])
 
     def _send_meta(self, hop: Hop, fmt: RowFormat, meta: RowMeta, works: list, **kw) -> Optional[torch.Tensor]:
         """Metadata rows of ``hop``'s sent rows, packed and sent right behind the payload (same
@@ -307,7 +299,7 @@ class _Sum:
             return
         first = self.own_msgs[0]
         _zero_rows_not_in(self.out, self.index[first])
-        out_w, seg_w = _wide_pair(self.out, segments[first])
+        out_w, seg_w = _layout.wide_pair(self.out, segments[first])
         out_w.index_copy_(0, self.index[first], seg_w)  # 0 + a is a: a copy, as wide words
         for k in self.own_msgs[1:]:
             self.out.index_add_(0, self.index[k], segments[k])
@@ -360,6 +352,13 @@ def reduce_rows(out: torch.Tensor, segments: list[torch.Tensor], index: list[tor
         for bias in biases:
             acc.add_(bias[t0:t1])
         out[t0:t1].copy_(acc)
+
+
+def _meta_format(meta: RowMeta, ids_max: int, mask_cols: int = 0) -> RowFormat:
+    """Metadata rows for ``meta``: FP8 scales, top-k weights, ids up to ``ids_max``, a rank mask."""
+    K = meta.topk_idx.size(1) if meta.topk_idx is not None else 0
+    return RowFormat.meta(meta.scales.size(1) if meta.scales is not None else 0, K, meta.topk_weights is not None,
+                          _layout.smallest_int_dtype(max(ids_max, 0)), mask_cols)
 
 
 def _zero_rows_not_in(out: torch.Tensor, idx: torch.Tensor) -> None:

@@ -1,24 +1,13 @@
 """The Transport: the one place where moeflow calls ``torch.distributed``, watched and counted.
 
 Every collective and point-to-point message of the library goes through a :class:`Transport`:
-the Buffer's count exchange and row moves, the low-latency slot exchange, the layer's small
-all-reduces, the Router's load sums and expert-weight migration. Each one is
+**watched** (waited on with the :class:`~moeflow.comm.health.Watchdog`'s timeout, so a lost
+peer is named, not waited on forever) and **counted** (:class:`ByteCounters`). On CUDA only the
+waits whose result the host reads anyway are timed: ``Work.wait(timeout)`` on NCCL spins the
+host until the transfer is done, which would serialise it with every dispatch and break
+CUDA-graph capture. docs/architecture.md ("The Transport") has the why of each choice.
 
-* **watched**: waited on with the :class:`~moeflow.comm.health.Watchdog`'s timeout, so a dead or
-  stuck peer becomes a :class:`~moeflow.comm.health.PeerFailureError` naming it instead of a
-  hang. On CUDA only the waits whose result the host reads anyway (count exchange, all-reduce)
-  block the host: ``Work.wait(timeout)`` on NCCL spins the host until the transfer is done,
-  which would serialise the host with every dispatch and break CUDA-graph capture, so row
-  moves there are stream-ordered (``Work.wait()``), and a lost peer is named by the next
-  host-side wait (every fresh dispatch has one).
-* **counted**: bytes to and from each peer per kind of exchange (:class:`ByteCounters`).
-
-Two implementations: :class:`ProcessGroupTransport` (any process group: Gloo, NCCL) and
-``SymmMemTransport`` (:mod:`moeflow.comm.gpu`: NCCL plus torch's NVSHMEM symmetric memory for
-the low-latency slot exchange, sizes kept on the device).
-
-Shape letters (docs/architecture.md): R ranks in the group; a row is one token copy, W its
-width in bytes or elements.
+Shape letters (docs/architecture.md): R ranks in the group; a row is one token copy, W its width.
 """
 
 from __future__ import annotations
@@ -150,14 +139,12 @@ class Transport:
     watchdog: Optional[Watchdog]
 
     def arrive(self, kind: str) -> None:
-        """Count one call (a dispatch, a combine, ...) for the watchdog; every rank makes the
-        same calls in the same order. Hot path: an int increment."""
+        """Count one call (a dispatch, ...) for the watchdog: every rank makes the same calls."""
         if self.watchdog is not None:
             self.watchdog.arrive(kind)
 
     def exchange_counts(self, table: torch.Tensor, kind: str = "layout") -> torch.Tensor:
-        """Row r of ``table`` ``[R, C]`` int64 goes to rank r; returns ``[R, C]``, row r from rank r.
-        Synchronous: the caller needs the numbers on the host to size what follows."""
+        """Row r of ``table`` (int64, one row per rank) to rank r; returns the rows from each rank."""
         raise NotImplementedError
 
     def exchange(self, sends: Sequence[tuple[int, Rows]], recvs: Sequence[tuple[int, torch.Tensor]],
@@ -169,21 +156,19 @@ class Transport:
     def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, recv_splits: Optional[list[int]] = None,
                    send_splits: Optional[list[int]] = None, *, kind: str, async_op: bool = False,
                    new_call: bool = True, host: bool = False):
-        """``all_to_all_single`` of rows (even splits when None); the Work when ``async_op``.
-        ``host``: the host reads the result (waited on with the timeout on any device)."""
+        """``all_to_all_single`` of rows (even splits when None); the Work when ``async_op``."""
         raise NotImplementedError
 
     def exchange_slots(self, send: torch.Tensor, recv: torch.Tensor, num_valid_per_rank: Optional[torch.Tensor],
                        kind: str, *, new_call: bool = True) -> tuple:
-        """Static slots ``[R * C, W]``: block ``d`` of ``send`` goes to rank ``d``, block ``s`` of
-        ``recv`` comes from rank ``s``. With ``num_valid_per_rank`` (``[R]`` on the device: only
+        """Static slots ``[R * T_max, W]``: block ``d`` of ``send`` goes to rank ``d``, block ``s``
+        of ``recv`` comes from rank ``s``. With ``num_valid_per_rank`` (``[R]`` on the device: only
         the first rows of each block are used) an implementation may move the used rows only.
-        Returns ``(work or None, recv_valid [R * C] bool or None)``: None when every slot moved."""
+        Returns ``(work or None, recv_valid [R * T_max] bool or None)``: None when all moved."""
         raise NotImplementedError
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
-        """``tensor`` reduced over the group in place, counted as one call and waited on with the
-        timeout (a lost peer is named, never waited on forever)."""
+        """``tensor`` reduced over the group in place; counted as one call."""
         raise NotImplementedError
 
     def destroy(self) -> None:
@@ -230,6 +215,7 @@ class ProcessGroupTransport(Transport):
         return works if wd is None or not host else [wd.wrap(w) for w in works]
 
     def exchange_counts(self, table: torch.Tensor, kind: str = "layout") -> torch.Tensor:
+        """Synchronous, timed on any device: the host needs the numbers to size what follows."""
         recv = torch.empty_like(table)
         self.all_to_all(recv, table, kind=kind, host=True)
         return recv
@@ -237,6 +223,7 @@ class ProcessGroupTransport(Transport):
     def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, recv_splits: Optional[list[int]] = None,
                    send_splits: Optional[list[int]] = None, *, kind: str, async_op: bool = False,
                    new_call: bool = True, host: bool = False):
+        """``host``: the host reads the result, so the wait is timed on any device."""
         R = self.num_ranks
         row = math.prod(send.shape[1:]) * send.element_size()  # bytes of one row (dim 0 is split)
         num_send = send_splits if send_splits is not None else [send.size(0) // R] * R
