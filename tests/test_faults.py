@@ -171,3 +171,55 @@ def test_timeout_comes_from_argument_then_env(monkeypatch):
     for bad in (0, -1.0, float("inf"), "5", True):
         with pytest.raises(ValueError, match=r"timeout_s must be a positive finite number"):
             resolve_timeout(bad)
+
+
+class _Work:
+    """A stand-in for a backend ``Work``: completes, or raises after ``after_s`` seconds."""
+
+    def __init__(self, after_s: float | None = None, error: str = ""):
+        self.after_s, self.error = after_s, error
+
+    def wait(self, timeout=None):
+        if self.after_s is None:
+            return True
+        time.sleep(self.after_s)
+        raise RuntimeError(self.error)
+
+
+def _behind_but_not_the_cause(case: str):
+    """Rank 2 dies after call 1. ``blocked``: rank 1 finished call 1 and fails at once in call 2,
+    while rank 0 still waits in call 1 (behind rank 1, but waiting on rank 2 too). ``witness``:
+    rank 0 fails in call 1 at once and returns (its heartbeat stops) while rank 1, which fails a
+    second later, is still looking: rank 0 gave up, it is not the cause."""
+    from moeflow.comm.health import Watchdog
+
+    rank = dist.get_rank()
+    wd = Watchdog(None, TIMEOUT)
+    wd.arrive("dispatch")
+    if rank == FAULTY:
+        wd.wait(_Work(), wd.calls, "dispatch")
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.6)  # rank 2 is gone
+    try:
+        if rank == 0:
+            wd.wait(_Work(2.0 if case == "blocked" else 0.0, "Connection closed by peer"), wd.calls, "dispatch")
+        else:
+            wd.wait(_Work(), wd.calls, "dispatch")
+            wd.arrive("combine")
+            time.sleep(1.0 if case == "witness" else 0.2)  # blocked: rank 0 is in its wait by now
+            wd.wait(_Work(0.0, "Connection closed by peer"), wd.calls, "combine")
+    except PeerFailureError as e:
+        return e.dead_ranks, e.stuck_ranks, str(e)
+    return None
+
+
+@pytest.mark.parametrize("case", ["blocked", "witness"])
+def test_a_survivor_behind_or_gone_is_not_named(case):
+    out = spawn(_behind_but_not_the_cause, 3, case, timeout_s=50, return_failures=True)
+    assert isinstance(out[FAULTY], RankError) and out[FAULTY].exitcode == -signal.SIGKILL
+    for rank in (0, 1):
+        dead, stuck, msg = out[rank]
+        assert (dead, stuck) == ([FAULTY], []), (rank, msg)
+    note = "blocked in an earlier transfer (call 1" if case == "blocked" else "rank 0 failed as well"
+    assert note in out[1][2], out[1][2]
