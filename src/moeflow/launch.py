@@ -133,7 +133,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     Each rank sees the environment of this call (``os.environ`` now), however many calls came
     before. ``fn`` starts on a rank only once every rank has joined the process group. When joining
     fails because Gloo's TCP connection set-up broke (a peer closed or reset the socket, a
-    connect timed out; seen about once in a few hundred starts on a loaded machine), every rank
+    connect timed out; seen now and then on a loaded machine), every rank
     is stopped and the whole group starts again, at most three times, with a warning on stderr.
     Any other start-up failure is raised at once.
 
