@@ -4,6 +4,10 @@ fails at once, and every call's environment reaches its ranks."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -70,3 +74,61 @@ def test_every_call_passes_its_own_environment(monkeypatch):
     assert spawn(_env, 2, "MOEFLOW_TIMEOUT_S", timeout_s=60) == ["11", "11"]
     monkeypatch.delenv("MOEFLOW_TIMEOUT_S")
     assert spawn(_env, 1, "MOEFLOW_TIMEOUT_S", timeout_s=60) == [None]
+
+
+_LAUNCHER = """
+import os, sys, time
+from moeflow import spawn
+
+def rank_fn(path):
+    open(os.path.join(path, str(os.getpid())), "w").close()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    spawn(rank_fn, 2, sys.argv[1], timeout_s=300)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_ranks_do_not_outlive_their_launcher(tmp_path, sig):
+    """Killed without a chance to clean up, the launcher leaves no rank running and no temporary
+    directory behind."""
+    pids_dir, tmp = tmp_path / "pids", tmp_path / "tmp"
+    pids_dir.mkdir()
+    tmp.mkdir()
+    script = tmp_path / "launcher.py"
+    script.write_text(_LAUNCHER)
+    env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=os.pathsep.join(sys.path))
+    launcher = subprocess.Popen([sys.executable, str(script), str(pids_dir)], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(os.listdir(pids_dir)) < 2:
+            assert launcher.poll() is None, launcher.stderr.read().decode()
+            assert time.monotonic() < deadline, "ranks did not start"
+            time.sleep(0.2)
+        assert any(tmp.iterdir()), "the launcher's multiprocessing directory should exist while it runs"
+        ranks = [int(p) for p in os.listdir(pids_dir)]
+        launcher.send_signal(sig)
+        launcher.wait(timeout=30)
+        t0 = time.monotonic()
+        while any(map(_running, ranks)) and time.monotonic() - t0 < 20:
+            time.sleep(0.1)
+        assert not any(map(_running, ranks)), f"ranks still running {time.monotonic() - t0:.1f} s after the launcher died"
+        while any(tmp.iterdir()) and time.monotonic() - t0 < 20:
+            time.sleep(0.1)
+        assert not any(tmp.iterdir()), list(tmp.iterdir())
+    finally:
+        launcher.kill()
+        for pid in os.listdir(pids_dir):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import multiprocessing.util
 import io
 import os
 import queue
 import re
+import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -72,8 +75,35 @@ _TRANSIENT_START = re.compile(r"connectFullMesh|Connection (closed|reset) by pee
 _START_ATTEMPTS = 3
 
 
-def _worker(fn, args, kwargs, rank, world_size, port, attempt, backend, timeout_s, threads, env, results):
+def _exit_with_launcher(rank: int, lifeline, tempdir: str | None) -> None:
+    """End this rank within moments of its launcher's death, however it died.
+
+    ``lifeline`` is the read end of a pipe whose only write end the launcher holds: when the
+    launcher exits (SIGKILL, the OOM killer, a crash, with no chance to clean up) the kernel
+    closes it and a daemon thread here reads EOF. (The parent process id cannot tell: under the
+    fork server the parent is the server, which every rank keeps alive.) Rank 0 also removes the
+    launcher's multiprocessing temporary directory (the fork server's socket), which the launcher
+    no longer can; named semaphores are unlinked by multiprocessing's resource tracker, which
+    outlives the launcher for that purpose.
+    """
+
+    def watch() -> None:
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
+        if rank == 0 and tempdir:
+            shutil.rmtree(tempdir, ignore_errors=True)
+        print(f"moeflow.spawn: rank {rank}: the launcher is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="moeflow-launcher-watch", daemon=True).start()
+
+
+def _worker(fn, args, kwargs, rank, world_size, port, attempt, backend, timeout_s, threads, env, lifeline,
+            tempdir, results):
     try:
+        _exit_with_launcher(rank, lifeline, tempdir)
         # The environment of this spawn() call, not the one the fork server was started with.
         os.environ.clear()
         os.environ.update(env)
@@ -198,12 +228,16 @@ class _Run:
         ctx = _context()
         # A queue per start: a rank killed while writing may leave a queue's lock held.
         self.results = ctx.Queue()
+        tempdir = mp.util.get_temp_dir() if ctx.get_start_method() == "forkserver" else None
+        # Ranks get the read end; the write end never leaves this process (see _exit_with_launcher).
+        lifeline, self.lifeline = ctx.Pipe(duplex=False)
         self.procs = [ctx.Process(target=_worker, daemon=True,
                                   args=(fn, args, kwargs, r, world_size, port, attempt, backend, coll_timeout,
-                                        threads, dict(os.environ), self.results))
+                                        threads, dict(os.environ), lifeline, tempdir, self.results))
                       for r in range(world_size)]
         for p in self.procs:
             p.start()
+        lifeline.close()
         self.done: set[int] = set()  # ranks that reported their end or died
 
     def _next(self, pending: set[int]) -> tuple[int, str, Any]:
@@ -267,3 +301,4 @@ class _Run:
                 p.kill()
                 p.join(timeout=5)
         self.results.close()
+        self.lifeline.close()
