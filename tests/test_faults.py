@@ -224,3 +224,54 @@ def test_a_survivor_behind_or_gone_is_not_named(case):
         assert (dead, stuck) == ([FAULTY], []), (rank, msg)
     note = "blocked in an earlier transfer (call 1" if case == "blocked" else "rank 0 failed as well"
     assert note in out[1][2], out[1][2]
+
+
+def _guarded_steps(how: str):
+    """Two steps of plain all-reduces (collectives moeflow does not issue, like FSDP2's) inside
+    ``Watchdog.guard``; rank 2 dies or stops before the second."""
+    from moeflow.comm.health import Watchdog
+
+    rank = dist.get_rank()
+    wd = Watchdog(None, TIMEOUT, name="training loop")
+    t = torch.ones(8)
+    for step in range(2):
+        if step == 1 and rank == FAULTY:
+            _die(how)
+            return "stuck rank done"
+        t0 = time.monotonic()
+        try:
+            with wd.guard("step"):
+                dist.all_reduce(t)
+        except PeerFailureError as e:
+            return e.dead_ranks, e.stuck_ranks, str(e), time.monotonic() - t0
+    return "no error"
+
+
+@pytest.mark.parametrize("how,state", [("kill", "dead"), ("stuck", "stuck")])
+def test_guard_names_the_lost_rank_in_collectives_moeflow_does_not_issue(how, state):
+    # The group's own timeout bounds a plain all-reduce: give it moeflow's, as the guard asks.
+    out = spawn(_guarded_steps, 3, how, timeout_s=110, collective_timeout_s=TIMEOUT, return_failures=True)
+    for rank in (0, 1):
+        dead, stuck, msg, elapsed = out[rank]
+        assert (dead, stuck) == (([FAULTY], []) if state == "dead" else ([], [FAULTY])), (rank, msg)
+        assert re.search(rf"training loop\.step on rank {rank} \(call 2 on this training loop\)", msg), msg
+        assert elapsed < LIMIT, f"rank {rank} took {elapsed:.1f} s: {msg}"
+
+
+def _guard_keeps_other_errors():
+    from moeflow.comm.health import Watchdog
+
+    wd = Watchdog(None, TIMEOUT, name="training loop")
+    with wd.guard("step"):
+        dist.all_reduce(torch.ones(2))
+    try:
+        with wd.guard("step"):
+            raise RuntimeError("a bug in the step, not a peer")
+    except PeerFailureError as e:
+        return "blamed a peer: " + str(e)
+    except RuntimeError as e:
+        return str(e)
+
+
+def test_guard_reraises_errors_no_peer_caused():
+    assert spawn(_guard_keeps_other_errors, 2, timeout_s=60) == ["a bug in the step, not a peer"] * 2

@@ -35,6 +35,7 @@ so Buffers must be created in the same order on every rank of a group (as DeepEP
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -43,7 +44,7 @@ import threading
 import time
 import weakref
 import zlib
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch.distributed as dist
 
@@ -179,10 +180,12 @@ class Watchdog:
         group: the Buffer's process group (None: the world).
         timeout_s: seconds a single wait may take before the peers are diagnosed.
         store: where heartbeats live (default: the default process group's store).
+        name: what the calls are made on, for messages ("Buffer", or e.g. "training loop").
     """
 
-    def __init__(self, group: Optional[dist.ProcessGroup], timeout_s: float, store: Optional[dist.Store] = None):
-        self.group = group
+    def __init__(self, group: Optional[dist.ProcessGroup], timeout_s: float, store: Optional[dist.Store] = None,
+                 name: str = "Buffer"):
+        self.group, self.name = group, name
         self.rank = dist.get_rank(group)
         self.timeout_s = timeout_s
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -226,6 +229,31 @@ class Watchdog:
         if self.store is not None:
             self._heartbeat.failed = False  # a transfer went through: whatever failed before is over
 
+    @contextlib.contextmanager
+    def guard(self, kind: str) -> Iterator[None]:
+        """Watch a block of collectives that moeflow does not issue itself (FSDP2's, a training
+        loop's own all-reduces): a backend error inside it (a peer's connection closed, or the
+        process group's timeout passed) becomes a :class:`PeerFailureError` naming the lost ranks.
+
+        The block counts as one call, so a peer that never enters it is named as stuck. The wait
+        itself is bounded by the process group's timeout, not by ``timeout_s``: give the group
+        moeflow's timeout (``init_process_group(timeout=...)``). An error with no dead or stuck
+        peer behind it (a bug in the block, say) is re-raised unchanged, after the diagnosis.
+        """
+        self.arrive(kind)
+        call, t0 = self.calls, time.monotonic()
+        self.waiting = True
+        try:
+            yield
+        except RuntimeError as cause:  # torch.distributed's errors are RuntimeErrors (DistError too)
+            self.waiting = False
+            err = self.diagnose(call, kind, cause, time.monotonic() - t0)
+            if err.missing_ranks:
+                raise err from cause
+            raise
+        finally:
+            self.waiting = False
+
     def diagnose(self, call: int, kind: str, cause: BaseException, waited_s: float) -> PeerFailureError:
         """Find which peers are dead or stuck (takes about three heartbeat intervals)."""
         dead: list[int] = []
@@ -247,7 +275,8 @@ class Watchdog:
                     stuck.append(r)
                 if note:
                     notes.append(note)
-        where = f"Buffer.{kind} on rank {self.rank} (call {call} on this Buffer) failed after {waited_s:.1f} s"
+        where = (f"{self.name}.{kind} on rank {self.rank} (call {call} on this {self.name}) failed after "
+                 f"{waited_s:.1f} s")
         said = f"Backend said: {_first_line(cause)}"
         if dead or stuck:
             msg = f"{where}: " + "; ".join(notes) + f". {said}"
@@ -262,22 +291,22 @@ class Watchdog:
     def _judge(self, r: int, first: Optional[dict], now: Optional[dict], call: int) -> tuple[str, str]:
         """One peer's verdict from two heartbeat reads three intervals apart: (verdict, note)."""
         if now is None:
-            return "dead", f"rank {r} is dead or hung (no heartbeat: it died or never created this Buffer)"
+            return "dead", f"rank {r} is dead or hung (no heartbeat: it died or never created this {self.name})"
         calls = int(now.get("calls", {}).get(self.id, 0))
         if now.get("failed"):
             # A witness: it saw a failure too (maybe this one, from its side) and may have exited.
             return "witness", (f"rank {r} failed as well and is not the cause (its last heartbeat showed "
-                               f"{calls} calls on this Buffer)") if calls < call else ""
+                               f"{calls} calls on this {self.name})") if calls < call else ""
         if first is not None and now.get("beat") == first.get("beat"):
             return "dead", (f"rank {r} is dead or hung (heartbeat stopped; its last one showed {calls} "
-                            f"calls on this Buffer)")
+                            f"calls on this {self.name})")
         if calls >= call:
             return "reached", ""
         if now.get("blocked"):
             return "blocked", (f"rank {r} is alive and blocked in an earlier transfer (call {calls} on this "
-                               "Buffer), waiting on a lost rank as well")
+                               f"{self.name}), waiting on a lost rank as well")
         return "stuck", (f"rank {r} is alive but stopped calling in (it has made {calls} calls on this "
-                         f"Buffer, this rank is at call {call})")
+                         f"{self.name}, this rank is at call {call})")
 
 
 class TimedWork:
