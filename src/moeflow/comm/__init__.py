@@ -1,10 +1,11 @@
 """Communication layer: the Buffer (dispatch / combine) and the transports under it."""
 
 from .buffer import Buffer, DispatchHandle
+from .compat import Config, topk_idx_t
 from .health import PeerFailureError
 from .hierarchical import NodeRoute
 from .low_latency import LowLatencyHandle
 from .transport import ByteCounters, EventOverlap, FlatTransport
 
-__all__ = ["Buffer", "DispatchHandle", "EventOverlap", "ByteCounters", "FlatTransport", "LowLatencyHandle",
+__all__ = ["Buffer", "Config", "DispatchHandle", "topk_idx_t", "EventOverlap", "ByteCounters", "FlatTransport", "LowLatencyHandle",
            "NodeRoute", "PeerFailureError"]
