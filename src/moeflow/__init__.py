@@ -10,7 +10,8 @@ combine, with shared experts and overlap.
 """
 
 from . import autograd, balance, layout, quant
-from .comm import Buffer, ByteCounters, Config, DispatchHandle, EventOverlap, PeerFailureError, topk_idx_t
+from .comm import (Buffer, ByteCounters, Config, DispatchHandle, ElasticBuffer, EPHandle, EventOverlap,
+                   PeerFailureError, topk_idx_t)
 from .experts import GroupedExperts, SwiGLU
 from .layer import MoELayer
 from .routing import Router, RouterOutput
@@ -21,7 +22,7 @@ from .quant import per_token_cast_back, per_token_cast_to_fp8
 __version__ = "0.1.0"
 
 __all__ = [
-    "Buffer", "Config", "DispatchHandle", "EventOverlap", "topk_idx_t", "ByteCounters", "PeerFailureError",
+    "Buffer", "Config", "DispatchHandle", "EventOverlap", "topk_idx_t", "ElasticBuffer", "EPHandle", "ByteCounters", "PeerFailureError",
     "autograd", "balance", "layout", "quant", "per_token_cast_to_fp8", "per_token_cast_back",
     "spawn", "RankError",
     "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer",

@@ -158,6 +158,23 @@ class DeepEPBufferMethods:
         return max(static_bytes(num_ranks, num_max_dispatch_tokens_per_rank, hidden, num_experts, num_topk, fp8)
                    for fp8 in (False, True))
 
+    def internode_dispatch(self, *args, **kwargs):
+        """DeepEP's internode dispatch, called by its ``dispatch`` when the group spans nodes: here
+        :meth:`dispatch` itself, which takes the node-aware route when ``ranks_per_node`` < group size."""
+        self._need_nodes("internode_dispatch")
+        return self.dispatch(*args, **kwargs)
+
+    def internode_combine(self, *args, **kwargs):
+        """DeepEP's internode combine: here :meth:`combine` (see :meth:`internode_dispatch`)."""
+        self._need_nodes("internode_combine")
+        return self.combine(*args, **kwargs)
+
+    def _need_nodes(self, where: str) -> None:
+        if self.num_nodes == 1:
+            raise ValueError(f"Buffer.{where}: rank {self.rank}: this Buffer's group is one node "
+                             f"(ranks_per_node={self.ranks_per_node}); call dispatch/combine, or create the "
+                             "Buffer with ranks_per_node below the group size")
+
     def get_comm_stream(self):
         raise NotImplementedError(
             "Buffer.get_comm_stream: moeflow has no communication stream of its own; its transfers "
