@@ -265,6 +265,14 @@ def _internode(check: _Checks, group) -> None:
             combined, _, _ = buffer.combine(recv_x, handle)
             gap = _gap(combined.float() / in_rank.sum(1, keepdim=True), x)
             check("internode_combine", gap < 5e-6, f"gap {gap}")
+    # DeepEP's explicit internode entry points are the same calls here
+    args = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, topk_idx=topk_idx)
+    recv_x, *_, handle, _ = buffer.dispatch(x, **args)
+    again, *_, handle2, _ = buffer.internode_dispatch(x, None, *args.values())
+    check("internode_entry_points", torch.equal(recv_x, again), "internode_dispatch")
+    check("internode_entry_points", torch.equal(buffer.combine(recv_x, handle)[0],
+                                                buffer.internode_combine(again, handle2)[0]), "internode_combine")
 
 
 # ----------------------------------------------------------------------------- low latency
@@ -283,8 +291,9 @@ def _low_latency(check: _Checks, buffer: deep_ep.Buffer, group) -> None:
     topk_weights = torch.randn(N, K, dtype=torch.float32).abs()
     for _ in range(3):
         topk_idx[rng.randint(0, N - 1), rng.randint(0, K - 1)] = -1
-    all_topk_idx = torch.empty(R, N, K, dtype=topk_idx.dtype)
-    dist.all_gather_into_tensor(all_topk_idx.view(-1, K), topk_idx, group=group)
+    gathered = [torch.empty_like(topk_idx) for _ in range(R)]
+    dist.all_gather(gathered, topk_idx, group=group)  # upstream: all_gather_into_tensor, [R, N, K]
+    all_topk_idx = torch.stack(gathered)
 
     num_times = 0
     for current_x in x_list:
@@ -352,6 +361,21 @@ def _low_latency(check: _Checks, buffer: deep_ep.Buffer, group) -> None:
                             if not round_scale:
                                 gap = _gap(ref, combined_x)
                                 check(name, gap < (9e-4 if use_fp8 else 1e-5), f"gap {gap} fp8={use_fp8}")
+
+    # The static-shape path (what GPUs run; CPU trims to the used slots) returns the same
+    # slots, FP8 scales column-major and UE8M0-packed included
+    ll = buffer._low_latency
+    for use_ue8m0 in (False, True):
+        outs = []
+        for trim in (True, False):
+            ll.trim_on_cpu = trim
+            (fp8_x, scales), count, handle, _, _ = buffer.low_latency_dispatch(
+                x, topk_idx, N, E, use_fp8=True, round_scale=use_ue8m0, use_ue8m0=use_ue8m0)
+            outs.append([(fp8_x[i, :c].view(torch.uint8).clone(), scales[i, :c].clone(), tuple(scales.stride()))
+                         for i, c in enumerate(count.tolist())])
+        ll.trim_on_cpu = True
+        check("ll_static_path", all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+                                    for a, b in zip(*outs)), f"ue8m0={use_ue8m0}")
 
     # zero_copy reads the buffer, not x (upstream passes the same data both ways)
     _, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, N, E, use_fp8=False)
@@ -520,6 +544,8 @@ def _surface(check: _Checks, group) -> None:
     b = deep_ep.Buffer(group, int(2e9), 0, False, 1, True, False, True, True)
     check("constructor", (b.group, b.num_nvl_bytes, b.low_latency_mode, b.explicitly_destroy, b.group_size)
           == (group, int(2e9), False, True, R), "positional parameters out of DeepEP's order")
+    check.raises("one_node_internode_raises", ValueError, lambda: b.internode_dispatch(torch.zeros(1, 128)),
+                 "ranks_per_node")
     b.destroy()
     check.raises("unsupported_raise", NotImplementedError, lambda: deep_ep.Buffer(group, enable_shrink=True),
                  "PeerFailureError")
@@ -627,6 +653,7 @@ def test_ll_handle_unpacks_as_5_tuple(records):
 
 def test_ll_fp8_scales_column_major_and_ue8m0_packed(records):
     _expect(records, "ll_scales_layout")
+    _expect(records, "ll_static_path")
 
 
 def test_ll_cumulative_local_expert_recv_stats(records):
@@ -659,7 +686,7 @@ def test_internode_handle_recv_gbl_rank_prefix_sum(records):
     if records[0] != 4:
         pytest.skip("two nodes of two ranks need 4 ranks")
     for name in ("internode_layout", "internode_handle", "internode_recv_gbl_rank_prefix_sum",
-                 "internode_num_worst_tokens", "internode_combine"):
+                 "internode_num_worst_tokens", "internode_combine", "internode_entry_points"):
         _expect(records, name)
 
 
@@ -679,6 +706,10 @@ def test_constructor_takes_deep_ep_v1_positional_order(records):
 
 def test_unsupported_calls_raise_not_implemented_saying_what_to_use(records):
     _expect(records, "unsupported_raise")
+
+
+def test_internode_entry_points_need_several_nodes(records):
+    _expect(records, "one_node_internode_raises")
 
 
 def test_config_defaults_and_checks_follow_deep_ep():

@@ -1,7 +1,8 @@
 """moeflow: expert parallelism for PyTorch Mixture-of-Experts models on any torch.distributed backend.
 
 The DeepEP-compatible entry point is :class:`Buffer`, with DeepEP's :class:`Config`, ``topk_idx_t``
-and :class:`EventOverlap`: ``import moeflow as deep_ep`` runs DeepEP V1 code (docs/deep_ep.md).
+and :class:`EventOverlap`: ``import moeflow as deep_ep`` runs DeepEP V1 code; :class:`ElasticBuffer`
+takes DeepEP V2's dispatch/combine (docs/deep_ep.md).
 :mod:`moeflow.autograd` makes dispatch and combine differentiable; :mod:`moeflow.quant` holds the
 FP8 cast; :func:`moeflow.launch.spawn`
 runs a function on local ranks; :mod:`moeflow.balance` plans expert placement (EPLB contract).

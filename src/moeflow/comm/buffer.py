@@ -6,16 +6,17 @@ Shape letters:
     S  rows this rank sends (one per token-rank pair)         M  rows this rank receives
 
 What goes on the wire:
-  fresh dispatch  1. a count exchange, ``[R, 8 + L]`` int64 per rank: rows and per-expert counts
-                     for each peer (they size the receive buffers) plus every rank's hidden size,
-                     dtype and input status, so that bad input on one rank is an error on all
-                     ranks instead of a hang;
+  fresh dispatch  1. a count exchange, ``[R, 9 + L + R]`` int64 per rank: rows and per-expert
+                     counts for each peer (they size the receive buffers) plus every rank's hidden
+                     size, dtype and input status, so that bad input on one rank is an error on
+                     all ranks instead of a hang, and its ``num_worst_tokens`` and rows for every
+                     rank (the handle's DeepEP ``rank_prefix_matrix``);
                   2. the payload rows, in R-1 pairwise send/recv steps (see
                      ``FlatTransport.exchange_pairwise``): each peer's rows are gathered into a
                      reused send buffer just before they leave and received straight into
                      ``recv_x``; this rank's own rows are gathered straight into ``recv_x``;
-                  3. the rows' metadata (local top-k ids, weights, FP8 scales) as packed bytes,
-                     one small all-to-all with the same splits.
+                  3. the rows' metadata (local top-k ids, weights, FP8 scales, source token
+                     index) as packed bytes, one small all-to-all with the same splits.
   cached dispatch payload (+ FP8 scales) only: the handle holds every count.
   combine         payload back (+ top-k weights when given); no count exchange. Rows a rank
                   sent to itself are read from ``x`` in place.
@@ -41,7 +42,7 @@ import torch.distributed as dist
 from .. import layout as _layout
 from ..quant import FP8_BLOCK
 from .checks import DTYPE_CODE, FLOAT_DTYPES, ArgChecker
-from .compat import SHRINK_UNSUPPORTED, Config, DeepEPBufferMethods, DeepEPTuple
+from .compat import SHRINK_UNSUPPORTED, DeepEPBufferMethods, DeepEPTuple
 from .health import Watchdog, resolve_timeout
 from .low_latency import LowLatency, LowLatencyHandle, finish_low_latency
 from .hierarchical import HierarchicalDispatcher, NodeRoute, num_tokens_per_node, resolve_ranks_per_node
@@ -449,25 +450,23 @@ class Buffer(DeepEPBufferMethods):
         fmt = RowFormat((("scales", (H // FP8_BLOCK) * 4 if x_scales is not None else 0),
                          ("weights", 4 * K if topk_weights is not None else 0),
                          ("ids", K * _itemsize(idx_dtype)), ("src", 4)))
-        recv_meta = None
-        if fmt.width:
-            send_meta = torch.empty(send_token_idx.numel(), fmt.width, dtype=torch.uint8, device=device)
-            fmt.view(send_meta, "src", torch.int32).copy_(send_token_idx.view(-1, 1))
-            if x_scales is not None:
-                torch.index_select(x_scales, 0, send_token_idx,
-                                   out=fmt.view(send_meta, "scales", torch.float32))
-            if K:
-                local_idx, local_weights = _layout.local_topk(
-                    topk_idx.index_select(0, send_token_idx),
-                    topk_weights.index_select(0, send_token_idx) if topk_weights is not None else None,
-                    send_rank_idx, num_local_experts)
-                fmt.view(send_meta, "ids", idx_dtype).copy_(local_idx)
-                if local_weights is not None:
-                    fmt.view(send_meta, "weights", torch.float32).copy_(local_weights)
-            recv_meta = torch.empty(M, fmt.width, dtype=torch.uint8, device=device)
-            works.append(self.transport.all_to_all_rows(recv_meta, send_meta, num_recv_per_rank,
-                                                        num_send_per_rank, "dispatch", async_op=async_finish,
-                                                        new_call=False))
+        send_meta = torch.empty(send_token_idx.numel(), fmt.width, dtype=torch.uint8, device=device)
+        fmt.view(send_meta, "src", torch.int32).copy_(send_token_idx.view(-1, 1))
+        if x_scales is not None:
+            torch.index_select(x_scales, 0, send_token_idx,
+                               out=fmt.view(send_meta, "scales", torch.float32))
+        if K:
+            local_idx, local_weights = _layout.local_topk(
+                topk_idx.index_select(0, send_token_idx),
+                topk_weights.index_select(0, send_token_idx) if topk_weights is not None else None,
+                send_rank_idx, num_local_experts)
+            fmt.view(send_meta, "ids", idx_dtype).copy_(local_idx)
+            if local_weights is not None:
+                fmt.view(send_meta, "weights", torch.float32).copy_(local_weights)
+        recv_meta = torch.empty(M, fmt.width, dtype=torch.uint8, device=device)
+        works.append(self.transport.all_to_all_rows(recv_meta, send_meta, num_recv_per_rank,
+                                                    num_send_per_rank, "dispatch", async_op=async_finish,
+                                                    new_call=False))
 
         recv_scales = torch.zeros(rows, H // FP8_BLOCK, dtype=torch.float32, device=device) \
             if x_scales is not None else None

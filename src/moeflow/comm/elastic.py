@@ -399,52 +399,20 @@ class ElasticBuffer:
         combined, combined_w, _ = self._buffer.combine(x, inner, topk_weights=topk_weights, bias=bias)
         return combined, combined_w, EventOverlap()
 
-    # ------------------------------------------------------------------ no counterpart
-    @staticmethod
-    def get_engram_storage_size_hint(*args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.get_engram_storage_size_hint: {_NO_ENGRAM}")
 
-    def engram_write(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.engram_write: {_NO_ENGRAM}")
+def _unsupported(name: str, why: str):
+    def call(*args, **kwargs):
+        raise NotImplementedError(f"ElasticBuffer.{name}: {why}")
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"Raises ``NotImplementedError``: {why}."
+    return call
 
-    def engram_fetch(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.engram_fetch: {_NO_ENGRAM}")
 
-    @staticmethod
-    def get_pp_buffer_size_hint(*args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.get_pp_buffer_size_hint: {_NO_PP}")
-
-    def pp_set_config(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.pp_set_config: {_NO_PP}")
-
-    def pp_send(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.pp_send: {_NO_PP}")
-
-    def pp_recv(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.pp_recv: {_NO_PP}")
-
-    @staticmethod
-    def get_agrs_num_max_session_bytes(*args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.get_agrs_num_max_session_bytes: {_NO_AGRS}")
-
-    @staticmethod
-    def get_agrs_buffer_size_hint(*args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.get_agrs_buffer_size_hint: {_NO_AGRS}")
-
-    def create_agrs_session(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.create_agrs_session: {_NO_AGRS}")
-
-    def destroy_agrs_session(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.destroy_agrs_session: {_NO_AGRS}")
-
-    def agrs_new_session(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.agrs_new_session: {_NO_AGRS}")
-
-    def agrs_set_config(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.agrs_set_config: {_NO_AGRS}")
-
-    def agrs_get_inplace_tensor(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.agrs_get_inplace_tensor: {_NO_AGRS}")
-
-    def all_gather(self, *args, **kwargs):
-        raise NotImplementedError(f"ElasticBuffer.all_gather: {_NO_AGRS}")
+# DeepEP V2's non-EP entry points: each raises, naming what to use instead.
+for _why, _names in ((_NO_ENGRAM, ("get_engram_storage_size_hint", "engram_write", "engram_fetch")),
+                     (_NO_PP, ("get_pp_buffer_size_hint", "pp_set_config", "pp_send", "pp_recv")),
+                     (_NO_AGRS, ("get_agrs_num_max_session_bytes", "get_agrs_buffer_size_hint", "create_agrs_session",
+                                 "destroy_agrs_session", "agrs_new_session", "agrs_set_config",
+                                 "agrs_get_inplace_tensor", "all_gather"))):
+    for _name in _names:
+        setattr(ElasticBuffer, _name, _unsupported(_name, _why))

@@ -343,19 +343,19 @@ class LowLatency:
             out_x = _layout.wide_rows(slots.recv_x.view(torch.uint8))
             scales_field = fmt.view(rrows, "scales", torch.float32) if use_fp8 else None
 
-            def scales_of(rows: torch.Tensor) -> torch.Tensor:
+            def scales_of(row_idx: torch.Tensor) -> torch.Tensor:
                 """``[n, G]`` fp32 scales of received rows (``[n, G / 4]`` UE8M0 int32), a small
                 temporary: the output is column-major, so the gather cannot land in it directly."""
-                picked = scales_field.index_select(0, rows)
+                picked = scales_field.index_select(0, row_idx)
                 return pack_ue8m0(picked) if use_ue8m0 else picked
 
             if trim:
                 # Host = device: gather each expert's used slots only, straight into place.
                 for e, (n, at) in enumerate(zip(counts[:L].tolist(), first[:L].tolist())):
-                    rows = row_sorted[at:at + n]
-                    torch.index_select(x_field, 0, rows, out=out_x[e * RT:e * RT + n])
+                    picked = row_sorted[at:at + n]
+                    torch.index_select(x_field, 0, picked, out=out_x[e * RT:e * RT + n])
                     if use_fp8:
-                        slots.recv_scales_t[e, :, :n].copy_(scales_of(rows).t())
+                        slots.recv_scales_t[e, :, :n].copy_(scales_of(picked).t())
             else:
                 # static: every slot, used or not
                 torch.index_select(x_field, 0, slot_row.view(-1), out=out_x)
