@@ -1,11 +1,12 @@
-"""DeepEP conformance: the calls and checks of DeepEP's own V1 tests, on Gloo at 2 and 4 ranks.
+"""DeepEP conformance: the calls and checks of DeepEP's own tests, on Gloo at 2 and 4 ranks.
 
-Mirrors deepseek-ai/DeepEP at commit 567632d (the last commit before V2; upstream keeps these
-tests as tests/legacy/): ``test_main`` of tests/test_intranode.py, of tests/test_low_latency.py,
-and the ``handle[-4]`` check of tests/test_internode.py; and, for DeepEP V2's ElasticBuffer,
-``test_dispatch_combine`` of tests/elastic/test_ep.py at deepseek-ai/DeepEP@dd758ca. The calls, their arguments and the
-properties checked follow upstream (sizes are small); each test is named after the upstream
-check it mirrors. The code is ours. docs/deep_ep.md reports DeepEP's own files run against moeflow.
+Mirrors deepseek-ai/DeepEP at commit 567632d (V1, the last commit before V2; upstream keeps these
+tests as tests/legacy/): ``test_main`` of tests/test_intranode.py and of tests/test_low_latency.py,
+and the ``handle[-4]`` check of tests/test_internode.py; and for V2's ElasticBuffer
+``test_dispatch_combine`` of tests/elastic/test_ep.py at deepseek-ai/DeepEP@dd758ca. The calls,
+their arguments and the properties checked follow upstream (sizes are small); each test is named
+after the upstream check it mirrors. The code is ours. docs/deep_ep.md reports DeepEP's own test
+files run against moeflow.
 
 Each rank count is spawned once (a module fixture); every rank runs all scenarios and records
 each named check, and the tests below read the records: a test fails if its check failed on any
@@ -24,7 +25,7 @@ import moeflow as deep_ep  # the one import change DeepEP code makes
 from moeflow import spawn
 from moeflow.quant import per_token_cast_back, per_token_cast_to_fp8
 
-UPSTREAM = "deepseek-ai/DeepEP@567632d"
+UPSTREAM = "deepseek-ai/DeepEP@567632d (V1) / @dd758ca (V2)"
 
 
 class _Checks:
@@ -128,7 +129,8 @@ def _intranode(check: _Checks, buffer: deep_ep.Buffer, group) -> None:
 
                     rank_prefix_matrix = handle[0]
                     check("dispatch_recv_rows", gbl_num_tokens_per_rank[rank].item() == M, f"{M} rows")
-                    check("dispatch_expert_counts", gbl_num_tokens_per_expert.view(R, -1)[rank].tolist() == per_expert_list,
+                    expected = gbl_num_tokens_per_expert.view(R, -1)[rank].tolist()
+                    check("dispatch_expert_counts", expected == per_expert_list,
                           f"with_topk={with_topk}: {per_expert_list}")
                     if not is_rand:
                         _blocks_hold_their_rank(check, "dispatch_rank_prefix_matrix", recv_x,
@@ -171,7 +173,8 @@ def _intranode(check: _Checks, buffer: deep_ep.Buffer, group) -> None:
                         cached_x = _bf16(cached_x)
                         check("cached_dispatch", torch.equal(cached_x, recv_x), "differs from the fresh dispatch")
                         if not is_rand:
-                            _blocks_hold_their_rank(check, "cached_dispatch", cached_x, rank_prefix_matrix[:, rank].tolist())
+                            _blocks_hold_their_rank(check, "cached_dispatch", cached_x,
+                                                    rank_prefix_matrix[:, rank].tolist())
 
                     combine_args = dict(x=recv_x, handle=handle, config=config, async_finish=async_mode)
                     if with_topk:
@@ -229,7 +232,8 @@ def _handle_tuple(check, handle, recv_x, all_x, is_token_in_rank, rank, R):
         check(name, (send_head[~is_token_in_rank[:, r], r] == -1).all().item(), f"send_head -1 for {r}")
     check(name, recv_src_idx.dtype == torch.int32 and recv_src_idx.shape == (M,), "recv_src_idx shape")
     if all_x is not None:  # row i is token recv_src_idx[i] of the rank whose block holds it
-        source = torch.repeat_interleave(torch.arange(R), torch.diff(rank_prefix_matrix[:, rank], prepend=torch.zeros(1, dtype=torch.int32)))
+        per_source = torch.diff(rank_prefix_matrix[:, rank], prepend=torch.zeros(1, dtype=torch.int32))
+        source = torch.repeat_interleave(torch.arange(R), per_source)
         expect = torch.stack([all_x[s][t] for s, t in zip(source.tolist(), recv_src_idx.tolist())]) if M else recv_x
         check(name, torch.equal(recv_x, expect), "recv_src_idx does not name the rows' tokens")
 
@@ -312,17 +316,20 @@ def _low_latency(check: _Checks, buffer: deep_ep.Buffer, group) -> None:
                         check("ll_handle_tuple", len(handle) == 5 and tuple(handle)[2:] == (N, H, E), "entries")
                         if use_fp8:
                             scales = packed_recv_x[1]
-                            check("ll_scales_layout", scales.shape == (L, R * N, H // (512 if use_ue8m0 else 128))
-                                  and scales.stride(1) == 1 and scales.dtype == (torch.int32 if use_ue8m0 else torch.float32),
+                            want = (L, R * N, H // 512) if use_ue8m0 else (L, R * N, H // 128)
+                            check("ll_scales_layout", scales.shape == want and scales.stride(1) == 1
+                                  and scales.dtype == (torch.int32 if use_ue8m0 else torch.float32),
                                   f"{scales.dtype} {tuple(scales.shape)} strides {scales.stride()}")
                             packed_recv_x = (packed_recv_x[0], scales.contiguous())
-                            gemm_x = _ll_cast_back(packed_recv_x[0].view(-1, H), packed_recv_x[1].view(-1, scales.size(-1)))
+                            gemm_x = _ll_cast_back(packed_recv_x[0].view(-1, H),
+                                                   packed_recv_x[1].view(-1, scales.size(-1)))
                             gemm_x = gemm_x.view(packed_recv_x[0].shape)
                         else:
                             gemm_x = packed_recv_x.clone()
                         for i in range(L):
                             expert_id = rank * L + i
-                            recv = _ll_cast_back(packed_recv_x[0][i], packed_recv_x[1][i]) if use_fp8 else packed_recv_x[i]
+                            recv = (_ll_cast_back(packed_recv_x[0][i], packed_recv_x[1][i]) if use_fp8
+                                    else packed_recv_x[i])
                             count = packed_recv_count[i].item()
                             src_info, layout_range = handle[0][i], handle[1][i]
                             check("ll_recv_stats", stats[i].item() == count, f"expert {i}")
@@ -337,14 +344,14 @@ def _low_latency(check: _Checks, buffer: deep_ep.Buffer, group) -> None:
                                 gap = _gap(rows[:, -1], src_info[:count].view(-1))
                                 check("ll_recv_data", gap < 0.007, f"token ids gap {gap}")
                             else:
-                                check("ll_recv_data", (rows[:, -128:] - src_info[:count].view(-1, 1) % N).sum().item() == 0,
-                                      "token ids")
+                                ids_diff = rows[:, -128:] - src_info[:count].view(-1, 1) % N
+                                check("ll_recv_data", ids_diff.sum().item() == 0, "token ids")
                                 for j in range(R):
                                     begin, n = (layout_range[j] >> 32).item(), (layout_range[j] & 0xFFFFFFFF).item()
                                     check("ll_recv_data", (amin == j - rank_offset).sum().item()
                                           == (all_topk_idx[j] == expert_id).sum().item(), f"rows from {j}")
-                                    check("ll_recv_data", (rows[begin:begin + n, :-128] - j + rank_offset).sum().item() == 0,
-                                          f"block of {j}")
+                                    block = rows[begin:begin + n, :-128] - j + rank_offset
+                                    check("ll_recv_data", block.sum().item() == 0, f"block of {j}")
 
                         for zero_copy in (False, True):
                             if zero_copy:
@@ -440,8 +447,8 @@ def _elastic(check: _Checks, group) -> None:
         x = _fp8(x_bf16) if fp8 else x_bf16
         x_all = gather(per_token_cast_back(*x, dtype=torch.bfloat16) if fp8 else x_bf16)
         ref_x = torch.cat([x_all[r][:n_all[r]][here[r].any(1)] for r in range(R)])
-        bias = None if num_bias == 0 else (torch.randn(N, H, dtype=torch.bfloat16) if num_bias == 1 else
-                                           (torch.randn(N, H, dtype=torch.bfloat16), torch.randn(N, H, dtype=torch.bfloat16)))
+        biases = tuple(torch.randn(N, H, dtype=torch.bfloat16) for _ in range(num_bias))
+        bias = None if num_bias == 0 else biases[0] if num_bias == 1 else biases
         args = dict(x=x, topk_idx=topk_idx, topk_weights=topk_weights, num_max_tokens_per_rank=T, num_experts=E,
                     expert_alignment=alignment, async_with_compute_stream=async_, do_handle_copy=do_handle_copy,
                     do_cpu_sync=do_cpu_sync)
@@ -469,10 +476,10 @@ def _elastic(check: _Checks, group) -> None:
                                                    ref_src.int()), "expanded src idx")
         for i in range(L):
             check("ep_expert_counts", stats[i].item() == ref_counts[i], f"stats {i}")
-            check("ep_expert_counts", handle.num_recv_tokens_per_expert_list[i] == -(-ref_counts[i] // alignment) * alignment,
-                  f"list {i}")
+            aligned = -(-ref_counts[i] // alignment) * alignment
+            check("ep_expert_counts", handle.num_recv_tokens_per_expert_list[i] == aligned, f"list {i}")
             psum = [0] + handle.psum_num_recv_tokens_per_expert.tolist()
-            check("ep_expert_counts", psum[i + 1] - psum[i] == -(-ref_counts[i] // alignment) * alignment, f"psum {i}")
+            check("ep_expert_counts", psum[i + 1] - psum[i] == aligned, f"psum {i}")
             ex_psum = [0] + ex_handle.psum_num_recv_tokens_per_expert.tolist()
             check("ep_expert_counts", ex_psum[i + 1] - -(-ex_psum[i] // alignment) * alignment == ref_counts[i],
                   f"expanded psum {i}")
@@ -498,8 +505,8 @@ def _elastic(check: _Checks, group) -> None:
         for i in range(L):
             start = ex_handle.psum_num_recv_tokens_per_expert[i].item()
             end = -(-start // alignment) * alignment
-            check("ep_zero_padding", (_bf16(cex_x)[start:end] == 0).all().item() and (cex_w[start:end] == 0).all().item(),
-                  f"padding of expert {i}")
+            zeros = (_bf16(cex_x)[start:end] == 0).all().item() and (cex_w[start:end] == 0).all().item()
+            check("ep_zero_padding", zeros, f"padding of expert {i}")
 
         # Combine: each received row's outputs summed over its local experts; sources sum over ranks
         src = handle.recv_src_metadata[:M, 0].long()
@@ -527,6 +534,17 @@ def _elastic(check: _Checks, group) -> None:
             check(name, gap < 1e-5, f"gap {gap}")
         check("ep_combine_topk_weights", torch.equal(combined_w, topk_weights), "plain")
         check("ep_combine_topk_weights", torch.equal(reduced_w, topk_weights), "expanded")
+
+    # allow_multiple_reduction=False: the expanded combine's partial sums travel in fp32 (twice
+    # the bytes), rounded once at the source
+    single = deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=T, allow_multiple_reduction=False)
+    wire = []
+    for b in (buffer, single):
+        b._buffer.counters.reset()
+        got, _, _ = b.combine(x_expanded, ex_handle)
+        wire.append(b._buffer.counters.wire_bytes("combine"))
+        check("ep_single_reduction", got.dtype == torch.bfloat16 and _gap(got.float(), own.sum(1)) < 1e-5, "result")
+    check("ep_single_reduction", wire[1] == 2 * wire[0] > 0, f"combine bytes {wire}")
 
     for call in (lambda: buffer.pp_send(torch.zeros(1), 0), lambda: buffer.all_gather(torch.zeros(1)),
                  lambda: buffer.engram_fetch(torch.zeros(1))):
@@ -694,7 +712,8 @@ def test_internode_handle_recv_gbl_rank_prefix_sum(records):
 @pytest.mark.parametrize("name", ["ep_domain", "ep_handle_copy", "ep_num_recv_tokens", "ep_rows",
                                   "ep_recv_src_token_idx", "ep_expert_counts", "ep_scaleup_psum", "ep_dispatch_data",
                                   "ep_expanded_data", "ep_cached", "ep_zero_padding", "ep_combine",
-                                  "ep_combine_expanded", "ep_combine_topk_weights", "ep_unsupported_raise"])
+                                  "ep_combine_expanded", "ep_combine_topk_weights", "ep_single_reduction",
+                                  "ep_unsupported_raise"])
 def test_elastic_buffer_v2(records, name):
     _expect(records, name)
 
@@ -715,7 +734,7 @@ def test_internode_entry_points_need_several_nodes(records):
 def test_config_defaults_and_checks_follow_deep_ep():
     c = deep_ep.Config(24, 8, 256)
     assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
-            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (24, 8, 256, 6, 258)  # 256 up to 6s
+            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (24, 8, 256, 6, 258)  # 6s
     assert deep_ep.Config(24, 8, 512, 16, 120).num_max_rdma_chunked_recv_tokens == 128  # rounded up to 16s
     with pytest.raises(ValueError, match="num_max_nvl_chunked_send_tokens"):
         deep_ep.Config(24, 256, 256)

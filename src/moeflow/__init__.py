@@ -23,7 +23,8 @@ from .quant import per_token_cast_back, per_token_cast_to_fp8
 __version__ = "0.1.0"
 
 __all__ = [
-    "Buffer", "Config", "DispatchHandle", "EventOverlap", "topk_idx_t", "ElasticBuffer", "EPHandle", "ByteCounters", "PeerFailureError",
+    "Buffer", "Config", "DispatchHandle", "EventOverlap", "topk_idx_t", "ElasticBuffer", "EPHandle",
+    "ByteCounters", "PeerFailureError",
     "autograd", "balance", "layout", "quant", "per_token_cast_to_fp8", "per_token_cast_back",
     "spawn", "RankError",
     "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer",

@@ -8,5 +8,6 @@ from .hierarchical import NodeRoute
 from .low_latency import LowLatencyHandle
 from .transport import ByteCounters, EventOverlap, FlatTransport
 
-__all__ = ["Buffer", "Config", "ElasticBuffer", "EPHandle", "DispatchHandle", "topk_idx_t", "EventOverlap", "ByteCounters", "FlatTransport", "LowLatencyHandle",
+__all__ = ["Buffer", "Config", "ElasticBuffer", "EPHandle", "DispatchHandle", "topk_idx_t", "EventOverlap",
+           "ByteCounters", "FlatTransport", "LowLatencyHandle",
            "NodeRoute", "PeerFailureError"]

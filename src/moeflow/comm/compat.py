@@ -47,12 +47,13 @@ class Config:
         for name in ("num_sms", "num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
                      "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_sms" else 1):
-                raise ValueError(f"moeflow.Config: `{name}` must be a {'non-negative' if name == 'num_sms' else 'positive'} "
-                                 f"int, got {value!r}")
-        if self.num_max_nvl_chunked_send_tokens >= self.num_max_nvl_chunked_recv_tokens:
-            raise ValueError(f"moeflow.Config: `num_max_nvl_chunked_send_tokens` ({self.num_max_nvl_chunked_send_tokens}) "
-                             f"must be below `num_max_nvl_chunked_recv_tokens` ({self.num_max_nvl_chunked_recv_tokens})")
+            least = 0 if name == "num_sms" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"moeflow.Config: `{name}` must be an int >= {least}, got {value!r}")
+        nvl_send, nvl_recv = self.num_max_nvl_chunked_send_tokens, self.num_max_nvl_chunked_recv_tokens
+        if nvl_send >= nvl_recv:
+            raise ValueError(f"moeflow.Config: `num_max_nvl_chunked_send_tokens` ({nvl_send}) must be below "
+                             f"`num_max_nvl_chunked_recv_tokens` ({nvl_recv})")
         send = self.num_max_rdma_chunked_send_tokens
         recv = -(-self.num_max_rdma_chunked_recv_tokens // send) * send  # rounded up, as DeepEP does
         object.__setattr__(self, "num_max_rdma_chunked_recv_tokens", recv)

@@ -108,8 +108,12 @@ class ElasticBuffer:
             sets the source token numbering and the ``do_cpu_sync=False`` row count).
         hidden, num_topk, use_fp8_dispatch: sizing hints; ignored.
         deterministic: accepted; moeflow's order is always the sorted one (see the module doc).
-        allow_hybrid_mode, allow_multiple_reduction, prefer_overlap_with_compute, sl_idx,
-        num_allocated_qps, num_gpu_timeout_secs: DeepEP's kernel and RDMA choices; ignored.
+        allow_multiple_reduction: True (default): an expanded combine sums a token's rows on each
+            rank and sends the partial sums in ``x.dtype``; False: it sends them in fp32 and the
+            result is rounded once (twice the combine bytes, as in DeepEP "may increase data
+            transfer size").
+        allow_hybrid_mode, prefer_overlap_with_compute, sl_idx, num_allocated_qps,
+        num_gpu_timeout_secs: DeepEP's kernel and RDMA choices; ignored.
         num_cpu_timeout_secs: seconds a wait on a peer may take (moeflow's ``timeout_s``).
         explicitly_destroy: ignored; :meth:`destroy` may be called either way.
         ranks_per_node: (keyword, moeflow's) P for :meth:`get_logical_domain_size`.
@@ -361,7 +365,8 @@ class ElasticBuffer:
 
         Args:
             x: ``[M', H]`` rows answering the dispatch's ``recv_x`` (expanded: ``[X, H]``; a token's
-                expanded rows are summed here first, in fp32).
+                expanded rows are summed here first, in fp32, and sent in ``x.dtype``, or in fp32
+                without ``allow_multiple_reduction``).
             handle: the dispatch's :class:`EPHandle`.
             topk_weights: ``[M', K]`` (expanded: ``[X]``) float32 or None; summed back into the
                 top-k columns of each token.
@@ -375,6 +380,7 @@ class ElasticBuffer:
             raise TypeError(f"ElasticBuffer.combine: `handle` on rank {self.rank_idx} must be an EPHandle, "
                             f"got {type(handle).__name__}")
         inner = handle.inner
+        out_dtype = x.dtype
         if handle.do_expand:
             M, X, H = handle.num_recv_tokens, handle.num_expanded_tokens, x.size(-1)
             if x.dim() != 2 or x.size(0) != X:
@@ -384,8 +390,10 @@ class ElasticBuffer:
             K = slot.size(1)
             # A token's expanded rows summed in fp32 (one fused gather-add; index X reads a zero row).
             padded = torch.cat([x.float(), x.new_zeros(1, H, dtype=torch.float32)])
-            rows = torch.zeros(inner.num_recv_rows, H, dtype=x.dtype, device=x.device)
-            rows[:M] = torch.nn.functional.embedding_bag(slot, padded, mode="sum").to(x.dtype)
+            # Without multiple reductions the partial sums travel in fp32: one rounding in all.
+            wire = x.dtype if self.allow_multiple_reduction else torch.float32
+            rows = torch.zeros(inner.num_recv_rows, H, dtype=wire, device=x.device)
+            rows[:M] = torch.nn.functional.embedding_bag(slot, padded, mode="sum").to(wire)
             weights = None
             if topk_weights is not None:
                 if topk_weights.shape != (X,):
@@ -397,7 +405,7 @@ class ElasticBuffer:
             x, topk_weights = rows, weights
         # Collectives: Buffer.combine's payload (and weights) back to the sources.
         combined, combined_w, _ = self._buffer.combine(x, inner, topk_weights=topk_weights, bias=bias)
-        return combined, combined_w, EventOverlap()
+        return combined.to(out_dtype), combined_w, EventOverlap()
 
 
 def _unsupported(name: str, why: str):
