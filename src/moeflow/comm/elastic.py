@@ -264,8 +264,9 @@ class ElasticBuffer:
         if cached and topk_weights is None:
             # Collective: the payload (and FP8 scales) along the handle's layout, no count exchange.
             recv_x, _, _, _, inner, _ = b.dispatch(x, handle=handle.inner)
-            # the handle's local ids again (DeepEP recomputes them)
-            recv_topk_idx, recv_topk_weights = handle.recv_topk_idx, None
+            # the handle's local ids again (DeepEP recomputes them; a copy, the caller may write it)
+            recv_topk_idx = None if handle.recv_topk_idx is None else handle.recv_topk_idx.clone()
+            recv_topk_weights = None
         else:
             per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(topk_idx, num_experts)
             # Collectives: Buffer.dispatch's count exchange, payload and metadata.
