@@ -240,12 +240,13 @@ def test_byte_counters_per_peer():
     out = spawn(_counted, R, timeout_s=60)
     for rank, (per_rank, recv_rows, sent, recv, calls, wire_d, wire_c) in enumerate(out):
         assert calls == {"layout": 1, "dispatch": 1, "combine": 1}
-        # dispatch row = 256 B of bf16 + 8 B of fp32 weights + 2 B of int8 ids, padded to 8 B
-        assert sent["dispatch"] == [n * 272 for n in per_rank]
-        assert recv["dispatch"] == [n * 272 for n in recv_rows]
+        # dispatch row = 256 B of bf16 + 8 B of fp32 weights + 2 B of int8 ids + 4 B of int32
+        # source token index (the handle's recv_src_idx), each metadata field padded to 8 B
+        assert sent["dispatch"] == [n * 280 for n in per_rank]
+        assert recv["dispatch"] == [n * 280 for n in recv_rows]
         assert sent["combine"] == [n * 256 for n in recv_rows]
         assert recv["combine"] == [n * 256 for n in per_rank]
-        assert wire_d == sum(n * 272 for p, n in enumerate(per_rank) if p != rank)
+        assert wire_d == sum(n * 280 for p, n in enumerate(per_rank) if p != rank)
         assert wire_c == sum(n * 256 for p, n in enumerate(recv_rows) if p != rank)
         # what one rank sent to another is what that rank received from it
         for peer in range(R):

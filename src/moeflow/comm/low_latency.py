@@ -54,18 +54,20 @@ import torch
 import torch.nn.functional as F
 
 from .. import layout as _layout
-from ..quant import FP8_BLOCK, per_token_cast_to_fp8
+from ..quant import FP8_BLOCK, pack_ue8m0, per_token_cast_to_fp8
+from .compat import DeepEPTuple
 from .transport import EventOverlap, FlatTransport, RowFormat
 
-__all__ = ["LowLatencyHandle", "LowLatency", "finish_low_latency"]
+__all__ = ["LowLatencyHandle", "LowLatency", "finish_low_latency", "static_bytes"]
 
 
 
 @dataclass(frozen=True)
-class LowLatencyHandle:
+class LowLatencyHandle(DeepEPTuple):
     """What :meth:`LowLatency.dispatch` returns for :meth:`LowLatency.combine`.
 
-    The first five fields are DeepEP's handle tuple, in its order.
+    The first five fields are DeepEP's handle tuple, in its order: indexing and unpacking the
+    handle gives them (``src_info, layout_range, T, H, E = handle``).
 
     Attributes:
         src_info: ``[L, R * T]`` int32, the source token index of each expert slot (-1 unused).
@@ -91,16 +93,43 @@ class LowLatencyHandle:
     token_slot: torch.Tensor
     recv_pair_slot: torch.Tensor
 
+    def _deep_ep_entries(self) -> tuple:
+        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden,
+                self.num_experts)
+
+
+def _row_format(T: int, H: int, L: int, K: int, fp8: bool) -> tuple[RowFormat, torch.dtype]:
+    """A dispatch slot row: payload | FP8 scales | local top-k ids | (source token, signature)."""
+    ids_dtype = _layout.smallest_int_dtype(max(L - 1, 0))
+    return RowFormat((("x", H * (1 if fp8 else 2)), ("scales", 4 * (H // FP8_BLOCK) if fp8 else 0),
+                      ("ids", K * torch.empty((), dtype=ids_dtype).element_size()), ("src", 8))), ids_dtype
+
+
+def static_bytes(R: int, T: int, H: int, E: int, K: int, fp8: bool) -> int:
+    """Bytes :class:`LowLatency` keeps on a rank for one configuration: two :class:`_Slots` sets
+    and two sets of combine buffers (bf16 expert outputs), as allocated below."""
+    L = E // R
+    W = _row_format(T, H, L, K, fp8)[0].width
+    G = H // FP8_BLOCK
+    slots = (2 * R * T * W + L * R * T * (H * (1 if fp8 else 2) + (4 * G if fp8 else 0)) + 4 * L * R * T
+             + (T * (H + 4 * G + 4 * H) if fp8 else 0))
+    combine = 2 * R * T * K * 4 + (R * T + 1) * H * 2
+    return 2 * (slots + combine)
+
 
 class _Slots:
     """One set of static buffers for one configuration (kept, so addresses never change)."""
 
-    def __init__(self, R: int, T: int, H: int, L: int, K: int, W: int, fp8: bool, device: torch.device):
+    def __init__(self, R: int, T: int, H: int, L: int, K: int, W: int, fp8: bool, ue8m0: bool,
+                 device: torch.device):
         self.send = torch.zeros(R * T, W, dtype=torch.uint8, device=device)
         self.recv = torch.empty(R * T, W, dtype=torch.uint8, device=device)
         self.recv_x = torch.empty(L * R * T, H, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=device)
-        self.recv_scales = torch.empty(L * R * T, H // FP8_BLOCK, dtype=torch.float32, device=device) \
-            if fp8 else None
+        # Scales column-major in the last two dims, as DeepEP returns them (TMA-friendly):
+        # stored [L, G, R * T] and handed out transposed. UE8M0: four exponent bytes per int32.
+        G = H // FP8_BLOCK
+        self.recv_scales_t = (torch.empty(L, G // 4, R * T, dtype=torch.int32, device=device) if ue8m0 else
+                              torch.empty(L, G, R * T, dtype=torch.float32, device=device)) if fp8 else None
         self.src_info = torch.empty(L, R * T, dtype=torch.int32, device=device)
         # FP8 cast of this rank's tokens, kept so that no call page-faults fresh megabytes
         self.cast = (torch.empty(T, H, dtype=torch.float8_e4m3fn, device=device),
@@ -120,6 +149,7 @@ class LowLatency:
         self._slots: dict[tuple, list[_Slots]] = {}
         self._turn: dict[tuple, int] = {}
         self._combine_bufs: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+        self._zero_copy: dict[tuple, torch.Tensor] = {}
         self._exchanges: dict[tuple, object] = {}
 
     def _trim(self, device: torch.device) -> bool:
@@ -145,6 +175,21 @@ class LowLatency:
     def destroy(self) -> None:
         self._slots.clear()
         self._combine_bufs.clear()
+        self._zero_copy.clear()
+
+    def combine_buffer(self, handle: "LowLatencyHandle") -> torch.Tensor:
+        """``[L, R * T, H]`` bf16, kept per configuration: what :meth:`combine` reads with
+        ``zero_copy=True`` instead of its ``x`` (DeepEP's ``get_next_low_latency_combine_buffer``).
+        Combine reads it before it returns, so one buffer serves every call."""
+        if not isinstance(handle, LowLatencyHandle):
+            self._fail("get_next_low_latency_combine_buffer", "handle", "must be the handle low_latency_dispatch "
+                       f"returned, got {type(handle).__name__}", TypeError)
+        T, H, E = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        device = handle.src_info.device
+        key = (T, H, E, str(device))
+        if key not in self._zero_copy:
+            self._zero_copy[key] = torch.zeros(E // self.R, self.R * T, H, dtype=torch.bfloat16, device=device)
+        return self._zero_copy[key]
 
     # ------------------------------------------------------------------ checks
     def _fail(self, where: str, name: str, msg: str, exc=ValueError):
@@ -164,7 +209,8 @@ class LowLatency:
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                 num_experts: int, use_fp8: bool, cumulative_local_expert_recv_stats: Optional[torch.Tensor]):
+                 num_experts: int, use_fp8: bool, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
+                 round_scale: bool = False, use_ue8m0: bool = False):
         """Returns ``(recv_x, recv_count, handle, works, receive)``: ``receive()`` completes the
         call once ``works`` are done (see :meth:`Buffer.low_latency_dispatch`)."""
         where, R, rank = "low_latency_dispatch", self.R, self.rank
@@ -180,15 +226,19 @@ class LowLatency:
             self._fail(where, "x", f"has {N} tokens, more than num_max_dispatch_tokens_per_rank={T}")
         if use_fp8 and H % FP8_BLOCK:
             self._fail(where, "x", f"hidden size {H} must be a multiple of {FP8_BLOCK} with use_fp8=True")
+        if (round_scale or use_ue8m0) and not use_fp8:
+            self._fail(where, "round_scale", "and `use_ue8m0` need use_fp8=True")
+        if use_ue8m0 and not round_scale:
+            self._fail(where, "use_ue8m0", "needs round_scale=True (UE8M0 holds powers of two only)")
+        if use_ue8m0 and H % (4 * FP8_BLOCK):
+            self._fail(where, "x", f"hidden size {H} must be a multiple of {4 * FP8_BLOCK} with use_ue8m0=True")
         self._check_topk(where, topk_idx, N, E)
         K, L = topk_idx.size(1), E // R
         device = x.device
-        ids_dtype = _layout.smallest_int_dtype(max(L - 1, 0))
-        fmt = RowFormat((("x", H * (1 if use_fp8 else 2)), ("scales", 4 * (H // FP8_BLOCK) if use_fp8 else 0),
-                         ("ids", K * torch.empty((), dtype=ids_dtype).element_size()), ("src", 8)))
+        fmt, ids_dtype = _row_format(T, H, L, K, use_fp8)
         W = fmt.width
-        key = (T, H, E, K, bool(use_fp8), str(device))
-        slots: _Slots = self._next(key, lambda: _Slots(R, T, H, L, K, W, use_fp8, device), self._slots)
+        key = (T, H, E, K, bool(use_fp8), bool(use_ue8m0), str(device))
+        slots: _Slots = self._next(key, lambda: _Slots(R, T, H, L, K, W, use_fp8, use_ue8m0, device), self._slots)
 
         # Send side, all on the device with static shapes. A token's slot in its block for rank
         # d is the number of earlier tokens bound for d (cumsum); unused slots point at -1.
@@ -204,12 +254,13 @@ class LowLatency:
         slot_token.scatter_(0, token_slot.flatten(), torch.arange(N, device=device).repeat_interleave(R))
         slot_token = slot_token[:R * T].view(R, T)
         rows = slots.send                                                         # [R*T, W]
-        signature = zlib.crc32(repr((T, H, K, E, bool(use_fp8))).encode()) & 0x7FFFFFFF
+        signature = zlib.crc32(repr((T, H, K, E, bool(use_fp8), bool(round_scale), bool(use_ue8m0))).encode()) \
+            & 0x7FFFFFFF
         tok = slot_token.flatten().clamp(min=0)
         if N:
             if use_fp8:
                 x_fp8, scales = per_token_cast_to_fp8(x, out=(slots.cast[0][:N], slots.cast[1][:N]),
-                                                      workspace=slots.cast[2][:N])
+                                                      workspace=slots.cast[2][:N], round_scale=round_scale)
                 _gather_rows(fmt.view(rows, "x", torch.uint8), x_fp8.view(torch.uint8), tok)
                 torch.index_select(scales, 0, tok, out=fmt.view(rows, "scales", torch.float32))
             else:
@@ -239,7 +290,10 @@ class LowLatency:
 
         RT, LRT = R * T, L * R * T
         recv_x = slots.recv_x.view(L, RT, H)
-        recv_scales = slots.recv_scales.view(L, RT, H // FP8_BLOCK) if use_fp8 else None
+        recv_scales = None
+        if use_fp8:  # [L, R*T, G (/ 4)], column-major; one column is both layouts: keep its stride 1
+            scales_t = slots.recv_scales_t
+            recv_scales = scales_t.view(L, RT, 1) if scales_t.size(1) == 1 else scales_t.transpose(1, 2)
         recv_count = torch.empty(L, dtype=torch.int32, device=device)
         layout_range = torch.empty(L, R, dtype=torch.int64, device=device)
         recv_pair_slot = torch.empty(R * T, K, dtype=torch.int64, device=device)
@@ -254,8 +308,9 @@ class LowLatency:
                 bad = [r for r, v in enumerate(sigs) if v != signature]
                 if bad:
                     raise ValueError(f"Buffer.{where}: rank(s) {bad} called with other num_max_dispatch_tokens_"
-                                     f"per_rank / hidden / num_topk / num_experts / use_fp8 than rank {rank} "
-                                     f"({T}, {H}, {K}, {E}, {bool(use_fp8)}); every rank must pass the same")
+                                     f"per_rank / hidden / num_topk / num_experts / use_fp8 / round_scale / "
+                                     f"use_ue8m0 than rank {rank} ({T}, {H}, {K}, {E}, {bool(use_fp8)}, "
+                                     f"{bool(round_scale)}, {bool(use_ue8m0)}); every rank must pass the same")
             ids = fmt.view(rrows, "ids", ids_dtype).long()                       # [R*T, K]
             if recv_valid is not None:
                 ids = torch.where(recv_valid.unsqueeze(1), ids, -1)  # slots nobody filled
@@ -286,17 +341,26 @@ class LowLatency:
             slots.src_info.copy_(torch.where(used, src[slot_row], -1))
             x_field = _layout.wide_rows(fmt.view(rrows, "x", torch.uint8))
             out_x = _layout.wide_rows(slots.recv_x.view(torch.uint8))
-            fields = [(x_field, out_x)]
-            if use_fp8:
-                fields.append((fmt.view(rrows, "scales", torch.float32), slots.recv_scales))
+            scales_field = fmt.view(rrows, "scales", torch.float32) if use_fp8 else None
+
+            def scales_of(row_idx: torch.Tensor) -> torch.Tensor:
+                """``[n, G]`` fp32 scales of received rows (``[n, G / 4]`` UE8M0 int32), a small
+                temporary: the output is column-major, so the gather cannot land in it directly."""
+                picked = scales_field.index_select(0, row_idx)
+                return pack_ue8m0(picked) if use_ue8m0 else picked
+
             if trim:
                 # Host = device: gather each expert's used slots only, straight into place.
                 for e, (n, at) in enumerate(zip(counts[:L].tolist(), first[:L].tolist())):
-                    for field, out in fields:
-                        torch.index_select(field, 0, row_sorted[at:at + n], out=out[e * RT:e * RT + n])
+                    picked = row_sorted[at:at + n]
+                    torch.index_select(x_field, 0, picked, out=out_x[e * RT:e * RT + n])
+                    if use_fp8:
+                        slots.recv_scales_t[e, :, :n].copy_(scales_of(picked).t())
             else:
-                for field, out in fields:  # static: every slot, used or not
-                    torch.index_select(field, 0, slot_row.view(-1), out=out)
+                # static: every slot, used or not
+                torch.index_select(x_field, 0, slot_row.view(-1), out=out_x)
+                if use_fp8:
+                    slots.recv_scales_t.copy_(scales_of(slot_row.view(-1)).view(L, RT, -1).transpose(1, 2))
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(recv_count)
 
