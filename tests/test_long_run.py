@@ -4,6 +4,12 @@ no growth of resident memory or of live tensors past warm-up.
 Resident memory (``/proc/self/statm``) after 1,000 iterations must be within 5% of after 100, and
 the count of live tensors (found through ``gc``) must not grow at all. ``benchmarks/bench_long_run.py``
 does the same on a larger size.
+
+Live tensors are counted as the fewest seen over the last ``WINDOW`` iterations before each mark,
+not at one instant: a tensor of a finished transfer can outlive its step by a moment (the
+backend's completion thread drops its reference after ``wait`` returns; seen here as one or two
+router-weight tensors of an earlier step, at random). A leak of even one tensor per step shows in
+every sample of the later window; a moment's retention does not show in all of them.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -18,7 +25,7 @@ from moeflow import Buffer, spawn
 from moeflow.layer import MoELayer
 
 N, H, E, K, FF = 24, 64, 8, 2, 16
-ITERS, WARMUP = 1000, 100
+ITERS, WARMUP, WINDOW = 1000, 100, 10
 
 
 def rss_bytes() -> int:
@@ -49,12 +56,17 @@ def layer_step(layer: MoELayer, opt: torch.optim.Optimizer, x) -> None:
 
 
 def measure(step, iters: int, warmup: int) -> dict:
-    """Run ``step(i)`` ``iters`` times; RSS and live tensors after ``warmup`` and after ``iters``."""
-    out = {}
-    for i in range(1, iters + 1):
-        step(i)
-        if i in (warmup, iters):
-            out[i] = (rss_bytes(), live_tensors())
+    """Run ``step(i)`` ``iters`` times; at ``warmup`` and at ``iters``: RSS, and the fewest live
+    tensors over the ``WINDOW`` iterations up to that mark."""
+    out, start = {}, 1
+    for mark in (warmup, iters):
+        counts = []
+        for i in range(start, mark + 1):
+            step(i)
+            if i > mark - WINDOW:
+                counts.append(live_tensors())
+        out[mark] = (rss_bytes(), min(counts))
+        start = mark + 1
     return out
 
 
@@ -76,8 +88,10 @@ def _long_run():
     return comm, lay
 
 
+@pytest.mark.timeout(900)
 def test_no_memory_or_tensor_growth_over_1000_iterations():
-    out = spawn(_long_run, 2, timeout_s=300, threads_per_rank=1)
+    # ~40 s on an idle machine; several minutes when other jobs share the two cores.
+    out = spawn(_long_run, 2, timeout_s=800, threads_per_rank=1)
     for rank, results in enumerate(out):
         for name, res in zip(("dispatch/combine", "layer fwd+bwd"), results):
             (rss_w, live_w), (rss_end, live_end) = res[WARMUP], res[ITERS]

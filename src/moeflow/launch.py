@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import multiprocessing.util
 import io
 import os
 import queue
+import re
+import shutil
 import signal
+import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -62,8 +67,46 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("spawn")
 
 
-def _worker(fn, args, kwargs, rank, world_size, port, backend, timeout_s, threads, results):
+# What a failed start-up says when Gloo's TCP connection set-up went wrong (a peer closed or reset
+# the socket during the handshake, or a connect timed out): outside our control, and gone on a
+# fresh start. Anything else (no such backend, bad arguments) fails the same way every time.
+_TRANSIENT_START = re.compile(r"connectFullMesh|Connection (closed|reset) by peer|Connection refused|"
+                              r"Connect timeout|timed out connecting|Broken pipe")
+_START_ATTEMPTS = 3
+
+
+def _exit_with_launcher(rank: int, lifeline, tempdir: str | None) -> None:
+    """End this rank within moments of its launcher's death, however it died.
+
+    ``lifeline`` is the read end of a pipe whose only write end the launcher holds: when the
+    launcher exits (SIGKILL, the OOM killer, a crash, with no chance to clean up) the kernel
+    closes it and a daemon thread here reads EOF. (The parent process id cannot tell: under the
+    fork server the parent is the server, which every rank keeps alive.) Rank 0 also removes the
+    launcher's multiprocessing temporary directory (the fork server's socket), which the launcher
+    no longer can; named semaphores are unlinked by multiprocessing's resource tracker, which
+    outlives the launcher for that purpose.
+    """
+
+    def watch() -> None:
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
+        if rank == 0 and tempdir:
+            shutil.rmtree(tempdir, ignore_errors=True)
+        print(f"moeflow.spawn: rank {rank}: the launcher is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="moeflow-launcher-watch", daemon=True).start()
+
+
+def _worker(fn, args, kwargs, rank, world_size, port, attempt, backend, timeout_s, threads, env, lifeline,
+            tempdir, results):
     try:
+        _exit_with_launcher(rank, lifeline, tempdir)
+        # The environment of this spawn() call, not the one the fork server was started with.
+        os.environ.clear()
+        os.environ.update(env)
         import torch
         import torch.distributed as dist
 
@@ -72,16 +115,29 @@ def _worker(fn, args, kwargs, rank, world_size, port, backend, timeout_s, thread
         os.environ["LOCAL_RANK"] = str(rank)
         store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False,
                               timeout=datetime.timedelta(seconds=timeout_s))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            # Each attempt joins under its own prefix, so a restarted start-up never meets keys
+            # (Gloo addresses, heartbeats) that a killed attempt left behind.
+            dist.init_process_group(backend, store=dist.PrefixStore(f"moeflow/start{attempt}", store),
+                                    rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception:  # noqa: BLE001 - the parent decides whether to start again
+            results.put((rank, "start_failed", traceback.format_exc()))
+            return
+        results.put((rank, "started", None))
+        # fn runs only once every rank has joined: a rank whose peer failed to connect must not
+        # have started the user's work (it would be run twice).
+        store.wait([_go_key(attempt)])
+        if store.get(_go_key(attempt)) != b"run":
+            return
         out = fn(*args, **kwargs)
         # torch.save copies tensor data into the message; the queue's own pickler would share
         # storage through file descriptors that vanish when this process exits.
         blob = io.BytesIO()
         torch.save(out, blob)
-        results.put((rank, True, blob.getvalue()))
+        results.put((rank, "ok", blob.getvalue()))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, "error", traceback.format_exc()))
     finally:
         # Reported first: after a lost peer, tearing the group down can block on a transfer that
         # never completes; the parent kills a rank that is still here once every rank reported.
@@ -94,11 +150,22 @@ def _worker(fn, args, kwargs, rank, world_size, port, backend, timeout_s, thread
             pass
 
 
+def _go_key(attempt: int) -> str:
+    return f"moeflow/go{attempt}"
+
+
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
           timeout_s: float = 120.0, collective_timeout_s: float | None = None,
           threads_per_rank: int | None = None, kwargs: dict | None = None,
           return_failures: bool = False) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` local ranks and return the results by rank.
+
+    Each rank sees the environment of this call (``os.environ`` now), however many calls came
+    before. ``fn`` starts on a rank only once every rank has joined the process group. When joining
+    fails because Gloo's TCP connection set-up broke (a peer closed or reset the socket, a
+    connect timed out; seen now and then on a loaded machine), every rank
+    is stopped and the whole group starts again, at most three times, with a warning on stderr.
+    Any other start-up failure is raised at once.
 
     Args:
         fn: a module-level (picklable) function; it runs after ``init_process_group`` and may
@@ -112,11 +179,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
         threads_per_rank: intra-op threads for each rank (default: cores / ranks, at least 1).
         return_failures: False (default): the first failure kills the other ranks and is raised.
             True: a failed or dead rank's slot holds its :class:`RankError` and the other ranks
-            run on to the end (or to ``timeout_s``).
+            run on to the end (or to ``timeout_s``). Start-up failures are always raised.
 
     Raises:
         RankError: a rank raised (the message holds its traceback) or died (the message holds
-            its exit code or signal; ``exitcode`` is set).
+            its exit code or signal; ``exitcode`` is set), or could not join the group.
         TimeoutError: the run did not finish within ``timeout_s``.
     """
     if not isinstance(world_size, int) or world_size < 1:
@@ -128,59 +195,110 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     # The parent hosts the store (port 0 = the OS picks a free port); children connect to it.
     store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True,
                           timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-    ctx = _context()
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(fn, args, kwargs or {}, r, world_size, store.port, backend,
-                               coll_timeout, threads, results))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    outs: dict[int, Any] = {}
-    failures: dict[int, RankError] = {}
     deadline = time.monotonic() + timeout_s
-
-    def fail(err: RankError) -> None:
-        if not return_failures:
-            raise err
-        failures[err.rank] = err
-
     try:
-        while len(outs) + len(failures) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = sorted(set(range(world_size)) - set(outs) - set(failures))
-                raise TimeoutError(f"spawn: ranks {missing} did not finish within {timeout_s:.0f} s")
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            run = _Run(fn, args, kwargs or {}, world_size, backend, coll_timeout, threads, store.port, attempt,
+                       deadline, timeout_s)
             try:
-                rank, ok, val = results.get(timeout=min(remaining, 0.5))
+                failure = run.start()
+                if failure is None:
+                    store.set(_go_key(attempt), "run")
+                    return run.collect(return_failures)
+                store.set(_go_key(attempt), "stop")
+                if attempt == _START_ATTEMPTS or not _TRANSIENT_START.search(failure.traceback):
+                    raise failure
+                first = [ln for ln in failure.traceback.strip().splitlines() if ln.strip()][-1]
+                print(f"moeflow.spawn: rank {failure.rank} could not join the process group ({first.strip()}); "
+                      f"starting all {world_size} ranks again (attempt {attempt + 1} of {_START_ATTEMPTS})",
+                      file=sys.stderr, flush=True)
+            finally:
+                run.stop()
+    finally:
+        del store
+    raise AssertionError("unreachable")
+
+
+class _Run:
+    """One start of the ranks: its processes and the queue they report on."""
+
+    def __init__(self, fn, args, kwargs, world_size, backend, coll_timeout, threads, port, attempt, deadline,
+                 timeout_s):
+        self.world_size, self.deadline, self.timeout_s = world_size, deadline, timeout_s
+        ctx = _context()
+        # A queue per start: a rank killed while writing may leave a queue's lock held.
+        self.results = ctx.Queue()
+        tempdir = mp.util.get_temp_dir() if ctx.get_start_method() == "forkserver" else None
+        # Ranks get the read end; the write end never leaves this process (see _exit_with_launcher).
+        lifeline, self.lifeline = ctx.Pipe(duplex=False)
+        self.procs = [ctx.Process(target=_worker, daemon=True,
+                                  args=(fn, args, kwargs, r, world_size, port, attempt, backend, coll_timeout,
+                                        threads, dict(os.environ), lifeline, tempdir, self.results))
+                      for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+        lifeline.close()
+        self.done: set[int] = set()  # ranks that reported their end or died
+
+    def _next(self, pending: set[int]) -> tuple[int, str, Any]:
+        """The next report from a rank in ``pending``, or ``(rank, "died", exitcode)`` for one that
+        exited without reporting; raises TimeoutError past the deadline."""
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"spawn: ranks {sorted(pending)} did not finish within {self.timeout_s:.0f} s")
+            try:
+                return self.results.get(timeout=min(remaining, 0.5))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if r not in outs and r not in failures and p.exitcode is not None]
+                dead = [r for r in sorted(pending) if self.procs[r].exitcode is not None]
                 if not dead:
                     continue
                 # A rank exited without reporting (killed, segfault, os._exit): give any report
-                # in flight a moment, then fail naming it.
+                # in flight a moment, then name it.
                 try:
-                    rank, ok, val = results.get(timeout=1.0)
+                    return self.results.get(timeout=1.0)
                 except queue.Empty:
-                    code = procs[dead[0]].exitcode
-                    fail(RankError(dead[0], _describe_exit(code), code))
-                    continue
-            if not ok:
-                fail(RankError(rank, val))
-                continue
-            import torch
+                    return dead[0], "died", self.procs[dead[0]].exitcode
 
-            outs[rank] = torch.load(io.BytesIO(val), weights_only=False)
-    finally:
-        # One grace period for all ranks together, not one per rank.
-        end = time.monotonic() + (5 if len(outs) + len(failures) == world_size else 0.2)
-        for p in procs:
+    def start(self) -> RankError | None:
+        """Wait until every rank has joined the group; the first rank that could not, if any."""
+        pending = set(range(self.world_size))
+        while pending:
+            rank, kind, val = self._next(pending)
+            if kind == "started":
+                pending.discard(rank)
+            elif kind == "died":
+                return RankError(rank, "could not join the process group: " + _describe_exit(val), val)
+            else:  # start_failed, or an error before init_process_group was reached
+                return RankError(rank, val)
+        return None
+
+    def collect(self, return_failures: bool) -> list[Any]:
+        outs: dict[int, Any] = {}
+        failures: dict[int, RankError] = {}
+        while len(outs) + len(failures) < self.world_size:
+            rank, kind, val = self._next(set(range(self.world_size)) - set(outs) - set(failures))
+            if kind == "ok":
+                import torch
+
+                outs[rank] = torch.load(io.BytesIO(val), weights_only=False)
+                continue
+            err = RankError(rank, _describe_exit(val), val) if kind == "died" else RankError(rank, val)
+            if not return_failures:
+                raise err
+            failures[rank] = err
+        self.done = set(range(self.world_size))
+        return [outs[r] if r in outs else failures[r] for r in range(self.world_size)]
+
+    def stop(self) -> None:
+        # One grace period for all ranks together, not one per rank: 5 s when every rank
+        # reported its end (they are tearing their groups down), else none to speak of.
+        end = time.monotonic() + (5 if len(self.done) == self.world_size else 0.2)
+        for p in self.procs:
             p.join(timeout=max(0.0, end - time.monotonic()))
-        for p in procs:
+        for p in self.procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-        results.close()
-        del store
-    return [outs[r] if r in outs else failures[r] for r in range(world_size)]
+        self.results.close()
+        self.lifeline.close()

@@ -21,12 +21,21 @@ and the backend's error, when there is one, names a socket, not a rank. Here:
   and raises :class:`PeerFailureError` with those ranks. Peers that reached the call are not
   named; if every peer did, the error says the backend failed and carries its message.
 
+  Two kinds of peer are behind without being the cause, and are not named either: a peer
+  blocked inside an earlier watched transfer (it waits on the same lost rank: with pairwise
+  steps one survivor can finish a call that another still waits on), and a peer that has
+  itself diagnosed a failure (it may have given up and exited, so its heartbeat stops). The
+  heartbeat carries both facts: ``blocked`` while any of the process's transfers is in a wait,
+  and ``failed``, written at once when a diagnosis starts and left in the store as the
+  process's last word.
+
 Watchdogs are told apart by their group's global ranks and their creation order on that group,
 so Buffers must be created in the same order on every rank of a group (as DeepEP requires).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -35,7 +44,7 @@ import threading
 import time
 import weakref
 import zlib
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch.distributed as dist
 
@@ -100,6 +109,7 @@ class _Heartbeat:
         self.beat = 0
         self.created: dict[int, int] = {}  # group key -> watchdogs created on it
         self.thread: Optional[threading.Thread] = None
+        self.failed = False  # its latest watched transfer failed (set by diagnose, cleared by a success)
 
     @classmethod
     def get(cls, store: dist.Store, global_rank: int) -> "_Heartbeat":
@@ -126,7 +136,8 @@ class _Heartbeat:
             if not wds:
                 return False
             self.beat += 1
-            value = json.dumps({"beat": self.beat, "calls": {wd.id: wd.calls for wd in wds}})
+            value = json.dumps({"beat": self.beat, "calls": {wd.id: wd.calls for wd in wds},
+                                "blocked": any(wd.waiting for wd in wds), "failed": self.failed})
         try:
             self.store.set(_KEY + str(self.global_rank), value)
         except Exception:  # noqa: BLE001 - the store is gone: the group was torn down
@@ -169,10 +180,12 @@ class Watchdog:
         group: the Buffer's process group (None: the world).
         timeout_s: seconds a single wait may take before the peers are diagnosed.
         store: where heartbeats live (default: the default process group's store).
+        name: what the calls are made on, for messages ("Buffer", or e.g. "training loop").
     """
 
-    def __init__(self, group: Optional[dist.ProcessGroup], timeout_s: float, store: Optional[dist.Store] = None):
-        self.group = group
+    def __init__(self, group: Optional[dist.ProcessGroup], timeout_s: float, store: Optional[dist.Store] = None,
+                 name: str = "Buffer"):
+        self.group, self.name = group, name
         self.rank = dist.get_rank(group)
         self.timeout_s = timeout_s
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -181,6 +194,7 @@ class Watchdog:
         self.global_ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
         self.calls = 0
         self.kind = ""
+        self.waiting = False  # inside work.wait(): published by the heartbeat as "blocked"
         if store is None:
             try:
                 store = dist.distributed_c10d._get_default_store()
@@ -205,48 +219,94 @@ class Watchdog:
     def wait(self, work, call: int, kind: str) -> None:
         """``work.wait`` bounded by the timeout; a failure becomes a :class:`PeerFailureError`."""
         t0 = time.monotonic()
+        self.waiting = True
         try:
             work.wait(self.timeout)
         except Exception as cause:  # noqa: BLE001 - any backend failure is diagnosed the same way
             raise self.diagnose(call, kind, cause, time.monotonic() - t0) from cause
+        finally:
+            self.waiting = False
+        if self.store is not None:
+            self._heartbeat.failed = False  # a transfer went through: whatever failed before is over
+
+    @contextlib.contextmanager
+    def guard(self, kind: str) -> Iterator[None]:
+        """Watch a block of collectives that moeflow does not issue itself (FSDP2's, a training
+        loop's own all-reduces): a backend error inside it (a peer's connection closed, or the
+        process group's timeout passed) becomes a :class:`PeerFailureError` naming the lost ranks.
+
+        The block counts as one call, so a peer that never enters it is named as stuck. The wait
+        itself is bounded by the process group's timeout, not by ``timeout_s``: give the group
+        moeflow's timeout (``init_process_group(timeout=...)``). An error with no dead or stuck
+        peer behind it (a bug in the block, say) is re-raised unchanged, after the diagnosis.
+        """
+        self.arrive(kind)
+        call, t0 = self.calls, time.monotonic()
+        self.waiting = True
+        try:
+            yield
+        except RuntimeError as cause:  # torch.distributed's errors are RuntimeErrors (DistError too)
+            self.waiting = False
+            err = self.diagnose(call, kind, cause, time.monotonic() - t0)
+            if err.missing_ranks:
+                raise err from cause
+            raise
+        finally:
+            self.waiting = False
 
     def diagnose(self, call: int, kind: str, cause: BaseException, waited_s: float) -> PeerFailureError:
         """Find which peers are dead or stuck (takes about three heartbeat intervals)."""
-        R = len(self.global_ranks)
-        peers = [r for r in range(R) if r != self.rank]
         dead: list[int] = []
         stuck: list[int] = []
         notes: list[str] = []
         if self.store is not None:
-            self._heartbeat.publish()  # our own count, now: a peer diagnosing us must see it
+            # Written now, not at the next beat: a peer diagnosing this same failure must see that
+            # this rank is a witness (it may give up and exit before its next beat).
+            self._heartbeat.failed = True
+            self._heartbeat.publish()
+            peers = [r for r in range(len(self.global_ranks)) if r != self.rank]
             first = {r: _read(self.store, self.global_ranks[r]) for r in peers}
             time.sleep(3 * self.interval)
             for r in peers:
-                now = _read(self.store, self.global_ranks[r])
-                if now is None:
+                verdict, note = self._judge(r, first[r], _read(self.store, self.global_ranks[r]), call)
+                if verdict == "dead":
                     dead.append(r)
-                    notes.append(f"rank {r} is dead or hung (no heartbeat: it died or never created this "
-                                 "Buffer)")
-                    continue
-                calls = int(now.get("calls", {}).get(self.id, 0))
-                if first[r] is not None and now.get("beat") == first[r].get("beat"):
-                    dead.append(r)
-                    notes.append(f"rank {r} is dead or hung (heartbeat stopped; its last one showed {calls} "
-                                 f"calls on this Buffer)")
-                elif calls < call:
+                elif verdict == "stuck":
                     stuck.append(r)
-                    notes.append(f"rank {r} is alive but stopped calling in (it has made {calls} calls "
-                                 f"on this Buffer, this rank is at call {call})")
-        where = f"Buffer.{kind} on rank {self.rank} (call {call} on this Buffer) failed after {waited_s:.1f} s"
-        if notes:
-            msg = f"{where}: " + "; ".join(notes) + f". Backend said: {_first_line(cause)}"
+                if note:
+                    notes.append(note)
+        where = (f"{self.name}.{kind} on rank {self.rank} (call {call} on this {self.name}) failed after "
+                 f"{waited_s:.1f} s")
+        said = f"Backend said: {_first_line(cause)}"
+        if dead or stuck:
+            msg = f"{where}: " + "; ".join(notes) + f". {said}"
         elif self.store is None:
-            msg = (f"{where}; no store to read peer heartbeats from, so the missing rank cannot be named. "
-                   f"Backend said: {_first_line(cause)}")
+            msg = f"{where}; no store to read peer heartbeats from, so the missing rank cannot be named. {said}"
         else:
-            msg = (f"{where}, yet every peer is alive and reached this call: the transfer itself failed "
-                   f"or is slower than timeout_s={self.timeout_s:g}. Backend said: {_first_line(cause)}")
+            others = f" ({'; '.join(notes)})" if notes else ""
+            msg = (f"{where}, yet no peer is dead or stopped calling in{others}: the transfer itself failed "
+                   f"or is slower than timeout_s={self.timeout_s:g}. {said}")
         return PeerFailureError(msg, self.rank, call, kind, dead, stuck)
+
+    def _judge(self, r: int, first: Optional[dict], now: Optional[dict], call: int) -> tuple[str, str]:
+        """One peer's verdict from two heartbeat reads three intervals apart: (verdict, note)."""
+        if now is None:
+            return "dead", f"rank {r} is dead or hung (no heartbeat: it died or never created this {self.name})"
+        calls = int(now.get("calls", {}).get(self.id, 0))
+        if now.get("failed"):
+            # A witness: it saw a failure too (maybe this one, from its side) and may have exited.
+            return "witness", (f"rank {r} failed as well and is not the cause (its last heartbeat showed "
+                               f"{calls} calls on this {self.name})") if calls < call else ""
+        if first is not None and now.get("beat") == first.get("beat"):
+            return "dead", (f"rank {r} is dead or hung (heartbeat stopped; its last one showed {calls} "
+                            f"calls on this {self.name})")
+        if calls >= call:
+            return "reached", ""
+        if now.get("blocked"):
+            return "blocked", (f"rank {r} is alive and blocked in an earlier transfer (call {calls} on this "
+                               f"{self.name}), waiting on a lost rank as well")
+        return "stuck", (f"rank {r} is alive but stopped calling in (it has made {calls} calls on this "
+                         f"{self.name}, this rank is at call {call})")
 
 
 class TimedWork:
