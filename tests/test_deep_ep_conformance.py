@@ -769,12 +769,14 @@ def _ll_memory():
             y = (per_token_cast_back(recv_x[0].flatten(0, 1), recv_x[1].flatten(0, 1)).view(recv_x[0].shape)
                  if fp8 else recv_x).bfloat16()
             buffer.low_latency_combine(y, idx, torch.rand(T, K), handle)
-    ll = buffer._low_latency
-    held = [sum(t.numel() * t.element_size() for s in sets for t in vars(s).values()
-                if isinstance(t, torch.Tensor)) + sum(t.numel() * t.element_size() for s in sets
-                                                       for t in vars(s).get("cast") or ())
-            for key, sets in sorted(ll._slots.items(), key=lambda kv: kv[0][4])]
-    combine = sum(t.numel() * t.element_size() for sets in ll._combine_bufs.values() for s in sets for t in s)
+    pools = buffer._low_latency._pools  # configuration -> [turn, buffer set, buffer set]
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    dispatch = sorted((key[1].fp8, sets[1:]) for key, sets in pools.items() if key[0] == "dispatch")
+    held = [sum(nbytes([*vars(s).values(), *(s.cast or ())]) for s in sets) for _, sets in dispatch]
+    combine = sum(nbytes(s) for key, sets in pools.items() if key[0] == "combine" for s in sets[1:])
     hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E, num_topk=K)
     return held, combine, hint
 

@@ -94,7 +94,8 @@ def _ll_graph(fp8: bool):
     def step():
         recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, idx, T_max, E, use_fp8=fp8)
         L, S, _ = (recv_x[0] if fp8 else recv_x).shape
-        y = (per_token_cast_back(recv_x[0].view(L * S, H), recv_x[1].view(L * S, -1)).view(L, S, H)
+        # the FP8 scales are column-major (as DeepEP's): reshape, not view
+        y = (per_token_cast_back(recv_x[0].view(L * S, H), recv_x[1].reshape(L * S, -1)).view(L, S, H)
              if fp8 else recv_x.float()).mul(3).bfloat16()
         combined, _, _ = buffer.low_latency_combine(y, idx, w, handle)
         return count, combined

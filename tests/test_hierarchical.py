@@ -51,6 +51,7 @@ def _round(buffer, case, x, idx, w, P):
     bias = torch.full_like(plain, 0.5)
     biased, _, _ = buffer.combine(y, handle, bias=(bias, bias))
     return dict(biased=biased, recv_x=recv_x, recv_idx=recv_idx, recv_w=recv_w, counts=counts, combined=combined,
+                src=handle.recv_src_idx, handle_tuple=tuple(handle),
                 combined_w=combined_w, cached_x=cached_x, cached_idx=c_idx, plain=plain, none_w=none_w,
                 per_node=per_node, pending=pending, wire=wire, y=y)
 
@@ -87,8 +88,14 @@ def _check(case, outs, R, P):
         got, flat = o["node"], o["flat"]
         where = f"{name}, rank {d}"
         # identical to the flat dispatch, bit for bit, and to the reference
-        for key in ("recv_x", "recv_idx", "recv_w", "cached_x"):
+        for key in ("recv_x", "recv_idx", "recv_w", "cached_x", "src"):
             assert _equal(got[key], flat[key]), f"{where}: {key} differs from the flat dispatch"
+        assert got["src"].tolist() == [t for _, t in exp["origin"]], f"{where}: recv_src_idx"
+        # DeepEP's internode handle: entry 6 ends each source's block of recv_x, entry 5 starts it
+        ends = torch.tensor([len(exp["origin"]) - sum(1 for s, _ in exp["origin"] if s > r) for r in range(R)])
+        assert len(got["handle_tuple"]) == 10 and len(flat["handle_tuple"]) == 6, where
+        assert torch.equal(got["handle_tuple"][6], ends.int()), where
+        assert torch.equal(flat["handle_tuple"][0][:, d], ends.int()), where
         assert got["counts"] == flat["counts"] == exp["counts"], where
         assert _equal(got["recv_x"][0] if fp8 else got["recv_x"], exp["recv_x"]), where
         if fp8:
@@ -107,7 +114,7 @@ def _check(case, outs, R, P):
         # an FP8 token is its payload and its scales (DeepEP's FP8 format): both count as payload
         payload = H + _pad8(4 * (H // 128)) if fp8 else H * o["x"].element_size()
         id_bytes = 1 if E <= 128 else 2
-        meta = _pad8(4 * K) + _pad8(K * id_bytes) + _pad8(P)              # weights | ids | rank mask
+        meta = _pad8(4 * K) + _pad8(K * id_bytes) + _pad8(4) + _pad8(P)  # weights | ids | source | rank mask
         sent, recvd, _ = got["wire"]["dispatch"]
         assert sent == rows * (payload + meta), f"{where}: inter-node dispatch bytes {sent} != {rows} rows"
         # combine sends each row that came across back once, as a node's sum (+ summed weights)
@@ -149,6 +156,40 @@ def test_node_aware_matches_flat_and_reference(world_size, ranks_per_node):
         _check(case, [outs[r][i] for r in range(world_size)], world_size, ranks_per_node)
 
 
+def _elastic_both_routes():
+    """ElasticBuffer on 2 nodes of 2 (node-aware plan) and on one node (flat plan), same input."""
+    from moeflow import ElasticBuffer
+
+    rank, R = dist.get_rank(), dist.get_world_size()
+    T_max, H, K, E = 12, 128, 3, 4 * R
+    g = torch.Generator().manual_seed(50 + rank)
+    x = torch.randn(T_max - rank, H, generator=g).bfloat16()
+    idx = torch.topk(torch.rand(T_max - rank, E, generator=g), K, dim=1)[1]
+    w = torch.rand(T_max - rank, K, generator=g)
+    out = {}
+    for name, P in (("node", 2), ("flat", R)):
+        buffer = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T_max, ranks_per_node=P)
+        assert buffer._buffer.num_nodes == R // P
+        got = {}
+        for expand in (False, True):
+            recv_x, recv_idx, recv_w, handle, _ = buffer.dispatch(x, idx, w, num_experts=E, do_expand=expand,
+                                                                  expert_alignment=4, do_cpu_sync=not expand)
+            y = (recv_x.float() * 2).bfloat16()
+            combined, combined_w, _ = buffer.combine(y, handle, topk_weights=recv_w)
+            got[expand] = (recv_x, recv_idx, recv_w, handle.recv_src_metadata, combined, combined_w)
+        out[name] = got
+    return out
+
+
+def test_elastic_buffer_runs_the_node_aware_plan():
+    """ElasticBuffer(ranks_per_node=2) on 4 ranks takes the Buffer's node-aware plan and returns
+    what the flat plan returns: rows, ids, weights, recv_src_metadata, expanded layout, combine."""
+    for rank, out in enumerate(spawn(_elastic_both_routes, 4, timeout_s=120)):
+        for expand in (False, True):
+            for i, (a, b) in enumerate(zip(out["node"][expand], out["flat"][expand])):
+                assert (a is None and b is None) or torch.equal(a, b), (rank, expand, i)
+
+
 def _bad_ranks_per_node():
     msgs = []
     for value in (3, 0, "2"):
@@ -179,7 +220,7 @@ def test_bench_reports_inter_node_bytes_against_the_per_node_minimum(tmp_path):
                  "--json", str(out)]) == 0
     for r in json.loads(out.read_text()):
         token = 2048 + 64 if r["mode"] == "fp8" else 2 * 2048
-        meta = 4 * 4 + 8 + 8                    # weights | ids (4 bytes, padded) | rank mask (padded)
+        meta = 4 * 4 + 8 + 8 + 8                # weights | ids (4 bytes) | source (4) | rank mask (2), padded
         rows = r["min_inter_node_dispatch_bytes"] // token
         assert r["min_inter_node_dispatch_bytes"] == rows * token and rows > 0
         count_exchange = r["inter_node_dispatch_bytes"] - rows * (token + meta)

@@ -169,7 +169,7 @@ def _bad():
     except ValueError as e:
         msgs.append(("ValueError", str(e)))
     try:
-        buffer.low_latency_dispatch(x, idx, 8, 8, round_scale=True)
+        buffer.low_latency_dispatch(x, idx, 8, 8, use_fp8=False, round_scale=True)
     except ValueError as e:
         msgs.append(("ValueError", str(e)))
     return rank, msgs
@@ -184,7 +184,7 @@ def test_bad_input_names_argument_and_rank():
         assert "`x`" in msgs[0][1] and "more than num_max_dispatch_tokens_per_rank=4" in msgs[0][1]
         assert "`topk_idx`" in msgs[2][1] and "found 99" in msgs[2][1]
         assert "multiple of 128" in msgs[3][1] and "low_latency_mode=True" in msgs[4][1]
-        assert "round_scale/use_ue8m0 are not supported (set: round_scale)" in msgs[5][1]
+        assert f"`round_scale` on rank {rank} needs use_fp8=True" in msgs[5][1]
 
 
 def test_fp8_cast_into_kept_buffers_matches_fresh_cast():

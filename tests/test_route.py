@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeflow import layout
-from moeflow.comm.plan import Plan, RowFormat, RowMeta, flat_hop, in_node_hop, pack_meta, rail_hop
+from moeflow.comm.plan import CountTable, Plan, RowFormat, RowMeta, flat_hop, in_node_hop, pack_meta, rail_hop
 
 from _reference import ref_combine, ref_dispatch
 
@@ -143,10 +143,41 @@ def test_backward_sums_each_tokens_copies(R, P):
         torch.testing.assert_close(got[s], exp[s], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("R,P", [(4, 4), (4, 2), (6, 3)])
+def test_count_table_gives_every_rank_the_row_matrix_and_its_own_counts(R, P):
+    """Every rank's table through a simulated all-to-all (row r to rank r): each rank reads the
+    [R, R] row matrix, every rank's num_worst_tokens and signature, its rail-hop rows and its
+    per-expert counts; a failed rank's table says so and nothing else."""
+    g = torch.Generator().manual_seed(R * 10 + P)
+    E, K, T = 2 * R, 3, [5 + r for r in range(R)]
+    idxs = [torch.randint(-1, E, (t, K), generator=g) for t in T]
+    table = CountTable(R, P, E // R, signature_cols=6)
+    sent = []
+    for r in range(R):
+        per_rank, per_expert, in_rank = layout.dispatch_layout(idxs[r], E, R)
+        sent.append(table.pack(r, (7, 1, E, K, 1, 0), in_rank, per_expert, num_worst_tokens=100 + r))
+    layouts = [layout.dispatch_layout(i, E, R) for i in idxs]
+    matrix = torch.stack([lay[0] for lay in layouts]).long()                # [R, R]
+    for d in range(R):
+        recv = torch.stack([sent[s][d] for s in range(R)])                  # what rank d receives
+        assert table.bad_ranks(recv) == [] and torch.equal(table.matrix(recv), matrix)
+        assert table.num_worst_tokens(recv) == [100 + s for s in range(R)]
+        assert table.signatures(recv).tolist() == [[7, 1, E, K, 1, 0]] * R
+        assert table.num_recv_per_expert(recv) == sum(lay[1].view(R, -1)[d] for lay in layouts).tolist()
+        rail = table.rail(recv, d)
+        if P == R:
+            assert rail is None
+        else:  # from each node's rank with d's local index: its tokens reaching d's node
+            peers = [m * P + d % P for m in range(R // P)]
+            assert rail == [int(layout.is_token_in_node(layouts[s][2], R // P)[:, d // P].sum()) for s in peers]
+    failed = table.failed(torch.device("cpu"))
+    assert failed.shape == sent[0].shape and table.bad_ranks(failed) == list(range(R)) and failed[:, 1:].eq(0).all()
+
+
 def test_row_format_fields_are_aligned_and_round_trip():
     fmt = RowFormat.meta(scale_cols=3, num_topk=5, has_weights=True, ids_dtype=torch.int8, mask_cols=2)
-    assert [fmt.offset(n) for n in ("scales", "weights", "ids", "mask")] == [0, 16, 40, 48]
-    assert fmt.width == 56
+    assert [fmt.offset(n) for n in ("scales", "weights", "ids", "src", "mask")] == [0, 16, 40, 48, 56]
+    assert fmt.width == 64
     g = torch.Generator().manual_seed(0)
     T, K, L = 6, 5, 4
     meta = RowMeta(torch.randn(T, 3, generator=g), torch.randint(-1, 3 * L, (T, K), generator=g),
@@ -161,6 +192,10 @@ def test_row_format_fields_are_aligned_and_round_trip():
     assert torch.equal(back.topk_idx.long(), local) and torch.equal(back.topk_weights, weights)
     assert torch.all(back.topk_weights[local < 0] == 0) and bool((local < L).all())
     assert torch.equal(fmt.view(rows, "mask", torch.bool), mask)
+    # the first hop's rows carry their own index as the source token; later hops forward it
+    assert torch.equal(back.src, idx.int())
+    forwarded = RowMeta.of(fmt, pack_meta(fmt, back, torch.tensor([2, 0])))
+    assert torch.equal(forwarded.src, idx[[2, 0]].int())
     # without a destination the ids stay global (the rail hop's rows)
     glob = RowMeta.of(fmt, pack_meta(fmt, meta, idx))
     assert torch.equal(glob.topk_idx.long(), meta.topk_idx[idx])

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dispatch_layout", "is_token_in_rank", "is_token_in_node", "num_tokens_per_node", "local_topk", "rank_in_expert",
-           "align_up", "smallest_int_dtype", "itemsize", "wide_rows", "wide_pair"]
+__all__ = ["dispatch_layout", "is_token_in_rank", "is_token_in_node", "num_tokens_per_node", "slot_in_rank",
+           "local_topk", "rank_in_expert", "align_up", "smallest_int_dtype", "itemsize", "wide_rows", "wide_pair"]
 
 
 def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
@@ -68,6 +68,12 @@ def is_token_in_node(is_token_in_rank: torch.Tensor, num_nodes: int) -> torch.Te
     """``[T, N]`` bool: whether each token reaches a rank of each node."""
     T, R = is_token_in_rank.shape
     return is_token_in_rank.view(T, num_nodes, R // num_nodes).any(2)
+
+
+def slot_in_rank(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """``[T, R]`` int32: each token's place among this rank's rows for each rank (the wire order),
+    -1 where it is not sent there (DeepEP's ``send_head``, V2's ``dst_buffer_slot_idx``)."""
+    return torch.where(is_token_in_rank, is_token_in_rank.cumsum(0, dtype=torch.int32) - 1, -1).to(torch.int32)
 
 
 def local_topk(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, dst_rank: torch.Tensor,

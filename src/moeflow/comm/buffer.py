@@ -10,61 +10,41 @@ L = E / R local experts, R ranks, N nodes, M rows received here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from .. import layout as _layout
-from .checks import ArgChecker, DispatchArgs, resolve_ranks_per_node
+from .checks import SIGNATURE, ArgChecker, DispatchArgs, resolve_ranks_per_node
+from .compat import DeepEPBufferMethods
+from .handle import DispatchHandle
 from .low_latency import LowLatency, LowLatencyHandle
-from .plan import Plan, RowMeta
+from .plan import CountTable, RowMeta
 from .route import PlanRunner
 from .transport import ByteCounters, EventOverlap, Transport, Workspace, make_transport
 
 __all__ = ["Buffer", "DispatchHandle", "EventOverlap"]
 
 FP8Tuple = tuple[torch.Tensor, torch.Tensor]
-# count exchange columns: status, rows for the rank, the signature (checks.SIGNATURE), then with
-# several nodes the rail-hop rows, then the rows per local expert
-_STATUS, _ROWS, _SIG, _RAIL = 0, 1, 2, 8
 
 
-@dataclass(frozen=True)
-class DispatchHandle:
-    """What a dispatch learned; pass it back to ``combine`` or to a cached dispatch.
-
-    Attributes:
-        num_tokens: T. hidden: H of the dispatched ``x``.
-        num_send_tokens_per_rank: rows of this rank's tokens each rank receives.
-        num_recv_tokens_per_rank: rows received from each rank (``recv_x`` is grouped this way).
-        is_token_in_rank: ``[T, R]`` bool, as given to dispatch.
-        plan: the route (:class:`~moeflow.comm.plan.Plan`): one hop, or two across nodes.
-    """
-
-    num_tokens: int
-    hidden: int
-    num_send_tokens_per_rank: tuple[int, ...]
-    num_recv_tokens_per_rank: tuple[int, ...]
-    is_token_in_rank: torch.Tensor
-    plan: Plan
-
-    @property
-    def num_recv_tokens(self) -> int:
-        return sum(self.num_recv_tokens_per_rank)
-
-
-class Buffer:
+class Buffer(DeepEPBufferMethods):
     """Expert-parallel communication for one process group (DeepEP's contract).
+
+    The positional parameters are DeepEP V1's, in its order (docs/deep_ep.md maps every call);
+    moeflow's own options are keyword-only.
 
     Args:
         group: the expert-parallel process group (default: the world). Any backend works;
             tensors must live where the backend wants them (CPU for Gloo, CUDA for NCCL).
         num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, allow_nvlink_for_low_latency_mode,
-        allow_mnnvl, explicitly_destroy: accepted for DeepEP compatibility and ignored: moeflow
-            sizes its memory per call (and keeps send buffers for reuse, see :meth:`destroy`).
+        allow_mnnvl, use_fabric, explicitly_destroy: DeepEP's buffer sizes, links and teardown;
+            ignored: moeflow sizes its memory per call (keeping send buffers for reuse, see
+            :meth:`destroy`, which works either way) and the backend picks its links.
         low_latency_mode: enables :meth:`low_latency_dispatch` / :meth:`low_latency_combine`.
+        enable_shrink, comm: DeepEP's shrink mode and mpi4py communicator: ``NotImplementedError``
+            unless False / None (a collective cannot leave a failed member out; pass a group).
         ranks_per_node: (keyword; default: env ``LOCAL_WORLD_SIZE``, else all ranks on one node)
             must divide the group size; group rank ``r`` lives on node ``r // ranks_per_node``.
             With several nodes a token crosses to another node once (docs/architecture.md).
@@ -83,13 +63,13 @@ class Buffer:
             ``"combine"``, ... since ``counters.reset()``.
     """
 
-    num_sms: int = 20
-
     def __init__(self, group: Optional[dist.ProcessGroup] = None, num_nvl_bytes: int = 0,
                  num_rdma_bytes: int = 0, low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
-                 explicitly_destroy: bool = False, *, ranks_per_node: Optional[int] = None,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
+                 comm: object = None, *, ranks_per_node: Optional[int] = None,
                  timeout_s: Optional[float] = None, check_finite: bool = False) -> None:
+        self._refuse(enable_shrink, comm)
         if not dist.is_initialized():
             raise RuntimeError("moeflow.Buffer: torch.distributed is not initialised; call "
                                "torch.distributed.init_process_group first (or use moeflow.launch.spawn)")
@@ -100,6 +80,7 @@ class Buffer:
         self.num_nodes = R // self.ranks_per_node
         self.group, self.check_finite = group, check_finite
         self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode = num_nvl_bytes, num_rdma_bytes, low_latency_mode
+        self.explicitly_destroy, self.enable_shrink = explicitly_destroy, enable_shrink
         self.transport: Transport = make_transport(group, timeout_s=timeout_s, ranks_per_node=self.ranks_per_node)
         self.timeout_s = self.transport.timeout_s
         self.rank, self.group_size = rank, R
@@ -107,7 +88,6 @@ class Buffer:
         self._runner = PlanRunner(self.transport, self._workspace)
         self._low_latency = LowLatency(self.transport) if low_latency_mode else None
         self._check = ArgChecker(rank, R)
-        self._expert_col = _RAIL + (self.num_nodes > 1)  # first count-exchange column of rows per local expert
 
     @property
     def counters(self) -> ByteCounters:
@@ -118,26 +98,6 @@ class Buffer:
         waited on with the timeout (a lost peer is named, never waited on forever). For the small
         collectives of layers built on the Buffer (load counts, chunk counts, checks)."""
         return self.transport.all_reduce(tensor, op)
-
-    @staticmethod
-    def set_num_sms(new_num_sms: int) -> None:
-        """Accepted for DeepEP compatibility; moeflow launches no kernels of its own."""
-        Buffer.num_sms = new_num_sms
-
-    @staticmethod
-    def get_dispatch_config(num_ranks: int) -> None:
-        """DeepEP returns a kernel tuning config; moeflow has none to tune, so ``None``."""
-        return None
-
-    @staticmethod
-    def get_combine_config(num_ranks: int) -> None:
-        """See :meth:`get_dispatch_config`."""
-        return None
-
-    @staticmethod
-    def capture() -> EventOverlap:
-        """An already-complete event (DeepEP captures the current CUDA stream)."""
-        return EventOverlap()
 
     def destroy(self) -> None:
         """Free the buffers kept for reuse (send buffers, low-latency slots, symmetric memory);
@@ -190,91 +150,91 @@ class Buffer:
             num_tokens_per_rank: ``[R]`` int (optional: derived from ``is_token_in_rank``).
             num_tokens_per_rdma_rank: ignored (derived from ``is_token_in_rank``).
             is_token_in_rank: ``[T, R]`` bool, from :meth:`get_dispatch_layout`; required fresh.
-            num_tokens_per_expert: ``[E]`` int, from :meth:`get_dispatch_layout`; required with
-                ``topk_idx`` (it gives E and the per-expert receive counts).
+            num_tokens_per_expert: ``[E]`` int, from :meth:`get_dispatch_layout`: gives E and the
+                per-expert receive counts (with or without ``topk_idx``); required with ``topk_idx``.
             topk_idx: ``[T, K]`` int64 or None; ``-1`` = no expert.
             topk_weights: ``[T, K]`` float32 or None (requires ``topk_idx``).
             expert_alignment: round each entry of ``num_recv_tokens_per_expert_list`` up to this.
-            num_worst_tokens, config, allocate_on_comm_stream: accepted for DeepEP compatibility.
+            num_worst_tokens: W > 0: return exactly W rows (the M received ones first, then zeros,
+                ids -1), as DeepEP does for static shapes; a rank receiving more than its W is a
+                ``ValueError`` on every rank. 0: M rows.
+            config, allocate_on_comm_stream: accepted for DeepEP compatibility (no kernels to tune).
             previous_event: waited on before anything is read.
             async_finish: return while the transfer runs; the returned tensors are filled when
                 ``event.current_stream_wait()`` returns.
 
         Returns:
-            recv_x: ``[M, H]`` (or the FP8 tuple), grouped by source rank in rank order, each
-                source's token order kept.
-            recv_topk_idx: ``[M, K]`` int64 local expert ids, ``-1`` where the expert lives on
+            recv_x: ``[M', H]`` (or the FP8 tuple), grouped by source rank in rank order, each
+                source's token order kept; ``M'`` is W with ``num_worst_tokens``, else M.
+            recv_topk_idx: ``[M', K]`` int64 local expert ids, ``-1`` where the expert lives on
                 another rank (None without ``topk_idx`` and for a cached dispatch).
-            recv_topk_weights: ``[M, K]`` float32, 0 where ``recv_topk_idx`` is ``-1``.
-            num_recv_tokens_per_expert_list: ``[L]`` ints (aligned), or None.
+            recv_topk_weights: ``[M', K]`` float32, 0 where ``recv_topk_idx`` is ``-1``.
+            num_recv_tokens_per_expert_list: ``[L]`` ints (aligned) with ``num_tokens_per_expert``
+                (``[]`` with ``num_worst_tokens``, as DeepEP: no host sync), else None.
             handle: :class:`DispatchHandle`. event: :class:`EventOverlap`.
         """
         if previous_event is not None:
             previous_event.current_stream_wait()
         self.transport.arrive("dispatch")
         if handle is not None:
-            return self._cached_dispatch(x, handle, topk_idx, topk_weights, async_finish)
+            return self._cached_dispatch(x, handle, topk_idx, topk_weights, num_worst_tokens, async_finish)
         try:
             args, error = self._check.dispatch(x, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-                                               topk_idx, topk_weights, expert_alignment, self.check_finite), None
+                                               topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+                                               self.check_finite), None
         except (ValueError, TypeError) as e:
             # Held back until every rank has seen it in the count exchange: one rank's mistake
             # never leaves the others waiting in a collective.
             args, error = None, e
         num_experts = num_tokens_per_expert.numel() if isinstance(num_tokens_per_expert, torch.Tensor) else 0
-        recv = self._exchange_counts(args, is_token_in_rank, num_tokens_per_expert, num_experts // self.group_size,
-                                     _device_of(x, is_token_in_rank), error)
+        device = _device_of(x, is_token_in_rank)
+        table = CountTable(self.group_size, self.ranks_per_node, num_experts // self.group_size, len(SIGNATURE))
+        recv = self._exchange_counts(table, args, is_token_in_rank, num_tokens_per_expert, num_worst_tokens, device,
+                                     error)
+        matrix = table.matrix(recv)                                          # [R, R]: rank i's rows to rank j
+        W, num_recv_per_rank = num_worst_tokens, matrix[:, self.rank].tolist()
         num_recv_per_expert = None
-        if args.num_experts:
-            num_recv_per_expert = [_layout.align_up(int(n), expert_alignment)
-                                   for n in recv[:, self._expert_col:].sum(0).tolist()]
-        num_recv_per_rank = recv[:, _ROWS].tolist()
+        if args.num_experts:  # DeepEP returns no list with num_worst_tokens (it would need a host sync)
+            num_recv_per_expert = [] if W else [_layout.align_up(int(n), expert_alignment)
+                                                for n in table.num_recv_per_expert(recv)]
         meta = RowMeta(args.scales, topk_idx, topk_weights)
-        # across nodes: the rail hop's rows from each node's rank with this rank's local index
-        rail = recv[self.rank % self.ranks_per_node::self.ranks_per_node, _RAIL].tolist() if self.num_nodes > 1 else None
-        routed = self._runner.dispatch(args.x, meta, is_token_in_rank, num_recv_per_rank, args.num_experts, rail)
+        routed = self._runner.dispatch(args.x, meta, is_token_in_rank, num_recv_per_rank, args.num_experts,
+                                       table.rail(recv, self.rank), W)
         out = routed.outputs(args.scales is not None, meta)
-        handle = DispatchHandle(routed.plan.num_tokens, args.x.size(1),
-                                tuple(int(n) for n in is_token_in_rank.sum(0).tolist()),
-                                tuple(int(n) for n in num_recv_per_rank), is_token_in_rank, routed.plan)
+        handle = DispatchHandle(routed.plan.num_tokens, args.x.size(1), tuple(matrix[self.rank].tolist()),
+                                tuple(num_recv_per_rank), is_token_in_rank, routed.plan,
+                                matrix.to(torch.int32), out.recv_src_idx, W)
         event = _event(routed.works, routed.releases + [out.unpack], async_finish)
         return out.recv_x, out.recv_topk_idx, out.recv_topk_weights, num_recv_per_expert, handle, event
 
-    def _exchange_counts(self, args: Optional[DispatchArgs], is_token_in_rank, num_tokens_per_expert,
-                         num_local_experts: int, device: torch.device, error: Optional[Exception]) -> torch.Tensor:
-        """The count exchange: every rank's rows for every rank (and per local expert), its
-        signature and status. Returns ``[R, columns]`` int64 on the host; raises on every rank
-        when any rank's input was bad or the ranks disagree."""
-        R, first = self.group_size, self._expert_col
-        header = torch.zeros(R, first + num_local_experts, dtype=torch.int64, device=device)
-        if error is None:
-            header[:, _ROWS] = is_token_in_rank.sum(0)
-            header[:, _SIG:_RAIL] = torch.tensor(args.signature, dtype=torch.int64, device=device)
-            if self.num_nodes > 1:  # rail-hop rows: to this rank's peer of the same local index on each node
-                per_node = _layout.num_tokens_per_node(is_token_in_rank, self.num_nodes)
-                header[self.rank % self.ranks_per_node::self.ranks_per_node, _RAIL] = per_node.to(header)
-            if args.num_experts:
-                header[:, first:] = num_tokens_per_expert.to(header).view(R, -1)
-        else:
-            header[:, _STATUS] = 1
+    def _exchange_counts(self, table: CountTable, args: Optional[DispatchArgs], is_token_in_rank,
+                         num_tokens_per_expert, num_worst_tokens: int, device: torch.device,
+                         error: Optional[Exception]) -> torch.Tensor:
+        """The count exchange (see :class:`~moeflow.comm.plan.CountTable`). Returns every rank's
+        table on the host; raises on every rank when any rank's input was bad or the ranks disagree."""
+        send = table.failed(device) if error is not None else table.pack(
+            self.rank, args.signature, is_token_in_rank, num_tokens_per_expert, num_worst_tokens)
         # Collective: the count exchange. Host sync: the counts size what follows.
-        recv = self.transport.exchange_counts(header).cpu()
+        recv = self.transport.exchange_counts(send).cpu()
         if error is not None:
             raise error
-        bad = recv[:, _STATUS].nonzero().flatten().tolist()
+        bad = table.bad_ranks(recv)
         if bad:
             raise ValueError(f"Buffer.dispatch: rank(s) {bad} passed invalid input (see their error); "
                              f"rank {self.rank} stops too instead of waiting for them")
-        self._check.signatures(recv[:, _SIG:_RAIL])
+        self._check.signatures(table.signatures(recv))
+        self._check.worst(table.num_worst_tokens(recv), table.matrix(recv).sum(0).tolist())
         return recv
 
-    def _cached_dispatch(self, x, handle, topk_idx, topk_weights, async_finish):
+    def _cached_dispatch(self, x, handle, topk_idx, topk_weights, num_worst_tokens, async_finish):
         self._check_handle("dispatch", handle)
-        payload, scales = self._check.cached_dispatch(x, handle.num_tokens, handle.hidden, topk_idx, topk_weights,
+        payload, scales = self._check.cached_dispatch(x, handle, topk_idx, topk_weights, num_worst_tokens,
                                                       self.check_finite)
-        recv_x, works, releases = self._runner.forward(handle.plan, payload, "dispatch")
+        rows = handle.num_recv_rows  # W rows after a dispatch with num_worst_tokens
+        recv_x, works, releases = self._runner.forward(handle.plan, payload, "dispatch", num_rows=rows)
         if scales is not None:
-            recv_scales, more, more_releases = self._runner.forward(handle.plan, scales, "dispatch", new_call=False)
+            recv_scales, more, more_releases = self._runner.forward(handle.plan, scales, "dispatch", new_call=False,
+                                                                    num_rows=rows)
             recv_x, works, releases = (recv_x, recv_scales), works + more, releases + more_releases
         return recv_x, None, None, None, handle, _event(works, releases, async_finish)
 
@@ -292,9 +252,11 @@ class Buffer:
         """Send each received row back to its source and sum a token's copies there.
 
         Args:
-            x: ``[M, H]`` bf16, fp16 or fp32, row ``i`` answering row ``i`` of the dispatch's ``recv_x``.
+            x: ``[M', H]`` bf16, fp16 or fp32, row ``i`` answering row ``i`` of the dispatch's
+                ``recv_x`` (``M' = W`` after a dispatch with ``num_worst_tokens``: rows past M are
+                padding and not read).
             handle: the :class:`DispatchHandle` from that dispatch.
-            topk_weights: ``[M, K]`` float32 or None; summed over ranks like ``x``.
+            topk_weights: ``[M', K]`` float32 or None; summed over ranks like ``x``.
             bias: None, a ``[T, H]`` tensor or a tuple of up to two, added to the result.
             previous_event: waited on first. async_finish: as in :meth:`dispatch`.
             config, allocate_on_comm_stream: accepted for DeepEP compatibility.
@@ -309,16 +271,16 @@ class Buffer:
             previous_event.current_stream_wait()
         self.transport.arrive("combine")
         self._check_handle("combine", handle)
-        biases = self._check.combine(x, handle.num_recv_tokens, handle.num_tokens, handle.hidden, topk_weights, bias,
-                                     self.check_finite)
-        T, H = handle.num_tokens, handle.hidden
+        biases = self._check.combine(x, handle, topk_weights, bias, self.check_finite)
+        T, H, M = handle.num_tokens, handle.hidden, handle.num_recv_tokens
         combined_x = x.new_empty(T, H)
-        works, finish = self._runner.backward(handle.plan, x.contiguous(), "combine", out=combined_x, biases=biases)
+        works, finish = self._runner.backward(handle.plan, x[:M].contiguous(), "combine", out=combined_x,
+                                              biases=biases)
         finishes, combined_w = [finish], None
         if topk_weights is not None:
             combined_w = topk_weights.new_empty(T, topk_weights.size(1))
-            more, finish_w = self._runner.backward(handle.plan, topk_weights.contiguous(), "combine", out=combined_w,
-                                                   new_call=False)
+            more, finish_w = self._runner.backward(handle.plan, topk_weights[:M].contiguous(), "combine",
+                                                   out=combined_w, new_call=False)
             works, finishes = works + more, finishes + [finish_w]
         return combined_x, combined_w, _event(works, finishes, async_finish)
 
@@ -330,12 +292,13 @@ class Buffer:
                              return_recv_hook: bool = False):
         """DeepEP's low-latency dispatch: static shapes, no host sync on counts (needs
         ``low_latency_mode``); see :meth:`moeflow.comm.low_latency.LowLatency.dispatch`.
-        ``dispatch_wait_recv_cost_stats`` is ignored; ``round_scale``, ``use_ue8m0``: unsupported."""
+        ``dispatch_wait_recv_cost_stats`` must be None (``NotImplementedError``)."""
         ll = self._need_low_latency("low_latency_dispatch")
         self.transport.arrive("low_latency_dispatch")
         return ll.dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
-                           cumulative_local_expert_recv_stats, async_finish, return_recv_hook,
-                           unsupported=dict(round_scale=round_scale, use_ue8m0=use_ue8m0), check_finite=self.check_finite)
+                           cumulative_local_expert_recv_stats, async_finish, return_recv_hook, round_scale=round_scale,
+                           use_ue8m0=use_ue8m0, wait_stats=dispatch_wait_recv_cost_stats,
+                           check_finite=self.check_finite)
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
@@ -343,15 +306,17 @@ class Buffer:
                             out: Optional[torch.Tensor] = None,
                             combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
         """DeepEP's low-latency combine: each token's expert outputs, weighted and summed (see
-        :meth:`moeflow.comm.low_latency.LowLatency.combine`). ``combine_wait_recv_cost_stats`` is
-        ignored; ``use_logfmt``, ``zero_copy``: unsupported."""
+        :meth:`moeflow.comm.low_latency.LowLatency.combine`, also for ``use_logfmt`` and
+        ``zero_copy``). ``combine_wait_recv_cost_stats`` must be None (``NotImplementedError``)."""
         ll = self._need_low_latency("low_latency_combine")
         self.transport.arrive("low_latency_combine")
-        return ll.combine(x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook,
-                          unsupported=dict(use_logfmt=use_logfmt, zero_copy=zero_copy), check_finite=self.check_finite)
+        return ll.combine(x, topk_idx, topk_weights, handle, out, async_finish, return_recv_hook, use_logfmt=use_logfmt,
+                          zero_copy=zero_copy, wait_stats=combine_wait_recv_cost_stats, check_finite=self.check_finite)
 
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Accepted for DeepEP compatibility: every call rewrites every slot, nothing needs cleaning."""
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """``[L, R * T_max, H]`` bf16 for the expert outputs of ``handle``'s slots: fill it and call
+        :meth:`low_latency_combine` with ``zero_copy=True``, which reads it instead of ``x``."""
+        return self._need_low_latency("get_next_low_latency_combine_buffer").combine_buffer(handle)
 
     def _need_low_latency(self, where: str) -> LowLatency:
         if self._low_latency is None:

@@ -80,16 +80,17 @@ class ArgChecker:
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             self.fail(where, name, f"must have shape {want}, got {list(t.shape)}")
 
-    def unsupported(self, where: str, options: Optional[dict]) -> None:
-        """DeepEP options moeflow does not implement: an error when any is set."""
-        on = [name for name, value in (options or {}).items() if value]
-        if on:
-            raise ValueError(f"Buffer.{where}: rank {self.rank}: {'/'.join(options)} are not supported "
-                             f"(set: {', '.join(on)})")
+    def no_wait_stats(self, where: str, stats) -> None:
+        """DeepEP's ``*_wait_recv_cost_stats``: refused (``NotImplementedError``) unless None."""
+        if stats is not None:
+            raise NotImplementedError(
+                f"Buffer.{where}: the *_wait_recv_cost_stats tensors are not supported: DeepEP adds each source "
+                "rank's wait to them, and moeflow's low-latency exchange is one collective whose wait cannot be "
+                "split by source. Pass None; a slow or dead rank is named by moeflow.PeerFailureError")
 
-    def positive_int(self, where: str, name: str, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            self.fail(where, name, f"must be a positive int, got {value!r}")
+    def positive_int(self, where: str, name: str, value, least: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            self.fail(where, name, f"must be a {'positive' if least else 'non-negative'} int, got {value!r}")
 
     def num_experts(self, where: str, num_experts) -> None:
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1 \
@@ -122,10 +123,11 @@ class ArgChecker:
                                    f"of {t.size(0)}); check_finite=True was set on the Buffer")
 
     def dispatch(self, x, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                 expert_alignment, check_finite: bool) -> DispatchArgs:
+                 expert_alignment, num_worst_tokens, check_finite: bool) -> DispatchArgs:
         """Everything a fresh dispatch checks on this rank before the count exchange."""
         where = "dispatch"
         self.positive_int(where, "expert_alignment", expert_alignment)
+        self.positive_int(where, "num_worst_tokens", num_worst_tokens, least=0)
         payload, scales = self.x(where, x)
         if check_finite:
             self.finite(where, "x" if scales is None else "x[0]", payload)
@@ -141,9 +143,9 @@ class ArgChecker:
         if topk_weights is not None and topk_idx is None:
             self.fail(where, "topk_weights", "given without `topk_idx`")
         E = 0
-        if topk_idx is not None:
-            if num_tokens_per_expert is None:
-                self.fail(where, "num_tokens_per_expert", "is required with `topk_idx` (from get_dispatch_layout)")
+        if topk_idx is not None and num_tokens_per_expert is None:
+            self.fail(where, "num_tokens_per_expert", "is required with `topk_idx` (from get_dispatch_layout)")
+        if num_tokens_per_expert is not None:  # with or without topk_idx: it gives the per-expert counts
             if not isinstance(num_tokens_per_expert, torch.Tensor) or num_tokens_per_expert.dim() != 1:
                 got = num_tokens_per_expert
                 self.fail(where, "num_tokens_per_expert", "must be a 1-D tensor [num_experts], got "
@@ -151,6 +153,7 @@ class ArgChecker:
                           TypeError)
             E = num_tokens_per_expert.numel()
             self.num_experts(where, E)
+        if topk_idx is not None:
             self.topk_idx(where, topk_idx, T, E)
             if topk_weights is not None:
                 self.tensor(where, "topk_weights", topk_weights, torch.float32, tuple(topk_idx.shape))
@@ -166,43 +169,58 @@ class ArgChecker:
             self.fail(where, "handle", f"must be a {cls.__name__} returned by dispatch, got {type(handle).__name__}",
                       TypeError)
 
-    def cached_dispatch(self, x, num_tokens: int, hidden: int, topk_idx, topk_weights,
+    def cached_dispatch(self, x, handle, topk_idx, topk_weights, num_worst_tokens,
                         check_finite: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A cached dispatch's ``x`` (``[T, H]`` of the handle) -> ``(payload, scales or None)``."""
-        where = "dispatch"
+        where, num_tokens, hidden = "dispatch", handle.num_tokens, handle.hidden
         if topk_idx is not None or topk_weights is not None:
             raise ValueError(f"Buffer.dispatch: rank {self.rank}: a cached dispatch (with `handle`) "
                              "takes no `topk_idx`/`topk_weights`; the handle fixes the layout")
+        self.positive_int(where, "num_worst_tokens", num_worst_tokens, least=0)
+        if num_worst_tokens not in (0, handle.num_worst_tokens):
+            self.fail(where, "num_worst_tokens", f"is {num_worst_tokens} but the handle's dispatch used "
+                      f"{handle.num_worst_tokens}; a cached dispatch returns the handle's rows (pass 0 or the same)")
         payload, scales = self.x(where, x)
         if check_finite:
             self.finite(where, "x" if scales is None else "x[0]", payload)
             if scales is not None:
                 self.finite(where, "x[1]", scales)
         if tuple(payload.shape) != (num_tokens, hidden):
-            self.fail(where, "x", f"has shape {tuple(payload.shape)} but the handle was made for [{num_tokens}, {hidden}]")
+            self.fail(where, "x", f"has shape {tuple(payload.shape)} but the handle was made for "
+                                  f"[{num_tokens}, {hidden}]")
         return payload, scales
 
-    def combine(self, x, num_recv: int, num_tokens: int, hidden: int, topk_weights, bias, check_finite: bool) -> tuple:
-        """A combine's arguments (``x`` ``[M, H]``, ``topk_weights`` ``[M, K]``, up to two
-        ``[T, H]`` biases) -> the biases as a tuple."""
-        where = "combine"
+    def combine(self, x, handle, topk_weights, bias, check_finite: bool) -> tuple:
+        """A combine's arguments (``x`` ``[M', H]``, ``topk_weights`` ``[M', K]``, up to two
+        ``[T, H]`` biases; ``M'`` the handle's ``num_recv_rows``, rows past M are padding and not
+        read) -> the biases as a tuple."""
+        where, rows, M, hidden = "combine", handle.num_recv_rows, handle.num_recv_tokens, handle.hidden
         if isinstance(x, tuple):
             self.fail(where, "x", "must be a bf16/fp16/fp32 tensor; FP8 tuples are dispatch-only", TypeError)
-        self.tensor(where, "x", x, FLOAT_DTYPES, (num_recv, None))
+        self.tensor(where, "x", x, FLOAT_DTYPES, (rows, None))
         if x.size(1) != hidden:
             self.fail(where, "x", f"has hidden {x.size(1)} but the handle's dispatch had hidden {hidden}")
         if topk_weights is not None:
-            self.tensor(where, "topk_weights", topk_weights, torch.float32, (num_recv, None))
+            self.tensor(where, "topk_weights", topk_weights, torch.float32, (rows, None))
         if check_finite:
-            self.finite(where, "x", x)
+            self.finite(where, "x", x[:M])
             if topk_weights is not None:
-                self.finite(where, "topk_weights", topk_weights)
+                self.finite(where, "topk_weights", topk_weights[:M])
         biases = () if bias is None else (bias if isinstance(bias, tuple) else (bias,))
         if len(biases) > 2:
             self.fail(where, "bias", f"takes at most 2 tensors, got {len(biases)}")
         for i, b in enumerate(biases):
-            self.tensor(where, f"bias[{i}]", b, FLOAT_DTYPES, (num_tokens, hidden))
+            self.tensor(where, f"bias[{i}]", b, FLOAT_DTYPES, (handle.num_tokens, hidden))
         return biases
+
+    def worst(self, num_worst_tokens: list[int], num_recv: list[int]) -> None:
+        """Every rank's ``num_worst_tokens`` against the rows it receives: raise on every rank if
+        one is short (DeepEP: a device assert)."""
+        short = ", ".join(f"rank {r}: {w} < {m}" for r, (w, m) in enumerate(zip(num_worst_tokens, num_recv))
+                          if 0 < w < m)
+        if short:
+            raise ValueError(f"Buffer.dispatch: `num_worst_tokens` is below the rows received ({short}); it must "
+                             "be at least the rows a rank can receive (e.g. num_tokens * num_ranks)")
 
     def signatures(self, sigs: torch.Tensor) -> None:
         """``sigs`` ``[R, len(SIGNATURE)]``, every rank's: raise on every rank if they differ."""

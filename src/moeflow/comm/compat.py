@@ -114,6 +114,15 @@ class DeepEPBufferMethods:
     num_sms: int = 20  # DeepEP's class-wide SM count for its normal-mode kernels
 
     @staticmethod
+    def _refuse(enable_shrink: bool, comm: object) -> None:
+        """The constructor's DeepEP options that cannot be honoured here."""
+        if enable_shrink:
+            raise NotImplementedError(f"moeflow.Buffer: enable_shrink=True is not supported. {SHRINK_UNSUPPORTED}")
+        if comm is not None:
+            raise NotImplementedError("moeflow.Buffer: `comm` (an mpi4py communicator) is not supported: moeflow "
+                                      "moves data through torch.distributed; pass `group` (a ProcessGroup)")
+
+    @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
         """Set the class-wide ``num_sms`` that :meth:`get_dispatch_config` puts in its Config
         (even, as DeepEP requires). Changes nothing moeflow moves: it launches no kernels."""

@@ -1,10 +1,10 @@
 """``moeflow.ElasticBuffer``: DeepEP V2's expert-parallel entry points on moeflow's Buffer.
 
-Shape letters:
-    N  tokens on this rank     H  hidden size      K  top-k      E  experts   L  local experts (E / R)
-    R  ranks in the group      P  ranks per node   T  num_max_tokens_per_rank
-    M  rows received (one per token that reaches this rank)      M' rows returned (M, or R * T)
-    X  expanded rows returned (one per (row, local expert), each expert's block aligned)
+Shape letters (docs/architecture.md): T tokens on this rank, H hidden, K top-k, E experts,
+L = E / R local experts, R ranks, M rows received here; and DeepEP V2's own:
+    T_max  num_max_tokens_per_rank          P   ranks per node (V2's scale-up domain)
+    M'     rows returned (M, or R * T_max)  X   expanded rows (one per (row, local expert), each
+                                                expert's block aligned)
 
 DeepEP V2 (``deep_ep.ElasticBuffer``) folds the layout into ``dispatch`` (it takes ``topk_idx``
 and ``num_experts`` directly) and adds an *expanded* layout: one row per (token, local expert),
@@ -12,7 +12,7 @@ grouped by expert, each expert's block padded to ``expert_alignment``, which a g
 reads as is. This class gives that contract on :class:`~moeflow.comm.buffer.Buffer`:
 
 - ``dispatch`` = ``get_dispatch_layout`` + ``Buffer.dispatch`` (``do_cpu_sync=False``: the
-  worst-case row count ``R * T``, DeepEP's shape, via ``num_worst_tokens``); with ``do_expand``
+  worst-case row count ``R * T_max``, DeepEP's shape, via ``num_worst_tokens``); with ``do_expand``
   the received rows are then gathered into the expanded layout on this rank (DeepEP writes them
   there straight from the wire; here it costs one gather of the received rows).
 - ``combine`` = ``Buffer.combine``; with an expanded handle the rows of a token are first summed
@@ -20,12 +20,13 @@ reads as is. This class gives that contract on :class:`~moeflow.comm.buffer.Buff
   in their top-k columns.
 
 Rows come grouped by source rank in rank order, each source's token order kept: sorted by the
-source's global token index ``rank * T + t``, the order DeepEP's ``deterministic=True`` sorts
+source's global token index ``rank * T_max + t``, the order DeepEP's ``deterministic=True`` sorts
 into, for every call. Weights of top-k entries whose expert lives on another rank are 0 (DeepEP
-V2 leaves them as sent; its own test masks them before comparing). The route is the flat one:
-``recv_src_metadata`` needs each row's source token, which the node-aware route does not carry.
-Engram, pipeline send/recv and AGRS sessions have no moeflow counterpart and raise, naming the
-torch.distributed calls to use. docs/deep_ep.md maps every entry point.
+V2 leaves them as sent; its own test masks them before comparing). Everything moves through the
+Buffer's plan and Transport, node-aware when ``ranks_per_node`` is below the group size (every
+row carries its source token either way: ``recv_src_metadata``). Engram, pipeline send/recv and
+AGRS sessions have no moeflow counterpart and raise, naming the torch.distributed calls to use.
+docs/deep_ep.md maps every entry point.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import torch.distributed as dist
 
 from .. import layout as _layout
 from .buffer import Buffer, DispatchHandle
-from .compat import DeepEPBufferMethods
 from .checks import resolve_ranks_per_node
+from .compat import DeepEPBufferMethods
 from .transport import EventOverlap
 
 __all__ = ["ElasticBuffer", "EPHandle"]
@@ -51,7 +52,7 @@ class EPHandle:
 
     Attributes (DeepEP's names):
         do_expand, num_experts, expert_alignment, num_max_tokens_per_rank, num_sms: as dispatched.
-        topk_idx: ``[N, K]`` int64, the dispatched ids (a clone with ``do_handle_copy``).
+        topk_idx: ``[T, K]`` int64, the dispatched ids (a clone with ``do_handle_copy``).
         num_recv_tokens: M. num_expanded_tokens: X (expanded handles; else 0).
         num_recv_tokens_per_expert_list: per local expert, rows received rounded up to
             ``expert_alignment`` (DeepEP returns it with ``do_cpu_sync``; here always).
@@ -62,10 +63,10 @@ class EPHandle:
             block starts at ``align(psum[i])``.
         num_unaligned_recv_tokens_per_expert: ``[L]`` int32 counts (expanded handles; else None).
         recv_src_metadata: ``[M', 2 + K]`` int32: column 0 the source's global token index
-            ``src_rank * T + t``; column 1 ``src_rank * K + k0`` with ``k0`` the first top-k
+            ``src_rank * T_max + t``; column 1 ``src_rank * K + k0`` with ``k0`` the first top-k
             column whose expert is here (DeepEP's non-hybrid value); columns ``2 + k`` the
             expanded row of top-k entry ``k`` (-1: not here, or a plain handle). Rows past M: -1.
-        dst_buffer_slot_idx: ``[N, R]`` int32, the place of each token among the rows sent to
+        dst_buffer_slot_idx: ``[T, R]`` int32, the place of each token among the rows sent to
             each rank (-1: not sent).
         token_metadata_at_forward, channel_linked_list: None (DeepEP's hybrid-mode bookkeeping).
         inner: moeflow's :class:`DispatchHandle` under it.
@@ -92,6 +93,18 @@ class EPHandle:
     channel_linked_list: Optional[torch.Tensor] = None
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A dispatch's resolved arguments (from the call, or the handle's for a cached one)."""
+
+    topk_idx: torch.Tensor
+    num_experts: int
+    alignment: int
+    T_max: int
+    do_cpu_sync: bool
+    do_expand: bool
+
+
 _NO_ENGRAM = "Engram (remote KV-cache fetch over RDMA) has no moeflow counterpart"
 _NO_PP = ("pipeline send/recv: use torch.distributed.pipelining (moeflow composes with it) or "
           "dist.isend/dist.irecv")
@@ -104,7 +117,7 @@ class ElasticBuffer:
     Args (DeepEP's, in its order):
         group: the expert-parallel process group.
         num_bytes, num_cpu_bytes: buffer sizes; ignored (memory is sized per call).
-        num_max_tokens_per_rank: T, the default for ``dispatch`` (tokens a rank may dispatch;
+        num_max_tokens_per_rank: T_max, the default for ``dispatch`` (tokens a rank may dispatch;
             sets the source token numbering and the ``do_cpu_sync=False`` row count).
         hidden, num_topk, use_fp8_dispatch: sizing hints; ignored.
         deterministic: accepted; moeflow's order is always the sorted one (see the module doc).
@@ -116,7 +129,9 @@ class ElasticBuffer:
         num_gpu_timeout_secs: DeepEP's kernel and RDMA choices; ignored.
         num_cpu_timeout_secs: seconds a wait on a peer may take (moeflow's ``timeout_s``).
         explicitly_destroy: ignored; :meth:`destroy` may be called either way.
-        ranks_per_node: (keyword, moeflow's) P for :meth:`get_logical_domain_size`.
+        ranks_per_node: (keyword, moeflow's) P, as for :class:`~moeflow.comm.buffer.Buffer`
+            (default: env ``LOCAL_WORLD_SIZE``, else one node): the domain sizes, and below the
+            group size the node-aware route.
     """
 
     def __init__(self, group: dist.ProcessGroup, num_bytes: Optional[int] = None, num_cpu_bytes: int = 0,
@@ -126,11 +141,10 @@ class ElasticBuffer:
                  num_allocated_qps: int = 0, num_cpu_timeout_secs: int = 300, num_gpu_timeout_secs: int = 100,
                  explicitly_destroy: bool = False, *, ranks_per_node: Optional[int] = None) -> None:
         R = dist.get_world_size(group)
-        # The flat route: recv_src_metadata needs every row's source token (see the module doc).
-        self._buffer = Buffer(group, ranks_per_node=R, timeout_s=num_cpu_timeout_secs)
+        P = resolve_ranks_per_node(ranks_per_node, dist.get_rank(group), R)
+        self._buffer = Buffer(group, ranks_per_node=P, timeout_s=num_cpu_timeout_secs)
         self.group = group
         self.rank_idx, self.num_ranks = self._buffer.rank, R
-        P = resolve_ranks_per_node(ranks_per_node, self.rank_idx, R)
         self.num_scaleout_ranks, self.num_scaleup_ranks = R // P, P
         self.scaleout_rank_idx, self.scaleup_rank_idx = divmod(self.rank_idx, self.num_scaleup_ranks)
         self.num_rdma_ranks, self.num_nvlink_ranks = self.num_scaleout_ranks, self.num_scaleup_ranks
@@ -161,8 +175,8 @@ class ElasticBuffer:
         return EventOverlap()
 
     def barrier(self, use_comm_stream: bool = True, with_cpu_sync: bool = False, sequential: bool = True) -> None:
-        """A barrier over the group (``dist.barrier``)."""
-        dist.barrier(group=self.group)
+        """A barrier over the group, through the Buffer's Transport (watched, counted)."""
+        self._buffer.transport.barrier()
 
     def get_comm_stream(self):
         return self._buffer.get_comm_stream()  # raises, saying what to use
@@ -198,12 +212,12 @@ class ElasticBuffer:
         """DeepEP V2's dispatch. Returns ``(recv_x, recv_topk_idx, recv_topk_weights, handle, event)``.
 
         Args (DeepEP's):
-            x: ``[N, H]`` bf16 (fp16/fp32 too), or ``(float8_e4m3fn [N, H], float32 [N, H / 128])``.
-            topk_idx: ``[N, K]`` int64, -1 = none (None with ``handle``: the handle's).
-            topk_weights: ``[N, K]`` float32 or None (also allowed with ``handle``).
+            x: ``[T, H]`` bf16 (fp16/fp32 too), or ``(float8_e4m3fn [T, H], float32 [T, H / 128])``.
+            topk_idx: ``[T, K]`` int64, -1 = none (None with ``handle``: the handle's).
+            topk_weights: ``[T, K]`` float32 or None (also allowed with ``handle``).
             cumulative_local_expert_recv_stats: ``[L]`` int32; each local expert's received
                 (unaligned) count is added to it.
-            num_experts, num_max_tokens_per_rank, expert_alignment: E, T (default: the
+            num_experts, num_max_tokens_per_rank, expert_alignment: E, T_max (default: the
                 constructor's), alignment (default 1); taken from ``handle`` when given.
             previous_event, previous_event_before_epilogue: waited on first.
             async_with_compute_stream, allocate_on_comm_stream, num_sms, num_qps: accepted; the
@@ -211,7 +225,7 @@ class ElasticBuffer:
             handle: an :class:`EPHandle` to reuse (cached dispatch: no layout, no count exchange
                 unless ``topk_weights`` is given, which makes it a fresh dispatch of the same ids).
             do_handle_copy: keep a clone of ``topk_idx`` in the handle.
-            do_cpu_sync: True (default without ``handle``): M rows; False: ``R * T`` rows (the
+            do_cpu_sync: True (default without ``handle``): M rows; False: ``R * T_max`` rows (the
                 first M real, the rest zeros with ids -1), and X the worst case.
             do_expand: the expanded layout (X rows, ``recv_topk_idx`` None, weights ``[X]``).
             do_zero_padding: alignment padding rows are zeros (they always are here).
@@ -223,66 +237,32 @@ class ElasticBuffer:
             recv_topk_weights: ``[M', K]`` (expanded ``[X]``) float32, or None without weights.
             handle: :class:`EPHandle`. event: a complete :class:`EventOverlap`.
         """
-        for ev in (previous_event, previous_event_before_epilogue):
-            if ev is not None:
-                ev.current_stream_wait()
-        b, R = self._buffer, self.num_ranks
-        cached = handle is not None
-        if cached:
-            if not isinstance(handle, EPHandle):
-                raise TypeError(f"ElasticBuffer.dispatch: `handle` on rank {self.rank_idx} must be an EPHandle, "
-                                f"got {type(handle).__name__}")
-            if topk_idx is not None:
-                raise ValueError(f"ElasticBuffer.dispatch: rank {self.rank_idx}: a cached dispatch takes no "
-                                 "`topk_idx` (the handle's is used)")
-            if do_cpu_sync:
-                raise ValueError(f"ElasticBuffer.dispatch: rank {self.rank_idx}: do_cpu_sync=True with a handle")
-            given = (num_experts, expert_alignment, num_max_tokens_per_rank)
-            fixed = (handle.num_experts, handle.expert_alignment, handle.num_max_tokens_per_rank)
-            if any(g is not None and g != f for g, f in zip(given, fixed)):
-                raise ValueError(f"ElasticBuffer.dispatch: rank {self.rank_idx}: (num_experts, expert_alignment, "
-                                 f"num_max_tokens_per_rank) {given} differ from the handle's {fixed}")
-            topk_idx, (num_experts, expert_alignment, T) = handle.topk_idx, fixed
-            do_cpu_sync = handle.inner.num_worst_tokens == 0
-            do_expand = handle.do_expand
-        else:
-            if topk_idx is None or num_experts is None:
-                raise ValueError(f"ElasticBuffer.dispatch: rank {self.rank_idx}: `topk_idx` and `num_experts` "
-                                 "are required without a handle")
-            T = num_max_tokens_per_rank if num_max_tokens_per_rank is not None else self.num_max_tokens_per_rank
-            expert_alignment = 1 if expert_alignment is None else expert_alignment
-            do_cpu_sync = True if do_cpu_sync is None else do_cpu_sync
-        N = (x[0] if isinstance(x, tuple) else x).size(0)
-        if not isinstance(T, int) or T < max(N, 1):
-            raise ValueError(f"ElasticBuffer.dispatch: `num_max_tokens_per_rank` on rank {self.rank_idx} must be "
-                             f"at least the {N} tokens dispatched, got {T!r}")
-        if not isinstance(expert_alignment, int) or expert_alignment < 1:
-            raise ValueError(f"ElasticBuffer.dispatch: `expert_alignment` on rank {self.rank_idx} must be a "
-                             f"positive int, got {expert_alignment!r}")
-        L = num_experts // R
-
-        if cached and topk_weights is None:
-            # Collective: the payload (and FP8 scales) along the handle's layout, no count exchange.
-            recv_x, _, _, _, inner, _ = b.dispatch(x, handle=handle.inner)
+        _wait(previous_event, previous_event_before_epilogue)
+        call = self._resolve(x, handle, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment,
+                             do_cpu_sync, do_expand)
+        b = self._buffer
+        if handle is not None and topk_weights is None:
+            # Collective: the payload (and FP8 scales) along the handle's plan, no count exchange.
+            recv_x, _, _, _, _, _ = b.dispatch(x, handle=handle.inner)
             # the handle's local ids again (DeepEP recomputes them; a copy, the caller may write it)
             recv_topk_idx = None if handle.recv_topk_idx is None else handle.recv_topk_idx.clone()
             recv_topk_weights = None
         else:
-            per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(topk_idx, num_experts)
+            per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(call.topk_idx, call.num_experts)
             # Collectives: Buffer.dispatch's count exchange, payload and metadata.
             recv_x, recv_topk_idx, recv_topk_weights, _, inner, _ = b.dispatch(
                 x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=0 if do_cpu_sync else R * T)
-        if not cached:
-            handle = self._handle(inner, recv_topk_idx, topk_idx.clone() if do_handle_copy else topk_idx,
-                                  num_experts, expert_alignment, T, num_sms, do_expand)
+                topk_idx=call.topk_idx, topk_weights=topk_weights,
+                num_worst_tokens=0 if call.do_cpu_sync else self.num_ranks * call.T_max)
+            if handle is None:
+                ids = call.topk_idx.clone() if do_handle_copy else call.topk_idx
+                handle = self._handle(inner, recv_topk_idx, ids, call, num_sms)
         if cumulative_local_expert_recv_stats is not None:
-            counts = handle.num_unaligned_recv_tokens_per_expert if do_expand else \
-                torch.bincount(recv_topk_idx[recv_topk_idx >= 0], minlength=L)
+            counts = handle.num_unaligned_recv_tokens_per_expert if call.do_expand else torch.bincount(
+                recv_topk_idx[recv_topk_idx >= 0], minlength=call.num_experts // self.num_ranks)
             cumulative_local_expert_recv_stats.add_(counts.to(cumulative_local_expert_recv_stats.dtype))
-
         x_rows, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
-        if do_expand:
+        if call.do_expand:
             x_rows, scales, recv_topk_weights = self._expand(handle, x_rows, scales, recv_topk_weights)
             recv_topk_idx = None
         if scales is not None and use_tma_aligned_col_major_sf:
@@ -290,46 +270,80 @@ class ElasticBuffer:
         out_x = (x_rows, scales) if scales is not None else x_rows
         return out_x, recv_topk_idx, recv_topk_weights, handle, EventOverlap()
 
-    def _handle(self, inner: DispatchHandle, recv_topk_idx: torch.Tensor, topk_idx: torch.Tensor, E: int,
-                alignment: int, T: int, num_sms: int, do_expand: bool) -> EPHandle:
-        R, P = self.num_ranks, self.num_scaleup_ranks
-        L, K = E // R, topk_idx.size(1)
+    def _resolve(self, x, handle: Optional[EPHandle], topk_idx, num_experts, T_max, alignment, do_cpu_sync,
+                 do_expand) -> _Call:
+        """The call's arguments checked, or a cached call's taken from ``handle``."""
+        where = f"ElasticBuffer.dispatch: rank {self.rank_idx}:"
+        if handle is not None:
+            if not isinstance(handle, EPHandle):
+                raise TypeError(f"ElasticBuffer.dispatch: `handle` on rank {self.rank_idx} must be an EPHandle, "
+                                f"got {type(handle).__name__}")
+            if topk_idx is not None:
+                raise ValueError(f"{where} a cached dispatch takes no `topk_idx` (the handle's is used)")
+            if do_cpu_sync:
+                raise ValueError(f"{where} do_cpu_sync=True with a handle")
+            given = (num_experts, alignment, T_max)
+            fixed = (handle.num_experts, handle.expert_alignment, handle.num_max_tokens_per_rank)
+            if any(g is not None and g != f for g, f in zip(given, fixed)):
+                raise ValueError(f"{where} (num_experts, expert_alignment, num_max_tokens_per_rank) {given} differ "
+                                 f"from the handle's {fixed}")
+            call = _Call(handle.topk_idx, *fixed, handle.inner.num_worst_tokens == 0, handle.do_expand)
+        else:
+            if topk_idx is None or num_experts is None:
+                raise ValueError(f"{where} `topk_idx` and `num_experts` are required without a handle")
+            call = _Call(topk_idx, num_experts, 1 if alignment is None else alignment,
+                         self.num_max_tokens_per_rank if T_max is None else T_max,
+                         True if do_cpu_sync is None else do_cpu_sync, do_expand)
+        T = (x[0] if isinstance(x, tuple) else x).size(0)
+        if not isinstance(call.T_max, int) or call.T_max < max(T, 1):
+            raise ValueError(f"ElasticBuffer.dispatch: `num_max_tokens_per_rank` on rank {self.rank_idx} must be "
+                             f"at least the {T} tokens dispatched, got {call.T_max!r}")
+        if not isinstance(call.alignment, int) or call.alignment < 1:
+            raise ValueError(f"ElasticBuffer.dispatch: `expert_alignment` on rank {self.rank_idx} must be a "
+                             f"positive int, got {call.alignment!r}")
+        return call
+
+    def _handle(self, inner: DispatchHandle, recv_topk_idx: torch.Tensor, topk_idx: torch.Tensor, call: _Call,
+                num_sms: int) -> EPHandle:
+        R, P, K = self.num_ranks, self.num_scaleup_ranks, topk_idx.size(1)
+        L = call.num_experts // R
         M, rows = inner.num_recv_tokens, inner.num_recv_rows
         device = recv_topk_idx.device
-        counts = torch.bincount(recv_topk_idx[:M][recv_topk_idx[:M] >= 0], minlength=L).to(torch.int32)  # [L]
-        aligned = [_layout.align_up(int(c), alignment) for c in counts.tolist()]  # host sync (CUDA): the list
+        ids = recv_topk_idx[:M]
+        here = ids >= 0                                                          # [M, K]
+        counts = torch.bincount(ids[here], minlength=L).to(torch.int32)          # [L]
+        aligned = [_layout.align_up(int(c), call.alignment) for c in counts.tolist()]  # host sync (CUDA): the list
         per_rank = torch.tensor(inner.num_recv_tokens_per_rank, dtype=torch.int32, device=device)
-        psum_scaleup = per_rank.view(-1, P).sum(0).cumsum(0, dtype=torch.int32)
-        # Source global token index and source rank of every received row
+        # Source global token index and (source rank, first local top-k column) of every received row
         src_rank = torch.repeat_interleave(torch.arange(R, device=device), per_rank.long())
         meta = torch.full((rows, 2 + K), -1, dtype=torch.int32, device=device)
-        meta[:M, 0] = (src_rank * T + inner.recv_src_idx[:M]).to(torch.int32)
-        here = recv_topk_idx[:M] >= 0
-        first_k = here.to(torch.int8).argmax(1)
-        meta[:M, 1] = (src_rank * K + first_k).to(torch.int32)
-        in_rank = inner.is_token_in_rank
-        slot_idx = torch.where(in_rank, in_rank.cumsum(0, dtype=torch.int32) - 1, -1).to(torch.int32)
-        expanded_slot, unaligned, X = None, None, 0
-        if do_expand:
-            # Expanded row of each (row, k): experts' blocks in expert order, each block's rows in
-            # received order, block e starting at the aligned end of block e - 1.
-            starts, at = [], 0
-            for n in counts.tolist():
-                starts.append(at)
-                at = _layout.align_up(at + n, alignment)
-            X = at if inner.num_worst_tokens == 0 else _layout.align_up(
-                R * T * min(K, L) + (alignment - 1) * L, alignment)
-            ids = recv_topk_idx[:M]
-            rank_in_expert = _layout.rank_in_expert(torch.where(here, ids, -1).flatten(), L).view(M, K)
-            start = torch.tensor(starts + [X], dtype=torch.int64, device=device)
-            expanded_slot = torch.where(here, start[ids.clamp(min=0)] + rank_in_expert, X)
-            meta[:M, 2:] = torch.where(here, expanded_slot, -1).to(torch.int32)
-            unaligned = counts
-            psum = torch.tensor([s + n for s, n in zip(starts, counts.tolist())], dtype=torch.int32, device=device)
-        else:
+        meta[:M, 0] = (src_rank * call.T_max + inner.recv_src_idx[:M]).to(torch.int32)
+        meta[:M, 1] = (src_rank * K + here.to(torch.int8).argmax(1)).to(torch.int32)
+        fields = dict(do_expand=call.do_expand, num_experts=call.num_experts, expert_alignment=call.alignment,
+                      num_max_tokens_per_rank=call.T_max, num_sms=num_sms, topk_idx=topk_idx, num_recv_tokens=M,
+                      num_recv_tokens_per_expert_list=aligned,
+                      psum_num_recv_tokens_per_scaleup_rank=per_rank.view(-1, P).sum(0).cumsum(0, dtype=torch.int32),
+                      recv_src_metadata=meta, dst_buffer_slot_idx=_layout.slot_in_rank(inner.is_token_in_rank),
+                      inner=inner, recv_topk_idx=recv_topk_idx)
+        if not call.do_expand:
             psum = torch.tensor(aligned, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-        return EPHandle(do_expand, E, alignment, T, num_sms, topk_idx, M, X, aligned, psum_scaleup, psum,
-                        unaligned, meta, slot_idx, inner, recv_topk_idx, expanded_slot)
+            return EPHandle(num_expanded_tokens=0, psum_num_recv_tokens_per_expert=psum,
+                            num_unaligned_recv_tokens_per_expert=None, **fields)
+        # Expanded row of each (row, k): experts' blocks in expert order, each block's rows in
+        # received order, block e starting at the aligned end of block e - 1.
+        starts, at = [], 0
+        for n in counts.tolist():
+            starts.append(at)
+            at = _layout.align_up(at + n, call.alignment)
+        X = at if inner.num_worst_tokens == 0 else _layout.align_up(
+            R * call.T_max * min(K, L) + (call.alignment - 1) * L, call.alignment)
+        rank_in_expert = _layout.rank_in_expert(torch.where(here, ids, -1).flatten(), L).view(M, K)
+        start = torch.tensor(starts + [X], dtype=torch.int64, device=device)
+        expanded_slot = torch.where(here, start[ids.clamp(min=0)] + rank_in_expert, X)
+        meta[:M, 2:] = torch.where(here, expanded_slot, -1).to(torch.int32)
+        psum = torch.tensor([s + n for s, n in zip(starts, counts.tolist())], dtype=torch.int32, device=device)
+        return EPHandle(num_expanded_tokens=X, psum_num_recv_tokens_per_expert=psum,
+                        num_unaligned_recv_tokens_per_expert=counts, expanded_slot=expanded_slot, **fields)
 
     @staticmethod
     def _expand(handle: EPHandle, x_rows: torch.Tensor, scales: Optional[torch.Tensor],
@@ -362,7 +376,7 @@ class ElasticBuffer:
                 previous_event: Optional[EventOverlap] = None,
                 previous_event_before_epilogue: Optional[EventOverlap] = None,
                 async_with_compute_stream: bool = False, allocate_on_comm_stream: bool = False):
-        """DeepEP V2's combine. Returns ``(combined_x [N, H], combined_topk_weights [N, K] or None, event)``.
+        """DeepEP V2's combine. Returns ``(combined_x [T, H], combined_topk_weights [T, K] or None, event)``.
 
         Args:
             x: ``[M', H]`` rows answering the dispatch's ``recv_x`` (expanded: ``[X, H]``; a token's
@@ -371,12 +385,10 @@ class ElasticBuffer:
             handle: the dispatch's :class:`EPHandle`.
             topk_weights: ``[M', K]`` (expanded: ``[X]``) float32 or None; summed back into the
                 top-k columns of each token.
-            bias: None, one or two ``[N, H]`` tensors added to the result.
+            bias: None, one or two ``[T, H]`` tensors added to the result.
             the rest: accepted, as in :meth:`dispatch`.
         """
-        for ev in (previous_event, previous_event_before_epilogue):
-            if ev is not None:
-                ev.current_stream_wait()
+        _wait(previous_event, previous_event_before_epilogue)
         if not isinstance(handle, EPHandle):
             raise TypeError(f"ElasticBuffer.combine: `handle` on rank {self.rank_idx} must be an EPHandle, "
                             f"got {type(handle).__name__}")
@@ -407,6 +419,12 @@ class ElasticBuffer:
         # Collectives: Buffer.combine's payload (and weights) back to the sources.
         combined, combined_w, _ = self._buffer.combine(x, inner, topk_weights=topk_weights, bias=bias)
         return combined.to(out_dtype), combined_w, EventOverlap()
+
+
+def _wait(*events: Optional[EventOverlap]) -> None:
+    for ev in events:
+        if ev is not None:
+            ev.current_stream_wait()
 
 
 def _unsupported(name: str, why: str):

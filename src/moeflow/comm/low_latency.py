@@ -11,6 +11,8 @@ which weight and sum their experts' outputs in fp32 (one ``embedding_bag``) and 
 slot back. On CPU (host = device) only the used pairs are touched; elsewhere every call runs at
 the static size, so nothing waits on the host and a CUDA graph can capture it. Buffers alternate
 between two sets per configuration: a result stays valid until the second call after it.
+FP8 scales are returned column-major in their last two dims, as DeepEP returns them (optionally
+rounded to powers of two and packed as UE8M0 bytes: ``round_scale``, ``use_ue8m0``).
 
 Shape letters (docs/architecture.md): T tokens on this rank (``T <= T_max``), ``T_max`` =
 ``num_max_dispatch_tokens_per_rank`` (the same on every rank), H hidden, K top-k, E experts,
@@ -19,6 +21,7 @@ L = E / R local experts, R ranks.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -27,19 +30,21 @@ import torch
 import torch.nn.functional as F
 
 from .. import layout as _layout
-from ..quant import FP8_BLOCK, per_token_cast_to_fp8
+from ..quant import FP8_BLOCK, pack_ue8m0, per_token_cast_to_fp8
 from .checks import ArgChecker
+from .compat import DeepEPTuple
 from .plan import RowFormat
 from .transport import EventOverlap, Transport
 
-__all__ = ["LowLatencyHandle", "LowLatency"]
+__all__ = ["LowLatencyHandle", "LowLatency", "static_bytes"]
 
 
 @dataclass(frozen=True)
-class LowLatencyHandle:
+class LowLatencyHandle(DeepEPTuple):
     """What :meth:`LowLatency.dispatch` returns for :meth:`LowLatency.combine`.
 
-    The first five fields are DeepEP's handle tuple, in its order.
+    The first five fields are DeepEP's handle tuple, in its order: indexing and unpacking the
+    handle gives them (``src_info, layout_range, T_max, H, E = handle``).
 
     Attributes:
         src_info: ``[L, R * T_max]`` int32, the source token index of each expert slot (-1 unused).
@@ -64,6 +69,10 @@ class LowLatencyHandle:
     token_slot: torch.Tensor
     recv_pair_slot: torch.Tensor
 
+    def _deep_ep_entries(self) -> tuple:
+        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden,
+                self.num_experts)
+
 
 @dataclass(frozen=True)
 class _Config:
@@ -75,9 +84,19 @@ class _Config:
     K: int
     fp8: bool
     device: torch.device
+    round_scale: bool = False
+    ue8m0: bool = False
 
     def signature(self) -> int:
-        return zlib.crc32(repr((self.T_max, self.H, self.K, self.E, self.fp8)).encode()) & 0x7FFFFFFF
+        key = (self.T_max, self.H, self.K, self.E, self.fp8, self.round_scale, self.ue8m0)
+        return zlib.crc32(repr(key).encode()) & 0x7FFFFFFF
+
+    def row_format(self, R: int) -> RowFormat:
+        """A dispatch slot row: payload | FP8 scales | local top-k ids | (source token, signature)."""
+        ids_dtype = _layout.smallest_int_dtype(max(self.E // R - 1, 0))
+        return RowFormat((("x", self.H * (1 if self.fp8 else 2)),
+                          ("scales", 4 * (self.H // FP8_BLOCK) if self.fp8 else 0),
+                          ("ids", self.K * _layout.itemsize(ids_dtype)), ("src", 8)), ids_dtype)
 
 
 class _Slots:
@@ -89,8 +108,11 @@ class _Slots:
         self.recv = torch.empty(R * T_max, fmt.width, dtype=torch.uint8, device=device)
         self.recv_x = torch.empty(L * R * T_max, H, dtype=torch.float8_e4m3fn if cfg.fp8 else torch.bfloat16,
                                   device=device)
-        self.recv_scales = torch.empty(L * R * T_max, H // FP8_BLOCK, dtype=torch.float32, device=device) \
-            if cfg.fp8 else None
+        # FP8 scales stored [L, H / 128, R * T_max] and handed out transposed: column-major in their
+        # last two dims, as DeepEP returns them. UE8M0: four exponent bytes per int32.
+        G = H // FP8_BLOCK
+        self.recv_scales_t = (torch.empty(L, G // 4, R * T_max, dtype=torch.int32, device=device) if cfg.ue8m0 else
+                              torch.empty(L, G, R * T_max, dtype=torch.float32, device=device)) if cfg.fp8 else None
         self.src_info = torch.empty(L, R * T_max, dtype=torch.int32, device=device)
         # FP8 cast of this rank's tokens, kept so that no call page-faults fresh megabytes
         self.cast = (torch.empty(T_max, H, dtype=torch.float8_e4m3fn, device=device),
@@ -109,6 +131,7 @@ class LowLatency:
         self.rank, self.R = transport.rank, transport.num_ranks
         self._check = ArgChecker(self.rank, self.R)
         self._pools: dict[tuple, list] = {}  # configuration -> [turn, up to two buffer sets]
+        self._zero_copy: dict[tuple, torch.Tensor] = {}  # configuration -> the zero-copy combine input
 
     def _next(self, key: tuple, make: Callable[[], object]):
         """The next of two buffer sets for ``key``, in turn (made on first use)."""
@@ -121,19 +144,27 @@ class LowLatency:
     def destroy(self) -> None:
         """Free every kept buffer set; the next call makes them anew."""
         self._pools.clear()
+        self._zero_copy.clear()
+
+    def combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """``[L, R * T_max, H]`` bf16, kept per configuration: what :meth:`combine` reads with
+        ``zero_copy=True`` instead of its ``x`` (DeepEP's ``get_next_low_latency_combine_buffer``).
+        Combine reads it before it returns, so one buffer serves every call."""
+        self._check.handle("get_next_low_latency_combine_buffer", handle, LowLatencyHandle)
+        T_max, H, E = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        device = handle.src_info.device
+        key = (T_max, H, E, device)
+        if key not in self._zero_copy:
+            self._zero_copy[key] = torch.zeros(E // self.R, self.R * T_max, H, dtype=torch.bfloat16, device=device)
+        return self._zero_copy[key]
 
     def _trim(self, device: torch.device) -> bool:
         return device.type == "cpu" and self.trim_on_cpu
 
-    def _format(self, cfg: _Config) -> RowFormat:
-        ids_dtype = _layout.smallest_int_dtype(max(cfg.E // self.R - 1, 0))
-        return RowFormat((("x", cfg.H * (1 if cfg.fp8 else 2)),
-                          ("scales", 4 * (cfg.H // FP8_BLOCK) if cfg.fp8 else 0),
-                          ("ids", cfg.K * _layout.itemsize(ids_dtype)), ("src", 8)), ids_dtype)
-
-    def _check_dispatch(self, x, topk_idx, T_max, E, use_fp8, unsupported: dict, check_finite: bool) -> _Config:
+    def _check_dispatch(self, x, topk_idx, T_max, E, use_fp8, round_scale, use_ue8m0, wait_stats,
+                        check_finite: bool) -> _Config:
         where, c = "low_latency_dispatch", self._check
-        c.unsupported(where, unsupported)
+        c.no_wait_stats(where, wait_stats)
         if check_finite and isinstance(x, torch.Tensor):
             c.finite(where, "x", x)
         c.positive_int(where, "num_max_dispatch_tokens_per_rank", T_max)
@@ -144,16 +175,23 @@ class LowLatency:
             c.fail(where, "x", f"has {T} tokens, more than num_max_dispatch_tokens_per_rank={T_max}")
         if use_fp8 and H % FP8_BLOCK:
             c.fail(where, "x", f"hidden size {H} must be a multiple of {FP8_BLOCK} with use_fp8=True")
+        if (round_scale or use_ue8m0) and not use_fp8:
+            c.fail(where, "round_scale" if round_scale else "use_ue8m0", "needs use_fp8=True")
+        if use_ue8m0 and not round_scale:
+            c.fail(where, "use_ue8m0", "needs round_scale=True (UE8M0 holds powers of two only)")
+        if use_ue8m0 and H % (4 * FP8_BLOCK):
+            c.fail(where, "x", f"hidden size {H} must be a multiple of {4 * FP8_BLOCK} with use_ue8m0=True")
         # Id values are checked on CPU only, where it costs no device sync; on CUDA it would be a
         # host sync and this path must stay capturable, so ids must be valid there.
         c.topk_idx(where, topk_idx, T, E, values=topk_idx.device.type == "cpu" if isinstance(topk_idx, torch.Tensor)
                    else True)
-        return _Config(T_max, H, E, topk_idx.size(1), bool(use_fp8), x.device)
+        return _Config(T_max, H, E, topk_idx.size(1), bool(use_fp8), x.device, bool(round_scale), bool(use_ue8m0))
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                  num_experts: int, use_fp8: bool, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
-                 async_finish: bool, return_recv_hook: bool, *, unsupported: Optional[dict] = None, check_finite: bool = False):
+                 async_finish: bool, return_recv_hook: bool, *, round_scale: bool = False, use_ue8m0: bool = False,
+                 wait_stats: Optional[torch.Tensor] = None, check_finite: bool = False):
         """DeepEP's ``low_latency_dispatch``.
 
         Args:
@@ -164,19 +202,23 @@ class LowLatency:
             cumulative_local_expert_recv_stats: ``[L]`` int32 or None; ``recv_count`` is added to it.
             async_finish: return while the transfer runs; ``event.current_stream_wait()`` finishes.
             return_recv_hook: return right after sending; calling ``hook()`` receives.
-            unsupported: DeepEP options moeflow does not have (an error when set).
+            round_scale: (with ``use_fp8``) round each scale up to a power of two.
+            use_ue8m0: (with ``round_scale``, ``H % 512 == 0``) scales as UE8M0 exponent bytes,
+                four per int32 (:func:`moeflow.quant.pack_ue8m0`).
+            wait_stats: DeepEP's ``dispatch_wait_recv_cost_stats``: must be None.
             check_finite: raise on NaN/Inf in ``x`` (``Buffer(check_finite=True)``).
 
         Returns:
             ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` ``[L, R * T_max, H]`` bf16, or
-            with ``use_fp8`` (``float8_e4m3fn [L, R * T_max, H]``, ``float32 [L, R * T_max, H / 128]``);
-            expert ``e``'s first ``recv_count[e]`` slots are valid, valid until the second
+            with ``use_fp8`` (``float8_e4m3fn [L, R * T_max, H]``, scales ``float32 [L, R * T_max,
+            H / 128]`` or with ``use_ue8m0`` ``int32 [L, R * T_max, H / 512]``, column-major in
+            their last two dims); expert ``e``'s first ``recv_count[e]`` slots are valid, valid until the second
             low-latency dispatch after it. ``recv_count`` ``[L]`` int32; ``handle`` a
             :class:`LowLatencyHandle`; ``hook`` a callable with ``return_recv_hook``, else None.
         """
-        cfg = self._check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, unsupported,
-                                   check_finite)
-        fmt = self._format(cfg)
+        cfg = self._check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale,
+                                   use_ue8m0, wait_stats, check_finite)
+        fmt = cfg.row_format(self.R)
         slots: _Slots = self._next(("dispatch", cfg), lambda: _Slots(cfg, self.R, fmt))
         slot_token, token_slot, in_rank = self._pack(x, topk_idx, cfg, fmt, slots)
         # The one exchange: static slots (the symmetric-memory transport moves only the used ones).
@@ -193,8 +235,9 @@ class LowLatency:
                 cumulative_local_expert_recv_stats.add_(recv_count)
 
         recv_x = slots.recv_x.view(L, R * T_max, H)
-        if use_fp8:
-            recv_x = (recv_x, slots.recv_scales.view(L, R * T_max, H // FP8_BLOCK))
+        if use_fp8:  # column-major [L, R * T_max, G]; with one column both layouts agree: keep its stride 1
+            scales_t = slots.recv_scales_t
+            recv_x = (recv_x, scales_t.view(L, R * T_max, 1) if scales_t.size(1) == 1 else scales_t.transpose(1, 2))
         return (recv_x, recv_count, handle) + _finish([work], receive, async_finish, return_recv_hook)
 
     def _pack(self, x, topk_idx, cfg: _Config, fmt: RowFormat, slots: _Slots):
@@ -213,7 +256,7 @@ class LowLatency:
         if T:
             if cfg.fp8:
                 x_fp8, scales = per_token_cast_to_fp8(x, out=(slots.cast[0][:T], slots.cast[1][:T]),
-                                                      workspace=slots.cast[2][:T])
+                                                      workspace=slots.cast[2][:T], round_scale=cfg.round_scale)
                 _gather(fmt.view(rows, "x", torch.uint8), x_fp8.view(torch.uint8), tok)
                 torch.index_select(scales, 0, tok, out=fmt.view(rows, "scales", torch.float32))
             else:
@@ -263,33 +306,39 @@ class LowLatency:
         slot_row = slot_row[:LRT].view(L, RT)
         used = torch.arange(RT, device=device) < recv_count.view(L, 1)
         slots.src_info.copy_(torch.where(used, fmt.view(rows, "src", torch.int32)[:, 0][slot_row], -1))
-        fields = [(_layout.wide_rows(fmt.view(rows, "x", torch.uint8)), _layout.wide_rows(slots.recv_x.view(torch.uint8)))]
-        if cfg.fp8:
-            fields.append((fmt.view(rows, "scales", torch.float32), slots.recv_scales))
+        x_field = _layout.wide_rows(fmt.view(rows, "x", torch.uint8))
+        out_x = _layout.wide_rows(slots.recv_x.view(torch.uint8))
+
+        def scales_of(row_idx: torch.Tensor) -> torch.Tensor:
+            """``[n, H / 128]`` fp32 scales of received rows (``[n, H / 512]`` UE8M0 int32): a small
+            temporary, as the output is column-major and a row gather cannot land in it."""
+            picked = fmt.view(rows, "scales", torch.float32).index_select(0, row_idx)
+            return pack_ue8m0(picked) if cfg.ue8m0 else picked
+
         if self._trim(device):
             # Host = device: gather each expert's used slots only, straight into place.
             for e, (n, at) in enumerate(zip(counts[:L].tolist(), first[:L].tolist())):
-                for field, out in fields:
-                    torch.index_select(field, 0, row_sorted[at:at + n], out=out[e * RT:e * RT + n])
-        else:
-            for field, out in fields:  # static: every slot, used or not
-                torch.index_select(field, 0, slot_row.view(-1), out=out)
+                torch.index_select(x_field, 0, row_sorted[at:at + n], out=out_x[e * RT:e * RT + n])
+                if cfg.fp8:
+                    slots.recv_scales_t[e, :, :n].copy_(scales_of(row_sorted[at:at + n]).t())
+        else:  # static: every slot, used or not
+            torch.index_select(x_field, 0, slot_row.view(-1), out=out_x)
+            if cfg.fp8:
+                slots.recv_scales_t.copy_(scales_of(slot_row.view(-1)).view(L, RT, -1).transpose(1, 2))
 
     def _check_signatures(self, sigs: list[int], cfg: _Config) -> None:
         """CPU only (free there; on CUDA a host sync): every rank called with the same configuration."""
         bad = [r for r, v in enumerate(sigs) if v != cfg.signature()]
         if bad:
             raise ValueError(f"Buffer.low_latency_dispatch: rank(s) {bad} called with other num_max_dispatch_"
-                             f"tokens_per_rank / hidden / num_topk / num_experts / use_fp8 than rank {self.rank} "
-                             f"({cfg.T_max}, {cfg.H}, {cfg.K}, {cfg.E}, {cfg.fp8}); every rank must pass the same")
+                             f"tokens_per_rank / hidden / num_topk / num_experts / use_fp8 / round_scale / use_ue8m0 "
+                             f"than rank {self.rank} ({cfg.T_max}, {cfg.H}, {cfg.K}, {cfg.E}, {cfg.fp8}, "
+                             f"{cfg.round_scale}, {cfg.ue8m0}); every rank must pass the same")
 
     # ------------------------------------------------------------------ combine
-    def _check_combine(self, x, topk_idx, topk_weights, handle, out, unsupported: dict, check_finite: bool) -> None:
+    def _check_combine(self, x, topk_idx, topk_weights, handle, out, wait_stats, check_finite: bool) -> None:
         where, c = "low_latency_combine", self._check
-        c.unsupported(where, unsupported)
-        if not isinstance(handle, LowLatencyHandle):
-            c.fail(where, "handle", f"must be the handle low_latency_dispatch returned, got {type(handle).__name__}",
-                   TypeError)
+        c.no_wait_stats(where, wait_stats)
         T_max, H, E, T = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts, handle.num_tokens
         c.tensor(where, "x", x, (torch.bfloat16, torch.float16, torch.float32), (E // self.R, self.R * T_max, H))
         c.topk_idx(where, topk_idx, T, E, values=topk_idx.device.type == "cpu" if isinstance(topk_idx, torch.Tensor)
@@ -302,27 +351,37 @@ class LowLatency:
 
     def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                 handle: LowLatencyHandle, out: Optional[torch.Tensor], async_finish: bool, return_recv_hook: bool, *,
-                unsupported: Optional[dict] = None, check_finite: bool = False):
+                use_logfmt: bool = False, zero_copy: bool = False, wait_stats: Optional[torch.Tensor] = None,
+                check_finite: bool = False):
         """DeepEP's ``low_latency_combine``.
 
         Args:
             x: ``[L, R * T_max, H]`` bf16 (fp16/fp32 accepted), expert outputs in ``recv_x``'s slots.
             topk_idx: ``[T, K]`` int64 and topk_weights: ``[T, K]`` float32, as dispatched.
             handle: from :meth:`dispatch`. out: ``[T, H]`` of ``x.dtype`` to write into, or None.
-            async_finish, return_recv_hook, unsupported, check_finite: as in :meth:`dispatch`.
+            use_logfmt: DeepEP's 10-bit LogFMT wire format. There is no LogFMT codec here: the rows
+                travel in ``x.dtype`` (the result is the plain combine's, at least as precise as
+                DeepEP's; the bytes are not reduced), with a warning.
+            zero_copy: read the expert outputs from :meth:`combine_buffer` (filled by the caller)
+                instead of ``x``.
+            wait_stats: DeepEP's ``combine_wait_recv_cost_stats``: must be None.
+            async_finish, return_recv_hook, check_finite: as in :meth:`dispatch`.
 
         Returns:
             ``(combined_x, event, hook)``: ``combined_x`` ``[T, H]``,
             ``sum_k topk_weights[t, k] * expert_k(t)`` (see the module docstring).
         """
-        self._check_combine(x, topk_idx, topk_weights, handle, out, unsupported, check_finite)
+        self._check.handle("low_latency_combine", handle, LowLatencyHandle)
+        if use_logfmt:
+            warnings.warn("Buffer.low_latency_combine: use_logfmt=True sends the rows uncompressed (moeflow has no "
+                          "LogFMT codec): the result is the plain combine's, the bytes are not reduced", stacklevel=3)
+        if zero_copy:
+            x = self.combine_buffer(handle)
+        self._check_combine(x, topk_idx, topk_weights, handle, out, wait_stats, check_finite)
         R, T_max, H, T = self.R, handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_tokens
         K, device = topk_idx.size(1), x.device
-        w_send, w_recv, back = self._next(("combine", T_max, H, handle.num_experts, K, x.dtype, device), lambda: (
-            torch.empty(R * T_max, K, dtype=torch.float32, device=device),
-            torch.empty(R * T_max, K, dtype=torch.float32, device=device),
-            # one zero row past the R * T_max received rows: the "no slot" entry of token_slot
-            torch.zeros(R * T_max + 1, H, dtype=x.dtype, device=device)))
+        w_send, w_recv, back = self._next(("combine", T_max, H, handle.num_experts, K, x.dtype, device),
+                                          lambda: _combine_buffers(R, T_max, H, K, x.dtype, device))
         self._slot_weights(topk_idx, topk_weights, handle, w_send)
         # The weights go to the experts' ranks (they weight the sum there, see the module doc).
         work_w, _ = self.transport.exchange_slots(w_send, w_recv, None, "combine")
@@ -383,6 +442,24 @@ class LowLatency:
             w_bag = torch.stack([hi, (w_bag - hi.float()).to(x.dtype)], 1).view(-1)
             bags, offsets = bags.repeat_interleave(2), offsets * 2
         return F.embedding_bag(bags, x.reshape(LRT, H), offsets, per_sample_weights=w_bag, mode="sum")
+
+
+def static_bytes(R: int, T_max: int, H: int, E: int, K: int, fp8: bool) -> int:
+    """Bytes :class:`LowLatency` keeps on a rank for one configuration (bf16 expert outputs): its
+    two sets of dispatch buffers (:class:`_Slots`) and two sets of combine buffers."""
+    cfg = _Config(T_max, H, E, K, fp8, torch.device("meta"))  # sized as allocated, nothing allocated
+    slots = _Slots(cfg, R, cfg.row_format(R))
+    kept = [t for t in (*vars(slots).values(), *(slots.cast or ())) if isinstance(t, torch.Tensor)]
+    kept += _combine_buffers(R, T_max, H, K, torch.bfloat16, cfg.device)
+    return 2 * sum(t.numel() * t.element_size() for t in kept)
+
+
+def _combine_buffers(R: int, T_max: int, H: int, K: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """One set of combine buffers: the slots' top-k weights out and in ``[R * T_max, K]`` float32,
+    and the rows back ``[R * T_max + 1, H]`` (one zero row past them: token_slot's "no slot")."""
+    return (torch.empty(R * T_max, K, dtype=torch.float32, device=device),
+            torch.empty(R * T_max, K, dtype=torch.float32, device=device),
+            torch.zeros(R * T_max + 1, H, dtype=dtype, device=device))
 
 
 def _gather(out_u8: torch.Tensor, src_u8: torch.Tensor, idx: torch.Tensor) -> None:

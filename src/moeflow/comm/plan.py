@@ -19,7 +19,8 @@ import torch
 
 from .. import layout as _layout
 
-__all__ = ["Hop", "Plan", "RowFormat", "RowMeta", "flat_hop", "rail_hop", "in_node_hop", "offsets", "pack_meta"]
+__all__ = ["Hop", "Plan", "CountTable", "RowFormat", "RowMeta", "flat_hop", "rail_hop", "in_node_hop", "offsets",
+           "pack_meta"]
 
 _ALIGN = 8  # bytes; every field of a row starts on this boundary, so it can be viewed in place
 
@@ -88,6 +89,82 @@ class Plan:
     def num_recv(self) -> int:
         """M, rows the last hop delivers here."""
         return self.hops[-1].num_recv
+
+
+@dataclass(frozen=True)
+class CountTable:
+    """The columns of a fresh dispatch's count exchange: ``[R, C]`` int64 per rank, row ``r`` to rank ``r``.
+
+    Columns: status (1: this rank's input was bad, it raises and so does every rank), the
+    rank's ``num_worst_tokens``, the call's signature (what every rank must agree on), with
+    several nodes the rail hop's rows to each node's rank with this rank's local index, this
+    rank's rows for every rank (the same in every row, so every rank learns the ``[R, R]`` row
+    matrix: DeepEP's ``rank_prefix_matrix``), and its rows per local expert of the destination.
+    Read on the host (the counts size what follows).
+    """
+
+    num_ranks: int
+    ranks_per_node: int
+    num_local_experts: int
+    signature_cols: int
+
+    @property
+    def _rail(self) -> int:
+        return 2 + self.signature_cols
+
+    @property
+    def _matrix(self) -> int:
+        return self._rail + (self.ranks_per_node < self.num_ranks)
+
+    @property
+    def _experts(self) -> int:
+        return self._matrix + self.num_ranks
+
+    def pack(self, rank: int, signature: tuple[int, ...], is_token_in_rank: torch.Tensor,
+             num_tokens_per_expert: Optional[torch.Tensor], num_worst_tokens: int) -> torch.Tensor:
+        """This rank's table: ``is_token_in_rank`` ``[T, R]``, ``num_tokens_per_expert`` ``[E]`` or None."""
+        R, P = self.num_ranks, self.ranks_per_node
+        table = self._zeros(is_token_in_rank.device)
+        table[:, 1] = num_worst_tokens
+        table[:, 2:self._rail] = torch.tensor(signature, dtype=torch.int64, device=table.device)
+        if P < R:  # rail-hop rows: to this rank's peer of the same local index on each node
+            table[rank % P::P, self._rail] = _layout.num_tokens_per_node(is_token_in_rank, R // P).to(table)
+        table[:, self._matrix:self._experts] = is_token_in_rank.sum(0)
+        if self.num_local_experts:
+            table[:, self._experts:] = num_tokens_per_expert.to(table).view(R, -1)
+        return table
+
+    def failed(self, device: torch.device) -> torch.Tensor:
+        """The table of a rank whose input was bad: status 1, nothing else."""
+        table = self._zeros(device)
+        table[:, 0] = 1
+        return table
+
+    def _zeros(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(self.num_ranks, self._experts + self.num_local_experts, dtype=torch.int64, device=device)
+
+    # Readers of the received table ``recv`` (row s: what rank s sent here), on the host.
+    def bad_ranks(self, recv: torch.Tensor) -> list[int]:
+        return recv[:, 0].nonzero().flatten().tolist()
+
+    def num_worst_tokens(self, recv: torch.Tensor) -> list[int]:
+        return recv[:, 1].tolist()
+
+    def signatures(self, recv: torch.Tensor) -> torch.Tensor:
+        return recv[:, 2:self._rail]
+
+    def matrix(self, recv: torch.Tensor) -> torch.Tensor:
+        """``[R, R]``: rows rank ``i`` sends to rank ``j``."""
+        return recv[:, self._matrix:self._experts]
+
+    def rail(self, recv: torch.Tensor, rank: int) -> Optional[list[int]]:
+        """The rail hop's rows from each node's rank with this rank's local index (None on one node)."""
+        P = self.ranks_per_node
+        return recv[rank % P::P, self._rail].tolist() if P < self.num_ranks else None
+
+    def num_recv_per_expert(self, recv: torch.Tensor) -> list[int]:
+        """``[L]`` rows arriving here for each local expert."""
+        return recv[:, self._experts:].sum(0).tolist()
 
 
 def flat_hop(is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int]) -> Hop:
@@ -164,7 +241,8 @@ class RowFormat:
     """Byte layout of a packed row: named fields, each starting on an 8-byte boundary.
 
     The one row format of the package: the Buffer's metadata rows (FP8 scales | top-k weights |
-    top-k ids | rank mask) and the low-latency slot rows (payload | scales | ids | source).
+    top-k ids | source token | rank mask) and the low-latency slot rows (payload | scales | ids |
+    source).
     ``fields`` is ``((name, nbytes), ...)`` in wire order; zero-byte fields take no room.
     ``ids_dtype``: the integer type of the ``"ids"`` field (top-k ids travel as the narrowest
     type that holds them).
@@ -197,9 +275,11 @@ class RowFormat:
     def meta(scale_cols: int, num_topk: int, has_weights: bool, ids_dtype: torch.dtype,
              mask_cols: int = 0) -> "RowFormat":
         """Metadata rows: ``scale_cols`` fp32 FP8 scales, ``num_topk`` fp32 weights (if any) and
-        ids of ``ids_dtype``, and a ``mask_cols``-byte rank mask (rail hop only)."""
+        ids of ``ids_dtype``, the int32 source token index (always: the dispatch handle's
+        ``recv_src_idx``), and a ``mask_cols``-byte rank mask (rail hop only)."""
         return RowFormat((("scales", 4 * scale_cols), ("weights", 4 * num_topk if has_weights else 0),
-                          ("ids", num_topk * _layout.itemsize(ids_dtype)), ("mask", mask_cols)), ids_dtype)
+                          ("ids", num_topk * _layout.itemsize(ids_dtype)), ("src", 4), ("mask", mask_cols)),
+                         ids_dtype)
 
 
 def _pad(n: int) -> int:
@@ -212,20 +292,21 @@ class RowMeta:
 
     Attributes:
         scales: FP8 scales ``[rows, H / 128]`` float32. topk_idx: ``[rows, K]`` global expert ids
-        (any int dtype). topk_weights: ``[rows, K]`` float32.
+        (any int dtype). topk_weights: ``[rows, K]`` float32. src: ``[rows]`` int32, the source
+        token index of each row (None for the tokens themselves: a row's index is its token's).
     """
 
     scales: Optional[torch.Tensor] = None
     topk_idx: Optional[torch.Tensor] = None
     topk_weights: Optional[torch.Tensor] = None
+    src: Optional[torch.Tensor] = None
 
     @staticmethod
-    def of(fmt: RowFormat, rows_u8: Optional[torch.Tensor]) -> "RowMeta":
-        """The fields of packed rows ``rows_u8`` (views, no copy); empty for None."""
-        if rows_u8 is None:
-            return RowMeta()
+    def of(fmt: RowFormat, rows_u8: torch.Tensor) -> "RowMeta":
+        """The fields of packed rows ``rows_u8`` (views, no copy)."""
         get = (lambda name, dtype: fmt.view(rows_u8, name, dtype) if fmt.nbytes(name) else None)
-        return RowMeta(get("scales", torch.float32), get("ids", fmt.ids_dtype), get("weights", torch.float32))
+        return RowMeta(get("scales", torch.float32), get("ids", fmt.ids_dtype), get("weights", torch.float32),
+                       fmt.view(rows_u8, "src", torch.int32).view(-1))
 
 
 def pack_meta(fmt: RowFormat, meta: RowMeta, idx: torch.Tensor, *, dst_rank: Optional[torch.Tensor] = None,
@@ -247,6 +328,9 @@ def pack_meta(fmt: RowFormat, meta: RowMeta, idx: torch.Tensor, *, dst_rank: Opt
         fmt.view(rows, "ids", fmt.ids_dtype).copy_(ids)
         if weights is not None:
             fmt.view(rows, "weights", torch.float32).copy_(weights)
+    # the source token: the row's own index on the first hop, what arrived with it on later ones
+    src = idx if meta.src is None else meta.src.index_select(0, idx)
+    fmt.view(rows, "src", torch.int32).copy_(src.view(-1, 1))
     if mask is not None:
         fmt.view(rows, "mask", torch.bool).copy_(mask)
     return rows

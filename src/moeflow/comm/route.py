@@ -41,35 +41,39 @@ class Routed:
     """What a fresh dispatch's route delivers, once ``works`` are done and ``releases`` have run.
 
     Attributes:
-        plan: the route. recv_x: ``[M, H]`` payload rows. meta_format, recv_meta: the received
-        metadata rows ``[M, width]`` uint8 (None: no metadata) and their format.
+        plan: the route. recv_x: ``[M', H]`` payload rows: the M received ones, then zero rows
+        up to the ``num_rows`` asked for (DeepEP's ``num_worst_tokens``). meta_format, recv_meta:
+        the received metadata rows ``[M, width]`` uint8 and their format.
     """
 
     plan: Plan
     recv_x: torch.Tensor
     meta_format: RowFormat
-    recv_meta: Optional[torch.Tensor]
+    recv_meta: torch.Tensor
     works: list
     releases: list
 
     def outputs(self, fp8: bool, sent: RowMeta) -> "Outputs":
-        """The dispatch's outputs for what ``sent`` held (see :class:`Outputs`)."""
-        M, device = self.recv_x.size(0), self.recv_x.device
+        """The dispatch's outputs for what ``sent`` held (see :class:`Outputs`), ``M'`` rows like
+        ``recv_x``; rows past M hold scales 0, ids -1, weights 0, source -1."""
+        (rows, H), M, device = self.recv_x.shape, self.plan.num_recv, self.recv_x.device
         K = sent.topk_idx.size(1) if sent.topk_idx is not None else 0
-        scales = torch.empty(M, self.recv_x.size(1) // FP8_BLOCK, dtype=torch.float32, device=device) if fp8 else None
-        idx = torch.empty(M, K, dtype=torch.int64, device=device) if sent.topk_idx is not None else None
-        weights = torch.zeros(M, K, dtype=torch.float32, device=device) if sent.topk_idx is not None else None
+        scales = torch.zeros(rows, H // FP8_BLOCK, dtype=torch.float32, device=device) if fp8 else None
+        idx = torch.full((rows, K), -1, dtype=torch.int64, device=device) if sent.topk_idx is not None else None
+        weights = torch.zeros(rows, K, dtype=torch.float32, device=device) if sent.topk_idx is not None else None
+        src = torch.full((rows,), -1, dtype=torch.int32, device=device)
 
         def unpack() -> None:
             got = RowMeta.of(self.meta_format, self.recv_meta)
+            src[:M].copy_(got.src)
             if scales is not None:
-                scales.copy_(got.scales)
+                scales[:M].copy_(got.scales)
             if idx is not None:
-                idx.copy_(got.topk_idx)
+                idx[:M].copy_(got.topk_idx)
                 if sent.topk_weights is not None:
-                    weights.copy_(got.topk_weights)
+                    weights[:M].copy_(got.topk_weights)
 
-        return Outputs((self.recv_x, scales) if fp8 else self.recv_x, idx, weights, unpack)
+        return Outputs((self.recv_x, scales) if fp8 else self.recv_x, idx, weights, src, unpack)
 
 
 @dataclass(frozen=True)
@@ -77,14 +81,16 @@ class Outputs:
     """A fresh dispatch's outputs, filled by ``unpack()`` once the metadata rows have arrived.
 
     Attributes:
-        recv_x: ``[M, H]``, or with FP8 the tuple with ``[M, H / 128]`` float32 scales.
-        recv_topk_idx: ``[M, K]`` int64 local ids (None without ids). recv_topk_weights:
-        ``[M, K]`` float32, 0 where the id is -1.
+        recv_x: ``[M', H]``, or with FP8 the tuple with ``[M', H / 128]`` float32 scales.
+        recv_topk_idx: ``[M', K]`` int64 local ids (None without ids). recv_topk_weights:
+        ``[M', K]`` float32, 0 where the id is -1. recv_src_idx: ``[M']`` int32, each row's
+        token index on its source rank.
     """
 
     recv_x: object
     recv_topk_idx: Optional[torch.Tensor]
     recv_topk_weights: Optional[torch.Tensor]
+    recv_src_idx: torch.Tensor
     unpack: Callable[[], None]
 
 
@@ -176,14 +182,14 @@ class PlanRunner:
         return (lambda: self.workspace.give(buf)) if buf is not None else _noop
 
     # ------------------------------------------------------------------ whole plans
-    def forward(self, plan: Plan, rows: torch.Tensor, kind: str, new_call: bool = True
+    def forward(self, plan: Plan, rows: torch.Tensor, kind: str, new_call: bool = True, num_rows: int = 0
                 ) -> tuple[torch.Tensor, list, list]:
-        """Rows ``[T, W]`` along every hop: returns ``(out [M, W], works, releases)``; ``out`` is
+        """Rows ``[T, W]`` along every hop: returns ``(out [M', W], works, releases)``; ``out`` is
         filled once the works are done (earlier hops are waited on here: a hop forwards what the
-        one before brought)."""
+        one before brought). ``M' = max(M, num_rows)``: rows past M are zeros."""
         for h, hop in enumerate(plan.hops):
-            out = rows.new_empty(hop.num_recv, rows.size(1))
-            works, release = self.send_forward(hop, rows, out, kind, new_call=new_call and h == 0)
+            out = _rows_out(rows, hop.num_recv, num_rows if h + 1 == len(plan.hops) else 0)
+            works, release = self.send_forward(hop, rows, out[:hop.num_recv], kind, new_call=new_call and h == 0)
             if h + 1 < len(plan.hops):
                 wait(works)
                 release()
@@ -223,25 +229,26 @@ class PlanRunner:
 
     # ------------------------------------------------------------------ fresh dispatch
     def dispatch(self, x: torch.Tensor, meta: RowMeta, is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int],
-                 num_experts: int, num_recv_per_node: Optional[list[int]] = None) -> Routed:
+                 num_experts: int, num_recv_per_node: Optional[list[int]] = None, num_rows: int = 0) -> Routed:
         """Plan and run a fresh dispatch of payload rows ``x`` ``[T, H]`` and their metadata
         ``meta``: one hop (flat), or with ``num_recv_per_node`` (the rail hop's rows from each
         node, from the count exchange) two. Metadata reaches the destination with its local ids
-        (E / R local experts; -1 and weight 0 elsewhere)."""
+        (E / R local experts; -1 and weight 0 elsewhere) and its source token index. The payload
+        lands in ``recv_x`` ``[max(M, num_rows), H]``, zero rows past M."""
         R = is_token_in_rank.size(1)
         fmt = _meta_format(meta, num_experts // R - 1)
         if num_recv_per_node is None:
             hop = flat_hop(is_token_in_rank, num_recv_per_rank)
-            recv_x = x.new_empty(hop.num_recv, x.size(1))
-            works, release = self.send_forward(hop, x, recv_x, "dispatch")
+            recv_x = _rows_out(x, hop.num_recv, num_rows)
+            works, release = self.send_forward(hop, x, recv_x[:hop.num_recv], "dispatch")
             recv_meta = self._send_meta(hop, fmt, meta, works, dst_rank=hop.send_peer_of_rows(),
                                         num_local_experts=num_experts // R)
             return Routed(Plan((hop,), x.size(0)), recv_x, fmt, recv_meta, works, [release])
         return self._dispatch_node_aware(x, meta, fmt, is_token_in_rank, num_recv_per_node, num_recv_per_rank,
-                                         num_experts)
+                                         num_experts, num_rows)
 
     def _dispatch_node_aware(self, x, meta: RowMeta, fmt: RowFormat, is_token_in_rank, num_recv_per_node,
-                             num_recv_per_rank, num_experts: int) -> Routed:
+                             num_recv_per_rank, num_experts: int, num_rows: int) -> Routed:
         """Two hops: the rail hop across nodes (payload, and metadata rows with global ids and the
         destination node's rank mask), then the in-node hop that forwards what arrived (metadata
         in ``fmt``: the destination's local ids)."""
@@ -258,17 +265,15 @@ class PlanRunner:
         release()
         hop = in_node_hop(rail_fmt.view(stage_meta, "mask", torch.bool), rail, self.transport.rank, per_node,
                           num_recv_per_rank)
-        recv_x = x.new_empty(hop.num_recv, H)
-        works, release = self.send_forward(hop, stage, recv_x, "dispatch", new_call=False)
+        recv_x = _rows_out(x, hop.num_recv, num_rows)
+        works, release = self.send_forward(hop, stage, recv_x[:hop.num_recv], "dispatch", new_call=False)
         recv_meta = self._send_meta(hop, fmt, RowMeta.of(rail_fmt, stage_meta), works,
                                     dst_rank=hop.send_peer_of_rows(), num_local_experts=num_experts // R)
         return Routed(Plan((rail, hop), T), recv_x, fmt, recv_meta, works, [release])
 
-    def _send_meta(self, hop: Hop, fmt: RowFormat, meta: RowMeta, works: list, **kw) -> Optional[torch.Tensor]:
+    def _send_meta(self, hop: Hop, fmt: RowFormat, meta: RowMeta, works: list, **kw) -> torch.Tensor:
         """Metadata rows of ``hop``'s sent rows, packed and sent right behind the payload (same
-        messages); returns the received rows (None when there is no metadata)."""
-        if not fmt.width:
-            return None
+        messages); returns the received rows."""
         rows = pack_meta(fmt, meta, hop.send_idx, **kw)
         out = rows.new_empty(hop.num_recv, fmt.width)
         more, _ = self.send_forward(hop, rows, out, "dispatch", gather=False, new_call=False)
@@ -359,6 +364,14 @@ def _meta_format(meta: RowMeta, ids_max: int, mask_cols: int = 0) -> RowFormat:
     K = meta.topk_idx.size(1) if meta.topk_idx is not None else 0
     return RowFormat.meta(meta.scales.size(1) if meta.scales is not None else 0, K, meta.topk_weights is not None,
                           _layout.smallest_int_dtype(max(ids_max, 0)), mask_cols)
+
+
+def _rows_out(like: torch.Tensor, num_recv: int, num_rows: int) -> torch.Tensor:
+    """``[max(num_recv, num_rows), W]`` of ``like``'s dtype for a hop's arrivals: the first
+    ``num_recv`` rows are written by the hop, the rest (DeepEP's ``num_worst_tokens`` padding) are zero."""
+    out = like.new_empty(max(num_recv, num_rows), like.size(1))
+    out[num_recv:].zero_()
+    return out
 
 
 def _zero_rows_not_in(out: torch.Tensor, idx: torch.Tensor) -> None:

@@ -171,6 +171,10 @@ class Transport:
         """``tensor`` reduced over the group in place; counted as one call."""
         raise NotImplementedError
 
+    def barrier(self, kind: str = "barrier") -> None:
+        """Wait until every rank of the group got here; counted as one call."""
+        raise NotImplementedError
+
     def destroy(self) -> None:
         """Free what the transport keeps between calls (it comes back on the next call)."""
 
@@ -309,13 +313,21 @@ class ProcessGroupTransport(Transport):
         return work, None
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
+        self._host_collective(kind, dist.all_reduce, tensor, op=op)
+        return tensor
+
+    def barrier(self, kind: str = "barrier") -> None:
+        self._host_collective(kind, dist.barrier)
+
+    def _host_collective(self, kind: str, collective: Callable, *args, **kwargs) -> None:
+        """A small collective the host waits for, timed on any device and counted as one call
+        (its bytes per peer depend on the backend's algorithm and are not counted)."""
         if self.num_ranks == 1:
-            return tensor
+            return
         self.arrive(kind)
         self.counters.record(kind, [0] * self.num_ranks, [0] * self.num_ranks)
-        work = self._issue(dist.all_reduce, tensor, op=op, group=self.group, async_op=True)
+        work = self._issue(collective, *args, group=self.group, async_op=True, **kwargs)
         self._watch([work], True)[0].wait()
-        return tensor
 
 
 def make_transport(group: Optional[dist.ProcessGroup] = None, **kwargs) -> Transport:
