@@ -19,7 +19,7 @@ def test_demo_short_run_learns_and_reports(tmp_path):
     cfg = report["config"]
     tokens_per_step = 2 * cfg["batch_size"] * cfg["seq_len"]
     for step_loads in h["expert_load_per_layer"]:
-        assert [sum(layer) for layer in step_loads] == [tokens_per_step * cfg["top_k"]] * len(step_loads)
+        assert [sum(layer) for layer in step_loads] == [tokens_per_step * cfg["num_topk"]] * len(step_loads)
     assert report["max_over_mean_expert_last"] >= 1.0 and report["max_over_mean_rank_last"] >= 1.0
     assert report["bytes_per_step"] > 0
     # one rebalance at step 50 into 16 + 2 slots; its plan beats what the 50 steps before saw

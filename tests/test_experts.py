@@ -162,7 +162,7 @@ def test_sharded_experts_sum_to_the_full_bank():
     w = torch.rand(7, K, generator=g)
     total = 0
     for r in range(R):
-        shard = GroupedExperts.from_full(w1, w2, w3, rank=r, world_size=R)
+        shard = GroupedExperts.from_full(w1, w2, w3, rank=r, num_ranks=R)
         assert shard.num_local_experts == L and shard.w1.dtype == torch.float64
         mine = (idx >= r * L) & (idx < (r + 1) * L)
         total = total + shard(x, torch.where(mine, idx - r * L, -1), torch.where(mine, w, 0.0))
@@ -198,9 +198,9 @@ def test_bad_config_and_shards_raise():
     with pytest.raises(ValueError, match=r"`num_local_experts` must be a positive int, got 0"):
         GroupedExperts(0, D, FF)
     w1 = torch.zeros(6, D, FF)
-    with pytest.raises(ValueError, match=r"divisible by world_size=4"):
-        GroupedExperts.from_full(w1, torch.zeros(6, FF, D), w1, rank=0, world_size=4)
-    with pytest.raises(ValueError, match=r"`rank` must lie in \[0, world_size=2\), got 2"):
-        GroupedExperts(3, D, FF).load_shard(w1, torch.zeros(6, FF, D), w1, rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"divisible by num_ranks=4"):
+        GroupedExperts.from_full(w1, torch.zeros(6, FF, D), w1, rank=0, num_ranks=4)
+    with pytest.raises(ValueError, match=r"`rank` must lie in \[0, num_ranks=2\), got 2"):
+        GroupedExperts(3, D, FF).load_shard(w1, torch.zeros(6, FF, D), w1, rank=2, num_ranks=2)
     with pytest.raises(ValueError, match=r"`w2` must be \[6, 8, 12\]"):
-        GroupedExperts(3, D, FF).load_shard(w1, torch.zeros(6, D, FF), w1, rank=1, world_size=2)
+        GroupedExperts(3, D, FF).load_shard(w1, torch.zeros(6, D, FF), w1, rank=1, num_ranks=2)

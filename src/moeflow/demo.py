@@ -43,7 +43,7 @@ class DemoConfig:
     num_dense_layers: int = 1      # first blocks use a dense FFN, as DeepSeek-V3's first three
     num_heads: int = 4
     num_experts: int = 16          # routed experts in the whole group
-    top_k: int = 2
+    num_topk: int = 2
     ffn_hidden: int = 128          # per routed expert (fine-grained: small)
     num_shared_experts: int = 1
     bias_update_rate: float = 3e-2  # aux-loss-free balancing (DeepSeek-V3 uses 1e-3 over far more steps); 0 = off
@@ -97,9 +97,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg.dim, cfg.num_heads)
         if dense:
             self.moe = None
-            self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden * (cfg.top_k + cfg.num_shared_experts))
+            self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden * (cfg.num_topk + cfg.num_shared_experts))
         else:
-            self.moe = MoELayer(cfg.dim, cfg.ffn_hidden, cfg.num_experts, cfg.top_k, cfg.num_shared_experts,
+            self.moe = MoELayer(cfg.dim, cfg.ffn_hidden, cfg.num_experts, cfg.num_topk, cfg.num_shared_experts,
                                 group, score_func="sigmoid", bias_update_rate=cfg.bias_update_rate,
                                 seq_aux_loss_coeff=cfg.aux_loss_coeff, num_replicas=cfg.num_replicas)
 

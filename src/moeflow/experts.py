@@ -186,36 +186,36 @@ class GroupedExperts(nn.Module):
 
     @classmethod
     def from_full(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, rank: int = 0,
-                  world_size: int = 1) -> "GroupedExperts":
+                  num_ranks: int = 1) -> "GroupedExperts":
         """Rank ``rank``'s experts out of full weights (w1, w3 ``[E, D, F]``, w2 ``[E, F, D]``):
-        a module of ``E // world_size`` experts, on the weights' device and in their dtype."""
+        a module of ``E // num_ranks`` experts, on the weights' device and in their dtype."""
         E, D, Fh = w1.shape if w1.dim() == 3 else (0, 0, 0)
-        if w1.dim() != 3 or world_size < 1 or E % world_size:
+        if w1.dim() != 3 or num_ranks < 1 or E % num_ranks:
             raise ValueError(f"GroupedExperts.from_full: `w1` must be [E, D, F] with E divisible by "
-                             f"world_size={world_size}, got shape {list(w1.shape)}")
-        module = cls(E // world_size, D, Fh).to(device=w1.device, dtype=w1.dtype)
-        module.load_shard(w1, w2, w3, rank, world_size)
+                             f"num_ranks={num_ranks}, got shape {list(w1.shape)}")
+        module = cls(E // num_ranks, D, Fh).to(device=w1.device, dtype=w1.dtype)
+        module.load_shard(w1, w2, w3, rank, num_ranks)
         return module
 
     @torch.no_grad()
     def load_shard(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, rank: int,
-                   world_size: int) -> None:
+                   num_ranks: int) -> None:
         """Copy global experts ``[rank * L, (rank + 1) * L)`` of full weights into this module.
 
         Args:
-            w1, w3: ``[E, D, F]`` with ``E = L * world_size``; w2: ``[E, F, D]``.
-            rank: this rank's index in ``[0, world_size)``.
-            world_size: the ranks the experts are split over.
+            w1, w3: ``[E, D, F]`` with ``E = L * num_ranks``; w2: ``[E, F, D]``.
+            rank: this rank's index in ``[0, num_ranks)``.
+            num_ranks: the ranks the experts are split over.
         """
         L, D, Fh = self.w1.shape
-        if not 0 <= rank < world_size:
-            raise ValueError(f"GroupedExperts.load_shard: `rank` must lie in [0, world_size={world_size}), "
+        if not 0 <= rank < num_ranks:
+            raise ValueError(f"GroupedExperts.load_shard: `rank` must lie in [0, num_ranks={num_ranks}), "
                              f"got {rank}")
-        E = L * world_size
+        E = L * num_ranks
         for name, w, shape in (("w1", w1, (E, D, Fh)), ("w2", w2, (E, Fh, D)), ("w3", w3, (E, D, Fh))):
             if tuple(w.shape) != shape:
                 raise ValueError(f"GroupedExperts.load_shard: `{name}` must be {list(shape)} (L={L} local "
-                                 f"experts x world_size={world_size}), got {list(w.shape)}")
+                                 f"experts x num_ranks={num_ranks}), got {list(w.shape)}")
         shard = slice(rank * L, (rank + 1) * L)
         self.w1.copy_(w1[shard])
         self.w2.copy_(w2[shard])

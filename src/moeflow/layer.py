@@ -119,12 +119,12 @@ class MoELayer(nn.Module):
         hidden: D.
         ffn_hidden: the intermediate size of one routed expert (SwiGLU).
         num_experts: E, routed experts in the whole group; divisible by its size.
-        top_k: experts per token.
+        num_topk: experts per token.
         num_shared_experts: experts every token goes through on its own rank (DeepSeek-style;
             fused into one SwiGLU of ``num_shared_experts * ffn_hidden``).
         group: the expert-parallel process group (default: the world). Ranks outside expert
             parallelism see the same weights as with a single rank.
-        score_func, num_groups, topk_groups, route_scale, bias_update_rate, aux_loss_coeff,
+        score_func, num_groups, num_topk_groups, route_scale, bias_update_rate, aux_loss_coeff,
         seq_aux_loss_coeff, global_aux_loss_coeff, z_loss_coeff: passed to :class:`Router`.
         max_nodes_per_token: node-limited routing: a token's experts lie on at most this many
             of the Buffer's nodes (``group size / ranks_per_node``; experts counted on the nodes
@@ -167,9 +167,9 @@ class MoELayer(nn.Module):
                 layer.apply_placement(layer.plan_placement(), optimizer=optimizer)
     """
 
-    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int,
+    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, num_topk: int,
                  num_shared_experts: int = 0, group: Optional[dist.ProcessGroup] = None, *,
-                 score_func: str = "softmax", num_groups: int = 1, topk_groups: int = 1,
+                 score_func: str = "softmax", num_groups: int = 1, num_topk_groups: int = 1,
                  route_scale: float = 1.0, norm_topk_prob: Optional[bool] = None,
                  bias_update_rate: float = 0.0, aux_loss_coeff: float = 0.0, seq_aux_loss_coeff: float = 0.0,
                  global_aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
@@ -192,13 +192,13 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer: `num_chunks` must be a positive int or 'auto', got {num_chunks!r}")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"MoELayer: `capacity_factor` must be positive or None, got {capacity_factor!r}")
-        self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
+        self.hidden, self.num_experts, self.num_topk = hidden, num_experts, num_topk
         self.num_replicas = N
         self.num_local_experts = N // R  # physical slots on this rank
         self.load_ema_decay = load_ema_decay
         self.num_chunks, self.capacity_factor, self.wire_dtype = num_chunks, capacity_factor, wire_dtype
-        self.router = Router(hidden, num_experts, top_k, score_func=score_func, num_groups=num_groups,
-                             topk_groups=topk_groups, route_scale=route_scale, norm_topk_prob=norm_topk_prob,
+        self.router = Router(hidden, num_experts, num_topk, score_func=score_func, num_groups=num_groups,
+                             num_topk_groups=num_topk_groups, route_scale=route_scale, norm_topk_prob=norm_topk_prob,
                              bias_update_rate=bias_update_rate, aux_loss_coeff=aux_loss_coeff,
                              seq_aux_loss_coeff=seq_aux_loss_coeff, global_aux_loss_coeff=global_aux_loss_coeff,
                              z_loss_coeff=z_loss_coeff, group=group, num_nodes=self.buffer.num_nodes,

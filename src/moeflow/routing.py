@@ -76,12 +76,12 @@ class Router(nn.Module):
     Args:
         hidden: D.
         num_experts: E, routed experts in the whole model (not per rank).
-        top_k: K, experts per token.
+        num_topk: K, experts per token.
         score_func: ``"softmax"`` or ``"sigmoid"``.
-        num_groups, topk_groups: group-limited routing (DeepSeek-V3): the E experts fall into
+        num_groups, num_topk_groups: group-limited routing (DeepSeek-V3): the E experts fall into
             ``num_groups`` equal contiguous groups, a group scores the sum of its top-2 biased
             scores (top-1 when a group holds one expert), and a token picks its K experts inside
-            its ``topk_groups`` best groups only. ``num_groups=1`` is plain top-k.
+            its ``num_topk_groups`` best groups only. ``num_groups=1`` is plain top-k.
         num_nodes, max_nodes_per_token: node-limited routing (DeepSeek-V3): the E experts lie
             contiguously on ``num_nodes`` nodes (expert-parallel group size / ranks per node), a
             node scores the sum of its top ``ceil(K / max_nodes_per_token)`` biased scores, and a
@@ -103,8 +103,8 @@ class Router(nn.Module):
             communication.
     """
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int, *, score_func: str = "softmax",
-                 num_groups: int = 1, topk_groups: int = 1, route_scale: float = 1.0,
+    def __init__(self, hidden: int, num_experts: int, num_topk: int, *, score_func: str = "softmax",
+                 num_groups: int = 1, num_topk_groups: int = 1, route_scale: float = 1.0,
                  norm_topk_prob: Optional[bool] = None, bias_update_rate: float = 0.0,
                  aux_loss_coeff: float = 0.0, seq_aux_loss_coeff: float = 0.0,
                  global_aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
@@ -116,16 +116,16 @@ class Router(nn.Module):
                 raise ValueError(f"Router: `{name}` must be a positive int, got {value!r}")
         if score_func not in _SCORE_FUNCS:
             raise ValueError(f"Router: `score_func` must be one of {_SCORE_FUNCS}, got {score_func!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"Router: `top_k` must lie in [1, num_experts={num_experts}], got {top_k!r}")
+        if not isinstance(num_topk, int) or not 1 <= num_topk <= num_experts:
+            raise ValueError(f"Router: `num_topk` must lie in [1, num_experts={num_experts}], got {num_topk!r}")
         if num_experts % num_groups:
             raise ValueError(f"Router: `num_groups` must divide num_experts={num_experts}, got {num_groups}")
-        if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
-            raise ValueError(f"Router: `topk_groups` must lie in [1, num_groups={num_groups}], got {topk_groups!r}")
-        if topk_groups * (num_experts // num_groups) < top_k:
-            raise ValueError(f"Router: `top_k`={top_k} exceeds the {topk_groups * (num_experts // num_groups)} "
-                             f"experts of topk_groups={topk_groups} groups of {num_experts // num_groups}")
-        self._check_node_limit(num_experts, top_k, num_groups, topk_groups, num_nodes, max_nodes_per_token)
+        if not isinstance(num_topk_groups, int) or not 1 <= num_topk_groups <= num_groups:
+            raise ValueError(f"Router: `num_topk_groups` must lie in [1, num_groups={num_groups}], got {num_topk_groups!r}")
+        if num_topk_groups * (num_experts // num_groups) < num_topk:
+            raise ValueError(f"Router: `num_topk`={num_topk} exceeds the {num_topk_groups * (num_experts // num_groups)} "
+                             f"experts of num_topk_groups={num_topk_groups} groups of {num_experts // num_groups}")
+        self._check_node_limit(num_experts, num_topk, num_groups, num_topk_groups, num_nodes, max_nodes_per_token)
         if not route_scale > 0:
             raise ValueError(f"Router: `route_scale` must be > 0, got {route_scale!r}")
         for name, value in (("bias_update_rate", bias_update_rate), ("aux_loss_coeff", aux_loss_coeff),
@@ -133,9 +133,9 @@ class Router(nn.Module):
                             ("global_aux_loss_coeff", global_aux_loss_coeff), ("z_loss_coeff", z_loss_coeff)):
             if not value >= 0:
                 raise ValueError(f"Router: `{name}` must be >= 0, got {value!r}")
-        self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
+        self.hidden, self.num_experts, self.num_topk = hidden, num_experts, num_topk
         self.score_func = score_func
-        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.num_groups, self.num_topk_groups = num_groups, num_topk_groups
         self.num_nodes = num_nodes
         self.max_nodes_per_token = num_nodes if max_nodes_per_token is None else max_nodes_per_token
         self.route_scale = route_scale
@@ -160,7 +160,7 @@ class Router(nn.Module):
                              persistent=False)
 
     @staticmethod
-    def _check_node_limit(E: int, K: int, G: int, topk_groups: int, num_nodes: int,
+    def _check_node_limit(E: int, K: int, G: int, num_topk_groups: int, num_nodes: int,
                           max_nodes_per_token: Optional[int]) -> None:
         if not isinstance(num_nodes, int) or num_nodes < 1 or E % num_nodes:
             raise ValueError(f"Router: `num_nodes` must be a positive int dividing num_experts={E}, got {num_nodes!r}")
@@ -170,14 +170,14 @@ class Router(nn.Module):
         if not isinstance(M, int) or not 1 <= M <= num_nodes:
             raise ValueError(f"Router: `max_nodes_per_token` must lie in [1, num_nodes={num_nodes}], got {M!r}")
         if M * (E // num_nodes) < K:
-            raise ValueError(f"Router: `top_k`={K} exceeds the {M * (E // num_nodes)} experts of "
+            raise ValueError(f"Router: `num_topk`={K} exceeds the {M * (E // num_nodes)} experts of "
                              f"max_nodes_per_token={M} nodes of {E // num_nodes}")
-        if M < num_nodes and topk_groups < G and (G % num_nodes or topk_groups > M * (G // num_nodes)):
+        if M < num_nodes and num_topk_groups < G and (G % num_nodes or num_topk_groups > M * (G // num_nodes)):
             # Otherwise a kept group could straddle a dropped node, or more groups be wanted than
             # the kept nodes hold.
-            raise ValueError(f"Router: group-limited routing (num_groups={G}, topk_groups={topk_groups}) combines "
+            raise ValueError(f"Router: group-limited routing (num_groups={G}, num_topk_groups={num_topk_groups}) combines "
                              f"with max_nodes_per_token={M} only when num_nodes={num_nodes} divides num_groups and "
-                             f"topk_groups <= max_nodes_per_token * num_groups / num_nodes")
+                             f"num_topk_groups <= max_nodes_per_token * num_groups / num_nodes")
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype) / .half() cast floating buffers too; the bias keeps its fp32 value
@@ -208,7 +208,7 @@ class Router(nn.Module):
         if seq_len is None and x.dim() >= 3:
             seq_len = x.size(-2)
         x_TD = x.reshape(-1, D)
-        T, E, K = x_TD.size(0), self.num_experts, self.top_k
+        T, E, K = x_TD.size(0), self.num_experts, self.num_topk
         if seq_len is not None and (seq_len < 1 or T % seq_len):
             raise ValueError(f"Router: `seq_len` must be positive and divide the {T} tokens, got {seq_len}")
         if self.training and self.seq_aux_loss_coeff and seq_len is None:
@@ -254,10 +254,10 @@ class Router(nn.Module):
         E = biased_TE.size(1)
         G, N, M = self.num_groups, self.num_nodes, self.max_nodes_per_token
         if M < N:  # a node scores its ceil(K / M) best experts
-            biased_TE = _keep_best_blocks(biased_TE, N, min(-(-self.top_k // M), E // N), M)
-        if self.topk_groups < G:  # a group scores its top-2
-            biased_TE = _keep_best_blocks(biased_TE, G, min(2, E // G), self.topk_groups)
-        return biased_TE.topk(self.top_k, dim=-1).indices
+            biased_TE = _keep_best_blocks(biased_TE, N, min(-(-self.num_topk // M), E // N), M)
+        if self.num_topk_groups < G:  # a group scores its top-2
+            biased_TE = _keep_best_blocks(biased_TE, G, min(2, E // G), self.num_topk_groups)
+        return biased_TE.topk(self.num_topk, dim=-1).indices
 
     def _seq_aux_loss(self, topk_idx: torch.Tensor, probs_TE: torch.Tensor, S: int) -> torch.Tensor:
         T, K = topk_idx.shape
@@ -275,7 +275,7 @@ class Router(nn.Module):
             self._sum(counts)
         with torch.no_grad():
             self.global_counts_since_update += counts
-        E, K = self.num_experts, self.top_k
+        E, K = self.num_experts, self.num_topk
         total = self.global_counts_since_update
         f_E = total[:E] * (E / K) / total[E].clamp(min=1)
         return (f_E * probs_TE.sum(0)).sum() / max(T, 1)

@@ -115,12 +115,12 @@ class NoDedupMoE(nn.Module):
     communication differs: a token with k experts on another rank travels there k times.
 
     Args:
-        hidden, ffn_hidden, num_experts, top_k: D, F, E, K.
+        hidden, ffn_hidden, num_experts, num_topk: D, F, E, K.
         group: the expert-parallel process group; E divides by its size.
         norm_topk_prob: passed to the router.
     """
 
-    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int,
+    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, num_topk: int,
                  group: Optional[dist.ProcessGroup] = None, *, norm_topk_prob: bool = True) -> None:
         super().__init__()
         from ..experts import GroupedExperts
@@ -132,7 +132,7 @@ class NoDedupMoE(nn.Module):
             raise ValueError(f"NoDedupMoE: `num_experts` ({num_experts}) must divide by the group size "
                              f"{self.num_ranks}")
         self.num_experts, self.num_local_experts = num_experts, num_experts // self.num_ranks
-        self.router = Router(hidden, num_experts, top_k, norm_topk_prob=norm_topk_prob, group=group)
+        self.router = Router(hidden, num_experts, num_topk, norm_topk_prob=norm_topk_prob, group=group)
         self.experts = GroupedExperts(self.num_local_experts, hidden, ffn_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

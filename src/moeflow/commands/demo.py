@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                      eval_every=max(1, min(DemoConfig().eval_every, args.steps)),
                      num_replicas=replicas, rebalance_every=args.rebalance_every)
     print(f"moeflow demo: {args.ranks} ranks, {cfg.num_layers} layers, {cfg.num_experts} routed experts "
-          f"(top-{cfg.top_k}) + {cfg.num_shared_experts} shared, {cfg.steps} steps", flush=True)
+          f"(top-{cfg.num_topk}) + {cfg.num_shared_experts} shared, {cfg.steps} steps", flush=True)
     report = spawn(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600, threads_per_rank=1)[0]
     print(f"validation loss {report['final_val_loss']:.3f} nats/byte "
           f"(unigram baseline {report['unigram_val_loss']:.3f})")

@@ -19,7 +19,7 @@ reproduce their routing exactly:
 
 - ``DeepseekV3MoE``: sigmoid scores; ``e_score_correction_bias`` added for selection only
   (-> ``Router.expert_bias``); group-limited top-k over ``n_group`` groups scored by their top-2,
-  keeping ``topk_group`` (-> ``num_groups``, ``topk_groups``); weights are the unbiased scores,
+  keeping ``topk_group`` (-> ``num_groups``, ``num_topk_groups``); weights are the unbiased scores,
   normalised if ``norm_topk_prob``, times ``routed_scaling_factor`` (-> ``route_scale``); shared
   experts (one SwiGLU of ``F_s = n_shared_experts * F``) on every token.
 - ``Qwen3MoeSparseMoeBlock``: softmax over E, top-k, renormalised only if ``norm_topk_prob``.
@@ -57,8 +57,8 @@ from ..layer import MoELayer
 __all__ = ["expert_parallelize", "HFMoELayer", "SUPPORTED_BLOCKS"]
 
 # MoELayer arguments that expert_parallelize takes from the model, not from the caller
-_FROM_MODEL = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_shared_experts", "score_func",
-               "num_groups", "topk_groups", "route_scale", "norm_topk_prob")
+_FROM_MODEL = ("hidden", "ffn_hidden", "num_experts", "num_topk", "num_shared_experts", "score_func",
+               "num_groups", "num_topk_groups", "route_scale", "norm_topk_prob")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class _BlockSpec:
 def _read_deepseek_v3(block: nn.Module, name: str) -> _BlockSpec:
     router = _child(block, "gate", name)
     kwargs = dict(score_func="sigmoid", num_groups=int(_attr(router, block, "num_group", name)),
-                  topk_groups=int(_attr(router, block, "topk_group", name)),
+                  num_topk_groups=int(_attr(router, block, "topk_group", name)),
                   route_scale=float(_attr(router, block, "routed_scaling_factor", name)),
                   norm_topk_prob=bool(_attr(router, block, "norm_topk_prob", name)))
     return _spec(block, name, router, int(_attr(router, block, "top_k", name)), kwargs,
@@ -133,7 +133,7 @@ def _child(module: nn.Module, attr: str, name: str) -> nn.Module:
     return child
 
 
-def _spec(block: nn.Module, name: str, router: nn.Module, top_k: int, router_kwargs: dict, *,
+def _spec(block: nn.Module, name: str, router: nn.Module, num_topk: int, router_kwargs: dict, *,
           expert_bias: Optional[torch.Tensor] = None,
           shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> _BlockSpec:
     experts = _child(block, "experts", name)
@@ -156,7 +156,7 @@ def _spec(block: nn.Module, name: str, router: nn.Module, top_k: int, router_kwa
                          f"{None if gate is None else list(gate.shape)}")
     if getattr(router, "bias", None) is not None:
         raise TypeError(f"expert_parallelize: {name}.gate has a bias, which moeflow's Router lacks")
-    router_kwargs = dict(router_kwargs, top_k=top_k)
+    router_kwargs = dict(router_kwargs, num_topk=num_topk)
     if shared is not None and shared[0].size(0) % (F2 // 2):
         raise ValueError(f"expert_parallelize: {name}'s shared experts have intermediate size {shared[0].size(0)}, "
                          f"not a multiple of the routed experts' {F2 // 2}")
