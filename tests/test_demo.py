@@ -23,7 +23,7 @@ def test_demo_short_run_learns_and_reports(tmp_path):
     assert report["max_over_mean_expert_last"] >= 1.0 and report["max_over_mean_rank_last"] >= 1.0
     assert report["bytes_per_step"] > 0
     # one rebalance at step 50 into 16 + 2 slots; its plan beats what the 50 steps before saw
-    assert cfg["num_replicas"] == 18 and [r["step"] for r in report["rebalance"]] == [49]
+    assert cfg["num_slots"] == 18 and [r["step"] for r in report["rebalance"]] == [49]
     r = report["rebalance"][0]
     assert r["moves"] > 0 and 1.0 <= r["predicted_max_over_mean_rank"] < r["max_over_mean_rank_before"]
 

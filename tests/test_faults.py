@@ -86,7 +86,7 @@ def _layer_fault(point: str, how: str, rank: int):
     transfers. ``layer_update``: rank 2 fails after a good step, before the per-step load
     all-reduce of ``update_bias`` (the layer's own collectives are watched too)."""
     torch.manual_seed(0)
-    layer = MoELayer(H, 32, E, K, num_chunks=2, buffer=Buffer(timeout_s=TIMEOUT), num_replicas=2 * E)
+    layer = MoELayer(H, 32, E, K, num_chunks=2, buffer=Buffer(timeout_s=TIMEOUT), num_slots=2 * E)
     if rank == FAULTY and point == "layer_async":
         layer.experts.register_forward_pre_hook(lambda *_: _die(how))
     x = torch.randn(2 * N, H)
@@ -96,7 +96,7 @@ def _layer_fault(point: str, how: str, rank: int):
         if rank == FAULTY:
             _die(how)
         t0 = time.monotonic()
-        layer.update_bias()
+        layer.router.update_bias()
         return ("no error", "", time.monotonic() - t0, [], [], [])
     except PeerFailureError as e:
         return (type(e).__name__, str(e), time.monotonic() - t0, e.missing_ranks, e.dead_ranks, e.stuck_ranks)

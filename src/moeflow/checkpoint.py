@@ -31,7 +31,7 @@ from .layer import MoELayer
 __all__ = ["save", "load", "expert_key"]
 
 _EXPERT_WEIGHTS = ("w1", "w2", "w3")
-_NOT_SAVED = ("phy2log",)  # the placement belongs to the run, not to the weights
+_NOT_SAVED = ("slots.phy2log",)  # the placement belongs to the run, not to the weights
 
 
 def expert_key(layer_name: str, weight: str, expert: int) -> str:
@@ -56,8 +56,7 @@ def _skipped(layers: Mapping[str, MoELayer]) -> set[str]:
 
 def _local_slots(layer: MoELayer) -> list[int]:
     """Logical expert of each of this rank's slots."""
-    S, rank = layer.num_local_experts, layer.buffer.rank
-    return layer.phy2log[rank * S:(rank + 1) * S].tolist()  # host sync: a handful of ints
+    return layer.slots.local_experts()
 
 
 def save(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
@@ -74,8 +73,8 @@ def save(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
     skipped = _skipped(layers)
     state = {k: v for k, v in model.state_dict().items() if k not in skipped}
     for name, layer in layers.items():
-        S, rank = layer.num_local_experts, layer.buffer.rank
-        first_slot = layer.log2phy[:, 0].tolist()  # host sync: one int per expert
+        S, rank = layer.slots.num_local_experts, layer.buffer.rank
+        first_slot = layer.slots.log2phy[:, 0].tolist()  # host sync: one int per expert
         for e, slot in enumerate(first_slot):
             if slot // S != rank:
                 continue  # another rank holds this expert's first replica and writes it
@@ -98,7 +97,7 @@ def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
         process_group: the group whose ranks read (default: the world); every rank of it calls.
         placements: optional ``{layer name: phy2log [N] int64}`` ("" for a bare MoELayer): the
             layer takes this placement before its experts are read (N must be the layer's
-            ``num_replicas``), so a re-planned placement is applied with no weight transfer.
+            ``num_slots``), so a re-planned placement is applied with no weight transfer.
 
     Raises:
         ValueError / TypeError: no MoELayer in ``model``, a placement for an unknown layer or
@@ -110,11 +109,11 @@ def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
             raise ValueError(f"moeflow.checkpoint.load: `placements` names layer {name!r}, but the model's "
                              f"MoELayers are {sorted(layers)}")
         layer = layers[name]
-        if not isinstance(phy2log, torch.Tensor) or tuple(phy2log.shape) != (layer.num_replicas,):
-            raise ValueError(f"moeflow.checkpoint.load: `placements[{name!r}]` must be a [{layer.num_replicas}] "
-                             f"tensor (the layer's num_replicas), got {phy2log!r}")
-        # through load_state_dict: the layer checks the placement and re-derives its tables
-        layer.load_state_dict({"phy2log": phy2log.to(layer.phy2log)}, strict=False)
+        if not isinstance(phy2log, torch.Tensor) or tuple(phy2log.shape) != (layer.slots.num_slots,):
+            raise ValueError(f"moeflow.checkpoint.load: `placements[{name!r}]` must be a [{layer.slots.num_slots}] "
+                             f"tensor (the layer's num_slots), got {phy2log!r}")
+        # through load_state_dict: the slots check the placement and re-derive their tables
+        layer.slots.load_state_dict({"phy2log": phy2log.to(layer.slots.phy2log)})
     skipped = _skipped(layers)
     state = {k: v for k, v in model.state_dict().items() if k not in skipped}
     wanted: dict[str, list[tuple[torch.Tensor, int]]] = {}

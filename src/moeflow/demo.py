@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import GroupedExperts, SwiGLU
+from .experts import SwiGLU
 from .layer import MoELayer
 
 __all__ = ["DemoConfig", "TinyMoELM", "load_corpus", "train"]
@@ -49,7 +49,7 @@ class DemoConfig:
     bias_update_rate: float = 3e-2  # aux-loss-free balancing (DeepSeek-V3 uses 1e-3 over far more steps); 0 = off
     aux_loss_coeff: float = 1e-2   # sequence-wise aux loss (DeepSeek-V3 uses 1e-4 at scale)
     bias_decay: bool = True        # the bias rate follows the learning-rate schedule down to 0
-    num_replicas: Optional[int] = None  # physical expert slots (None = num_experts: no redundancy)
+    num_slots: Optional[int] = None  # physical expert slots (None = num_experts: no redundancy)
     rebalance_every: int = 0       # re-plan and migrate experts every N steps (0 = never)
     lr: float = 3e-3
     gate_lr_scale: float = 0.1
@@ -101,7 +101,7 @@ class Block(nn.Module):
         else:
             self.moe = MoELayer(cfg.dim, cfg.ffn_hidden, cfg.num_experts, cfg.num_topk, cfg.num_shared_experts,
                                 group, score_func="sigmoid", bias_update_rate=cfg.bias_update_rate,
-                                seq_aux_loss_coeff=cfg.aux_loss_coeff, num_replicas=cfg.num_replicas)
+                                seq_aux_loss_coeff=cfg.aux_loss_coeff, num_slots=cfg.num_slots)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -157,11 +157,8 @@ def _is_expert_param(name: str) -> bool:
 def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
     """Run on every rank (inside an initialised process group); returns the report on every rank."""
     rank, R = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(cfg.seed)  # the same init everywhere: dense weights, and the logical experts
-    model = TinyMoELM(cfg)        # of which each rank takes its slots (replicas must start equal)
-    for layer in model.moe_layers():
-        full = GroupedExperts(cfg.num_experts, cfg.dim, cfg.ffn_hidden)
-        layer.load_global_weights(layer.router.gate.weight, full.w1, full.w2, full.w3)
+    torch.manual_seed(cfg.seed)  # the same global weights for any number of ranks (see MoELayer)
+    model = TinyMoELM(cfg)
     corpus = torch.frombuffer(bytearray(load_corpus(cfg.corpus_bytes)), dtype=torch.uint8).long()
     split = int(len(corpus) * 0.9)
     train_data, val_data = corpus[:split], corpus[split:]
@@ -219,7 +216,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
             p.grad.copy_(flat[off:off + p.numel()].view_as(p))
             off += p.numel()
         for layer in model.moe_layers():
-            layer.sync_replica_grads()  # replicas of one expert take one step (no-op without replicas)
+            layer.slots.sync_replica_grads()  # replicas of one expert take one step (no-op without replicas)
         for p in experts:
             if p.grad is not None:  # None when no token reached this rank's experts
                 p.grad /= R
@@ -228,10 +225,10 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
             # DeepSeek-V3 stops the bias updates for its last tokens; decaying the rate with the
             # learning rate lets the bias settle instead of flipping by a fixed step every update
             layer.router.bias_update_rate = cfg.bias_update_rate * (lr / cfg.lr if cfg.bias_decay else 1.0)
-        loads = [layer.update_bias() for layer in model.moe_layers()]  # also the layers' load EMAs
+        loads = [layer.router.update_bias() for layer in model.moe_layers()]  # also the load averages
         load = torch.stack(loads).float()  # [layers, E], global counts this step
         # [layers, R]: pairs each rank's expert slots computed (replicas share their expert's load)
-        per_rank = torch.stack([layer.last_replica_load.float().view(R, -1).sum(-1) for layer in model.moe_layers()])
+        per_rank = torch.stack([layer.slots.rank_load(l) for layer, l in zip(model.moe_layers(), loads)])
         loss_avg = torch.tensor([loss.item()])
         dist.all_reduce(loss_avg)  # for the report only
         dt = time.perf_counter() - t0
@@ -250,9 +247,8 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         if cfg.rebalance_every and (step + 1) % cfg.rebalance_every == 0 and step + 1 < cfg.steps:
             predicted, moves = [], 0
             for layer in model.moe_layers():
-                placement = layer.plan_placement()
-                moves += layer.apply_placement(placement, optimizer=opt)
-                rank_load = layer.rank_load()  # the plan's prediction from the load EMA
+                moves += layer.slots.apply_placement(layer.slots.plan_placement(), optimizer=opt)
+                rank_load = layer.slots.rank_load()  # the plan's prediction from the load average
                 predicted.append(float(rank_load.max() / rank_load.mean()))
             history["rebalance"].append(dict(step=step, moves=moves,
                                              predicted_max_over_mean_rank=sum(predicted) / len(predicted)))
@@ -280,7 +276,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         rebalance=_rebalance_effect(history, cfg.rebalance_every),
         # logical parameters: replica slots hold copies, counted once
         num_params=sum(p.numel() for p in dense)
-        + R * sum(p.numel() for p in experts) * cfg.num_experts // (cfg.num_replicas or cfg.num_experts),
+        + R * sum(p.numel() for p in experts) * cfg.num_experts // (cfg.num_slots or cfg.num_experts),
         history=history,
     )
     if rank == 0 and out_dir:

@@ -163,6 +163,7 @@ class GroupedExperts(nn.Module):
         num_local_experts: L, the experts on this rank.
         hidden: D.
         ffn_hidden: F, the intermediate size of one expert.
+        expert_ids, seed: see :meth:`reset_parameters` (keyword).
 
     Parameters: w1, w3 ``[L, D, F]`` (gate and up projections); w2 ``[L, F, D]`` (down).
     Expert parallelism splits the E experts evenly and contiguously over R ranks: rank r holds
@@ -170,7 +171,8 @@ class GroupedExperts(nn.Module):
     shard out of full ``[E, ...]`` weights.
     """
 
-    def __init__(self, num_local_experts: int, hidden: int, ffn_hidden: int) -> None:
+    def __init__(self, num_local_experts: int, hidden: int, ffn_hidden: int, *,
+                 expert_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None) -> None:
         super().__init__()
         _check_positive("GroupedExperts", num_local_experts=num_local_experts, hidden=hidden,
                         ffn_hidden=ffn_hidden)
@@ -178,11 +180,31 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_local_experts, hidden, ffn_hidden))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, ffn_hidden, hidden))
         self.w3 = nn.Parameter(torch.empty(num_local_experts, hidden, ffn_hidden))
-        self.reset_parameters()
+        self.reset_parameters(expert_ids, seed)
 
-    def reset_parameters(self) -> None:
-        for w in (self.w1, self.w2, self.w3):
-            nn.init.normal_(w, std=_INIT_STD)
+    @torch.no_grad()
+    def reset_parameters(self, expert_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None) -> None:
+        """Normal(0, 0.02) weights.
+
+        Args:
+            expert_ids: the global (logical) expert each of the L rows holds; default ``0..L-1``.
+            seed: None draws from the global RNG (the L rows in one go). An int draws row l from
+                a CPU generator seeded by ``(seed, expert_ids[l])`` alone: a logical expert gets
+                the same weights on any rank and for any number of ranks, two rows holding one
+                expert get equal weights, and distinct experts differ.
+        """
+        if seed is None:
+            for w in (self.w1, self.w2, self.w3):
+                nn.init.normal_(w, std=_INIT_STD)
+            return
+        L = self.num_local_experts
+        ids = range(L) if expert_ids is None else [int(e) for e in expert_ids]
+        if len(ids) != L:
+            raise ValueError(f"GroupedExperts.reset_parameters: `expert_ids` must hold L={L} ids, got {len(ids)}")
+        for row, e in enumerate(ids):
+            g = torch.Generator().manual_seed((seed + 0x9E3779B97F4A7C15 * (e + 1)) % 2**63)
+            for w in (self.w1, self.w2, self.w3):
+                w[row].copy_(torch.empty(w.shape[1:]).normal_(0.0, _INIT_STD, generator=g))
 
     @classmethod
     def from_full(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, rank: int = 0,

@@ -25,7 +25,9 @@ Balancing, two ways that can be combined:
   ``mean_t logsumexp(logits_t)^2``).
 
 Counting state (load since the last update) lives in non-persistent buffers, accumulated only in
-training mode; ``update_bias`` is the one per-step hook that consumes and clears it.
+training mode. :meth:`Router.update_bias` is the one per-step call of the balancing machinery:
+it sums the step's load over the group, moves the bias, folds the load into the average that
+placement planning reads (:meth:`Router.expert_load`) and clears the counts.
 """
 
 from __future__ import annotations
@@ -98,9 +100,12 @@ class Router(nn.Module):
         global_aux_loss_coeff: global-batch aux loss coefficient; costs one all-reduce of
             ``E + 1`` numbers per training forward.
         z_loss_coeff: router z-loss coefficient.
-        group: the data-parallel group whose load counts are summed (bias update, global-batch
-            aux loss); None = the default group when torch.distributed is initialised, else no
-            communication.
+        group: every rank that routes tokens through this router's experts (data parallel x
+            expert parallel), whose load counts are summed (bias update, global-batch aux loss,
+            load average), so that the bias is the same everywhere; None = the default group
+            when torch.distributed is initialised, else no communication.
+        load_ema_decay: decay of the load average :meth:`expert_load` kept by
+            :meth:`update_bias` (0 = the last step only).
     """
 
     def __init__(self, hidden: int, num_experts: int, num_topk: int, *, score_func: str = "softmax",
@@ -109,7 +114,7 @@ class Router(nn.Module):
                  aux_loss_coeff: float = 0.0, seq_aux_loss_coeff: float = 0.0,
                  global_aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
                  group: Optional[dist.ProcessGroup] = None, num_nodes: int = 1,
-                 max_nodes_per_token: Optional[int] = None) -> None:
+                 max_nodes_per_token: Optional[int] = None, load_ema_decay: float = 0.9) -> None:
         super().__init__()
         for name, value in (("hidden", hidden), ("num_experts", num_experts), ("num_groups", num_groups)):
             if not isinstance(value, int) or value < 1:
@@ -133,6 +138,8 @@ class Router(nn.Module):
                             ("global_aux_loss_coeff", global_aux_loss_coeff), ("z_loss_coeff", z_loss_coeff)):
             if not value >= 0:
                 raise ValueError(f"Router: `{name}` must be >= 0, got {value!r}")
+        if not 0.0 <= load_ema_decay < 1.0:
+            raise ValueError(f"Router: `load_ema_decay` must lie in [0, 1), got {load_ema_decay!r}")
         self.hidden, self.num_experts, self.num_topk = hidden, num_experts, num_topk
         self.score_func = score_func
         self.num_groups, self.num_topk_groups = num_groups, num_topk_groups
@@ -143,6 +150,8 @@ class Router(nn.Module):
         self.bias_update_rate = bias_update_rate
         self.aux_loss_coeff, self.seq_aux_loss_coeff = aux_loss_coeff, seq_aux_loss_coeff
         self.global_aux_loss_coeff, self.z_loss_coeff = global_aux_loss_coeff, z_loss_coeff
+        self.load_ema_decay = load_ema_decay
+        self.num_load_updates = 0
         self.group = group
         # how load counts are summed over `group`; MoELayer puts its Buffer's watched all-reduce
         # here, so that a dead or stuck peer is named instead of hanging the update
@@ -158,6 +167,9 @@ class Router(nn.Module):
         # aux loss's frequencies (only counted while that loss is on)
         self.register_buffer("global_counts_since_update", torch.zeros(num_experts + 1, dtype=torch.int64),
                              persistent=False)
+        # [E] fp32: EMA over update_bias calls of the group's pairs per expert per step (fp32 like
+        # the bias: counts past 256 lose integers in bf16)
+        self.register_buffer("expert_load_ema", torch.zeros(num_experts), persistent=False)
 
     @staticmethod
     def _check_node_limit(E: int, K: int, G: int, num_topk_groups: int, num_nodes: int,
@@ -180,12 +192,13 @@ class Router(nn.Module):
                              f"num_topk_groups <= max_nodes_per_token * num_groups / num_nodes")
 
     def _apply(self, fn, recurse=True):
-        # nn.Module.to(dtype) / .half() cast floating buffers too; the bias keeps its fp32 value
-        # (device moves still apply).
-        bias = self.expert_bias
+        # nn.Module.to(dtype) / .half() cast floating buffers too; the bias and the load average
+        # keep their fp32 values (device moves still apply).
+        keep = {name: getattr(self, name) for name in ("expert_bias", "expert_load_ema")}
         super()._apply(fn, recurse)
-        if self.expert_bias.dtype != torch.float32:
-            self.expert_bias = bias.to(device=self.expert_bias.device)
+        for name, old in keep.items():
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, old.to(device=getattr(self, name).device))
         return self
 
     # ----------------------------------------------------------------------------------- forward
@@ -293,11 +306,13 @@ class Router(nn.Module):
     # ------------------------------------------------------------------------------- per step
     @torch.no_grad()
     def update_bias(self) -> torch.Tensor:
-        """Call once per optimizer step, on every rank of ``group``: sum the load counted since
-        the last call over the group, move the expert bias by
-        ``bias_update_rate * sign(mean_load - load)`` (identically on every rank), and clear the
-        counts, the global-batch aux loss's included. Call it every step whenever the
-        global-batch aux loss is on, even with ``bias_update_rate = 0``.
+        """The per-step hook of load balancing; call once per optimizer step (after it), on every
+        rank of ``group``, also with ``bias_update_rate = 0`` whenever the global-batch aux loss
+        or placement planning is used.
+
+        Sums the load counted since the last call over the group, moves the expert bias by
+        ``bias_update_rate * sign(mean_load - load)`` (identically on every rank), folds the load
+        into :meth:`expert_load`, and clears the counts, the global-batch aux loss's included.
 
         Returns:
             ``[E]`` int64, the summed load (pairs per expert) that drove the update.
@@ -309,9 +324,17 @@ class Router(nn.Module):
         if self.bias_update_rate:
             load = load_E.float()
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        decay = self.load_ema_decay if self.num_load_updates else 0.0
+        self.expert_load_ema.mul_(decay).add_(load_E.to(self.expert_load_ema), alpha=1.0 - decay)
+        self.num_load_updates += 1
         self.num_tokens_per_expert_since_update.zero_()
         self.global_counts_since_update.zero_()
         return load_E
+
+    def expert_load(self) -> torch.Tensor:
+        """``[E]`` float32, the group's pairs per expert per step, averaged over the
+        :meth:`update_bias` calls (EMA with ``load_ema_decay``): what placement planning balances."""
+        return self.expert_load_ema.clone()
 
 
 def _keep_best_blocks(scores_TE: torch.Tensor, num_blocks: int, top_n: int, keep: int) -> torch.Tensor:

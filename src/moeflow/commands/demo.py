@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                      num_experts=args.experts, seed=args.seed,
                      bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
                      eval_every=max(1, min(DemoConfig().eval_every, args.steps)),
-                     num_replicas=replicas, rebalance_every=args.rebalance_every)
+                     num_slots=replicas, rebalance_every=args.rebalance_every)
     print(f"moeflow demo: {args.ranks} ranks, {cfg.num_layers} layers, {cfg.num_experts} routed experts "
           f"(top-{cfg.num_topk}) + {cfg.num_shared_experts} shared, {cfg.steps} steps", flush=True)
     report = spawn(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600, threads_per_rank=1)[0]
