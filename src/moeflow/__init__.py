@@ -11,6 +11,7 @@ from . import autograd, balance, layout, quant
 from .comm import Buffer, ByteCounters, DispatchHandle, EventOverlap, PeerFailureError
 from .experts import GroupedExperts, SwiGLU
 from .layer import MoELayer
+from .parallel.fsdp import parallelize
 from .routing import Router, RouterOutput
 from .launch import RankError, spawn
 from . import integrations  # after .layer: integrations.hf builds on MoELayer; imports no transformers
@@ -22,6 +23,6 @@ __all__ = [
     "Buffer", "DispatchHandle", "EventOverlap", "ByteCounters", "PeerFailureError",
     "autograd", "balance", "layout", "quant", "per_token_cast_to_fp8", "per_token_cast_back",
     "spawn", "RankError",
-    "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer",
+    "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer", "parallelize",
     "integrations",
 ]

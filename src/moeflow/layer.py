@@ -31,6 +31,7 @@ from .balance.replicas import default_phy2log
 from .comm.buffer import Buffer, DispatchHandle, EventOverlap
 from .experts import GroupedExperts, SwiGLU
 from .layout import rank_in_expert
+from .parallel.mesh import GroupLike, resolve_groups
 from .routing import Router
 from .slots import ExpertSlots
 
@@ -117,7 +118,12 @@ class MoELayer(nn.Module):
         num_topk: K, experts per token.
         num_shared_experts: experts every token goes through on its own rank (DeepSeek-style;
             fused into one SwiGLU of ``num_shared_experts * ffn_hidden``).
-        group: the expert-parallel process group (default: the world).
+        group: the ranks to work over: the expert-parallel process group (default: the world;
+            no data parallelism beside it), or a ``DeviceMesh`` with an ``"ep"`` dim (its other
+            dims, but ``"pp"``, data parallel) or a :class:`~moeflow.parallel.MoEMesh`; see
+            :mod:`moeflow.parallel.mesh`. The experts are split over the expert-parallel ranks;
+            the router's load is summed over every rank that routes tokens (data parallel x
+            expert parallel), so ``expert_bias`` stays the same on all of them.
         num_chunks: C, token chunks pipelined through dispatch / experts / combine; ``"auto"``
             picks ``max(1, min(4, T // 1024))`` per call (chunks under ~1k tokens pay more in
             per-message latency than they hide).
@@ -151,12 +157,16 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, num_topk: int,
-                 num_shared_experts: int = 0, group: Optional[dist.ProcessGroup] = None, *,
+                 num_shared_experts: int = 0, group: GroupLike = None, *,
                  num_chunks: Union[int, str] = 1, capacity_factor: Optional[float] = None,
                  wire_dtype: Optional[torch.dtype] = None, buffer: Optional[Buffer] = None,
                  num_slots: Optional[int] = None, **router_kwargs: Any) -> None:
         super().__init__()
-        self.buffer = buffer if buffer is not None else Buffer(group)
+        ep_group, routing_group, self.mesh = resolve_groups(group)
+        self.buffer = buffer if buffer is not None else Buffer(ep_group)
+        if self.mesh is not None and _ranks(self.buffer.group) != _ranks(ep_group):
+            raise ValueError(f"MoELayer: `buffer` works over ranks {_ranks(self.buffer.group)}, the mesh's "
+                             f"expert-parallel ranks are {_ranks(ep_group)} (rank {dist.get_rank()})")
         R, rank = self.buffer.group_size, self.buffer.rank
         if num_experts % R:
             raise ValueError(f"MoELayer: `num_experts` ({num_experts}) must divide by the group size {R}")
@@ -170,10 +180,15 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer: `capacity_factor` must be positive or None, got {capacity_factor!r}")
         self.hidden, self.num_experts, self.num_topk = hidden, num_experts, num_topk
         self.num_chunks, self.capacity_factor, self.wire_dtype = num_chunks, capacity_factor, wire_dtype
-        self.router = Router(hidden, num_experts, num_topk, group=self.buffer.group,
+        if self.mesh is None or self.mesh.dp is None:
+            routing_group = self.buffer.group
+        self.router = Router(hidden, num_experts, num_topk, group=routing_group,
                              num_nodes=self.buffer.num_nodes, **router_kwargs)
-        # the router's load sums go through the Buffer: same group, and a missing peer is named
-        self.router.sum_over_group = self.buffer.all_reduce
+        # the router's load sums go through a Buffer's watched all-reduce, so that a missing peer
+        # is named: this layer's when no data parallelism lies beside expert parallelism
+        sums = self.buffer if routing_group is self.buffer.group else Buffer(routing_group,
+                                                                              timeout_s=self.buffer.timeout_s)
+        self.router.sum_over_group = sums.all_reduce
         phy2log = default_phy2log(num_experts, S, self.buffer.num_nodes)
         seed = int(torch.randint(0, 2**62, (), device="cpu"))  # one draw, whatever the layout
         self.experts = GroupedExperts(S // R, hidden, ffn_hidden, expert_ids=phy2log[rank * S // R:(rank + 1) * S // R],
@@ -279,3 +294,7 @@ class MoELayer(nn.Module):
         if shared is not None:
             for p, w in zip((self.shared.w1, self.shared.w2, self.shared.w3), shared):
                 p.copy_(w)
+
+
+def _ranks(group: Optional[dist.ProcessGroup]) -> list[int]:
+    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)

@@ -40,6 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .parallel.mesh import is_dtensor
+
 __all__ = ["Router", "RouterOutput"]
 
 _SCORE_FUNCS = ("softmax", "sigmoid")
@@ -303,6 +305,35 @@ class Router(nn.Module):
     def _group_size(self) -> int:
         return dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
 
+    def _gate_fingerprints(self, R: int) -> torch.Tensor:
+        """``[R]`` int64, zero but for this rank's entry: a positive hash of the gate's bits (0
+        when the gate is a DTensor, sharded and kept in sync by FSDP2)."""
+        out = torch.zeros(R, dtype=torch.int64, device=self.expert_bias.device)
+        w = self.gate.weight
+        if is_dtensor(w):
+            return out
+        bits = w.detach().reshape(-1)
+        bits = bits.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[bits.element_size()]).to(torch.int64)
+        # position-weighted sum of the bits (wrapping in int64), made positive
+        h = (bits * torch.arange(1, bits.numel() + 1, device=bits.device)).sum() & (2**62 - 1)
+        out[dist.get_rank(self.group)] = h.to(out.device) + 1
+        return out
+
+    def _check_same_gate(self, fingerprints: list[int]) -> None:
+        versions: dict[int, list[int]] = {}
+        for r, h in enumerate(fingerprints):
+            if h:
+                versions.setdefault(h, []).append(r)
+        if len(versions) < 2:
+            return
+        ranks = dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD)
+        held = "; ".join(f"ranks {[ranks[r] for r in rs]} hold one version" for rs in versions.values())
+        raise ValueError(f"Router.update_bias: the router gate differs between the ranks that route tokens ({held}; "
+                         f"this is rank {dist.get_rank()}). It is replicated, and nothing keeps replicated "
+                         "parameters in sync: call moeflow.parallelize(model, mesh) before training (FSDP2 "
+                         "over the data-parallel ranks), or average their gradients over the group yourself, "
+                         "and build the model from the same seed on every rank")
+
     # ------------------------------------------------------------------------------- per step
     @torch.no_grad()
     def update_bias(self) -> torch.Tensor:
@@ -314,13 +345,27 @@ class Router(nn.Module):
         ``bias_update_rate * sign(mean_load - load)`` (identically on every rank), folds the load
         into :meth:`expert_load`, and clears the counts, the global-batch aux loss's included.
 
+        The same all-reduce carries a fingerprint of each rank's gate weight: the gate is
+        replicated over the group, and one that differs between ranks (nothing averages the
+        replicated parameters' gradients, or the ranks started from different weights) raises
+        here instead of training on silently. Gates sharded by FSDP2 are not checked: FSDP keeps
+        them in sync.
+
         Returns:
             ``[E]`` int64, the summed load (pairs per expert) that drove the update.
+
+        Raises:
+            ValueError: on every rank, naming the ranks whose gates differ.
         """
         load_E = self.num_tokens_per_expert_since_update.clone()
-        if self._group_size() > 1:
-            # every rank must apply the same update: the load of the whole data-parallel batch
-            self._sum(load_E)
+        R = self._group_size()
+        if R > 1:
+            # every rank must apply the same update: the load of the whole data-parallel batch;
+            # [R] more int64 carry each rank's gate fingerprint (0 = not checked) in its own slot
+            E = self.num_experts
+            summed = self._sum(torch.cat([load_E, self._gate_fingerprints(R)]))
+            load_E = summed[:E]
+            self._check_same_gate(summed[E:].tolist())  # host sync: R ints
         if self.bias_update_rate:
             load = load_E.float()
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)

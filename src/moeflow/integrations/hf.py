@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoELayer
+from ..parallel.mesh import GroupLike, resolve_groups
 
 __all__ = ["expert_parallelize", "HFMoELayer", "SUPPORTED_BLOCKS"]
 
@@ -213,8 +214,7 @@ class HFMoELayer(MoELayer):
 
 
 # ------------------------------------------------------------------------------- public entry
-def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = None,
-                       **layer_kwargs: Any) -> nn.Module:
+def expert_parallelize(model: nn.Module, group: GroupLike = None, **layer_kwargs: Any) -> nn.Module:
     """Replace every supported MoE block of ``model`` by a :class:`moeflow.MoELayer` holding this
     rank's shard of the same weights; return ``model`` (changed in place).
 
@@ -236,8 +236,9 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
         model: a transformers model (e.g. ``DeepseekV3ForCausalLM``, ``Qwen3MoeForCausalLM``,
             ``MixtralForCausalLM``) or any module containing blocks named in
             :data:`SUPPORTED_BLOCKS`.
-        group: the expert-parallel process group (default: the world); each block's E must
-            divide by its size.
+        group: the expert-parallel process group (default: the world), or a ``DeviceMesh`` with
+            an ``"ep"`` dim (see :class:`moeflow.MoELayer`); each block's E must divide by the
+            expert-parallel size. With a mesh, :func:`moeflow.parallelize` then applies FSDP2.
         **layer_kwargs: passed to every :class:`moeflow.MoELayer` (``num_chunks``,
             ``capacity_factor``, ``wire_dtype``, ``bias_update_rate``, the Router's loss
             coefficients, ...). The routing options and sizes come from the model and may not
@@ -282,7 +283,7 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
     if not dist.is_initialized():
         raise RuntimeError("expert_parallelize: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group first (or use moeflow.spawn)")
-    R = dist.get_world_size(group)
+    R = dist.get_world_size(resolve_groups(group)[0])
     for name, _, spec in found:
         if spec.num_experts % R:
             raise ValueError(f"expert_parallelize: {name} has {spec.num_experts} experts, which do not divide "
@@ -298,7 +299,7 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
     return model
 
 
-def _build_layer(spec: _BlockSpec, group: Optional[dist.ProcessGroup], layer_kwargs: dict) -> HFMoELayer:
+def _build_layer(spec: _BlockSpec, group: GroupLike, layer_kwargs: dict) -> HFMoELayer:
     E, F2, D = spec.gate_up.shape
     F_ = F2 // 2
     num_shared = spec.shared[0].size(0) // F_ if spec.shared is not None else 0
