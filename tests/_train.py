@@ -7,6 +7,8 @@ same data and, with the mean loss per rank averaged over ranks, have the same gr
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,14 +22,15 @@ CFG = DemoConfig(batch_size=1, seq_len=16, dim=32, num_layers=2, num_dense_layer
 GLOBAL_BATCH = 4
 
 
-def build(dp: int, ep: int, fsdp: bool = True):
+def build(dp: int, ep: int, fsdp: bool = True, num_slots=None):
     """The model on a (dp, ep) mesh (one process: no mesh) with FSDP2, and its AdamW."""
     torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, num_slots=num_slots)
     if dist.get_world_size() == 1:
-        model = TinyMoELM(CFG)
+        model = TinyMoELM(cfg)
     else:
         mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
-        model = TinyMoELM(CFG, mesh)
+        model = TinyMoELM(cfg, mesh)
         if fsdp:
             moeflow.parallelize(model, mesh)
     return model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -52,6 +55,8 @@ def train(model, opt, steps: range) -> list[float]:
         aux = sum(layer.last_router_output.loss for layer in model.moe_layers())
         opt.zero_grad()
         (loss + aux).backward()
+        for layer in model.moe_layers():
+            layer.slots.sync_replica_grads()  # nothing without replicas
         opt.step()
         for layer in model.moe_layers():
             layer.router.update_bias()
@@ -69,13 +74,13 @@ def global_params(model) -> dict:
     for name, p in model.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()  # DTensor: gathered
         if ".experts." not in name:
-            out[name] = full.clone()
+            out[name] = full.detach().clone()
     for i, layer in enumerate(model.moe_layers()):
         for w in ("w1", "w2", "w3"):
             p = getattr(layer.experts, w)
             full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
             for row, e in enumerate(layer.slots.local_experts()):
-                out[(i, w, e)] = full[row].clone()
+                out[(i, w, e)] = full[row].detach().clone()
         out[(i, "expert_bias")] = layer.router.expert_bias.clone()
     return out
 

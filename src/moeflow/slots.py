@@ -38,6 +38,7 @@ from .balance.replicas import (check_phy2log, off_node_slot, plan_migration, rep
 from .comm.buffer import Buffer
 from .comm.rows import exchange_rows
 from .experts import GroupedExperts
+from .parallel.mesh import is_dtensor, local_tensor
 from .routing import Router
 
 __all__ = ["ExpertSlots"]
@@ -181,7 +182,9 @@ class ExpertSlots(nn.Module):
         state) travel in one ``all_to_all_single`` of bytes, one flat buffer per destination. A
         new replica copies its expert from a rank that holds it. The parameters stay the same
         ``nn.Parameter`` objects (copied in place; resized through ``.data`` when S changes), so
-        the optimizer keeps them.
+        the optimizer keeps them. Expert weights sharded by FSDP2 (:func:`moeflow.parallelize`
+        splits them along dim 1, so each rank keeps whole slots) move the same way, each rank its
+        own part, with S kept: FSDP2 owns their storage and cannot be resized.
 
         Args:
             placement: a :class:`moeflow.balance.Placement` for this group (``num_gpus`` = group
@@ -197,9 +200,9 @@ class ExpertSlots(nn.Module):
 
         Raises:
             TypeError / ValueError: a bad placement (wrong group size or expert count, a
-                logical expert without a slot, ids out of range), state the layer cannot move,
-                or ranks that passed different placements (checked by one small all-reduce
-                before anything moves).
+                logical expert without a slot, ids out of range), a new S for FSDP2-sharded
+                experts, state the layer cannot move, or ranks that passed different placements
+                (checked by one small all-reduce before anything moves).
         """
         buffer = self._parts.buffer
         where, rank, R, E = "ExpertSlots.apply_placement", buffer.rank, buffer.group_size, self.num_experts
@@ -224,22 +227,28 @@ class ExpertSlots(nn.Module):
                              f"`phy2log` puts expert {int(new[bad])} in slot {bad}, on node "
                              f"{bad // (n // buffer.num_nodes)} (rank {rank})")
         params = self._params()
+        if n != self.num_slots and any(is_dtensor(p) for p in params):
+            raise ValueError(f"{where}: the expert weights are sharded by FSDP2 (moeflow.parallelize), whose storage "
+                             f"cannot be resized: a placement must keep num_slots={self.num_slots}, got {n} (rank "
+                             f"{rank}); choose num_slots when building the layers")
         states = slot_states(optimizer, dict(zip(("experts.w1", "experts.w2", "experts.w3"), params)), where, rank)
         self._check_same_everywhere(new, states)
         if torch.equal(new, self._phy2log_host):
             return 0  # nothing to move (a re-plan that kept every slot)
 
         migration = plan_migration(self._phy2log_host, new, R, rank)
-        fresh = self._exchange([*params, *(t for _, _, t in states)], migration, new.numel() // R)
+        # this rank's rows: whole slots, also under FSDP2 (split along dim 1)
+        fresh = self._exchange([local_tensor(t) for t in (*params, *(t for _, _, t in states))], migration,
+                               new.numel() // R)
         for p, t in zip(params, fresh[:3]):
-            if p.shape == t.shape:
-                p.copy_(t)
+            if local_tensor(p).shape == t.shape:
+                local_tensor(p).copy_(t)
             else:
                 p.data = t
             p.grad = None
         for (state, key, old), t in zip(states, fresh[3:]):
-            if old.shape == t.shape:
-                old.copy_(t)
+            if local_tensor(old).shape == t.shape:
+                local_tensor(old).copy_(t)
             else:
                 state[key] = t
         self.num_slots, self.num_local_experts = new.numel(), new.numel() // R
@@ -256,7 +265,7 @@ class ExpertSlots(nn.Module):
         buffer, S = self._parts.buffer, new.numel()
         i = torch.arange(1, S + 1, dtype=torch.int64)
         fingerprint = torch.tensor([S, int((new * i).sum()), int(((new + 1) ** 2 * (7 * i + 3)).sum()),
-                                    len(states), sum(t[0].numel() * t.element_size() for _, _, t in states)],
+                                    len(states), sum(local_tensor(t)[0].numel() * t.element_size() for _, _, t in states)],
                                    dtype=torch.int64)
         if buffer.group_size > 1:
             both = torch.cat([fingerprint, -fingerprint]).to(self.phy2log.device)
@@ -301,7 +310,7 @@ class ExpertSlots(nn.Module):
         """
         params = self._params()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self._sum_over_replicas(grads, first_only=False):
+        if self._sum_over_replicas([local_tensor(g) for g in grads], first_only=False):
             for p, g in zip(params, grads):
                 p.grad = g
 
@@ -314,7 +323,7 @@ class ExpertSlots(nn.Module):
         :meth:`apply_placement` already give replicas equal weights. Call on every rank of the
         group; one all-reduce.
         """
-        self._sum_over_replicas(list(self._params()), first_only=True)
+        self._sum_over_replicas([local_tensor(p) for p in self._params()], first_only=True)
 
     def _sum_over_replicas(self, tensors: list[torch.Tensor], first_only: bool) -> bool:
         """In place: each local replica's rows of ``tensors`` (``[L, ...]``) become the sum over
