@@ -92,3 +92,15 @@ def assert_close_normwise(got: dict, want: dict, rtol: float, what: str) -> None
         w = want[key]
         err = float((g - w).abs().max() / w.abs().max().clamp(min=1e-30))
         assert err <= rtol, f"{what}: {key} differs by {err:.2e} (relative to its largest entry)"
+
+
+@torch.no_grad()
+def eval_loss(model, step: int) -> float:
+    """The global mean loss on step ``step``'s batch, in eval mode (nothing counted or trained)."""
+    model.eval()
+    x, y = my_batch(step)
+    loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).reshape(1)
+    model.train()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(loss)
+    return loss.item() / dist.get_world_size()
