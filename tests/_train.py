@@ -22,17 +22,17 @@ CFG = DemoConfig(batch_size=1, seq_len=16, dim=32, num_layers=2, num_dense_layer
 GLOBAL_BATCH = 4
 
 
-def build(dp: int, ep: int, fsdp: bool = True, num_slots=None):
-    """The model on a (dp, ep) mesh (one process: no mesh) with FSDP2, and its AdamW."""
+def build(dp: int, ep: int, num_slots=None, before_fsdp=None):
+    """The model on a (dp, ep) mesh (one process: no mesh) with FSDP2, and its AdamW;
+    ``before_fsdp(model)`` may change the model first (e.g. wrap its blocks)."""
     torch.manual_seed(0)
     cfg = dataclasses.replace(CFG, num_slots=num_slots)
-    if dist.get_world_size() == 1:
-        model = TinyMoELM(cfg)
-    else:
-        mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
-        model = TinyMoELM(cfg, mesh)
-        if fsdp:
-            moeflow.parallelize(model, mesh)
+    mesh = None if dist.get_world_size() == 1 else init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
+    model = TinyMoELM(cfg, mesh)
+    if before_fsdp is not None:
+        before_fsdp(model)
+    if mesh is not None:
+        moeflow.parallelize(model, mesh)
     return model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
 
 

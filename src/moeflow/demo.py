@@ -133,7 +133,7 @@ class TinyMoELM(nn.Module):
         return self.norm(x) @ self.embed.weight.t()  # [B, S, V], tied head
 
     def moe_layers(self) -> list[MoELayer]:
-        return [b.moe for b in self.blocks if b.moe is not None]
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
 
 
 def load_corpus(max_bytes: int) -> bytes:

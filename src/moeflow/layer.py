@@ -213,6 +213,11 @@ class MoELayer(nn.Module):
         y_TD = self._routed(x.reshape(-1, D), self.slots.to_slots(topk_idx), topk_weights)
         return y_TD.view(shape)
 
+    # Left to eager mode under torch.compile: the rows each rank receives are known only on the
+    # host after the count exchange, so every step would bring new shapes (and a recompile),
+    # and the transfers run through Python objects (events, watched works). The router around
+    # it compiles.
+    @torch.compiler.disable
     def _routed(self, x_TD, topk_idx, topk_weights):
         """Dispatch, experts and combine on ``[T, D]`` rows routed to ``[T, K]`` physical slots."""
         T = x_TD.size(0)

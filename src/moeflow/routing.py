@@ -214,8 +214,9 @@ class Router(nn.Module):
 
         Returns:
             :class:`RouterOutput` over the flattened T tokens. In training mode the pairs are
-            added to the counts :meth:`update_bias` consumes; in eval mode losses are 0 and
-            nothing is counted or communicated.
+            added to the counts :meth:`update_bias` consumes (once: a forward recomputed by
+            activation checkpointing inside backward is not counted again); in eval mode losses
+            are 0 and nothing is counted or communicated.
         """
         D = x.size(-1)
         if D != self.hidden:
@@ -246,8 +247,12 @@ class Router(nn.Module):
         zero = logits_TE.new_zeros(())
         aux, seq_aux, glob, z = zero, zero, zero, zero
         if self.training:
-            with torch.no_grad():
-                self.num_tokens_per_expert_since_update += counts_E
+            # a forward inside backward is activation checkpointing's recomputation: its tokens
+            # were counted (and summed over the group) by the first forward already
+            recomputing = torch._C._current_graph_task_id() != -1
+            if not recomputing:
+                with torch.no_grad():
+                    self.num_tokens_per_expert_since_update += counts_E
             # P_e's per-token terms: scores normalised over the E experts (softmax already is)
             probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
             if self.aux_loss_coeff and T:
@@ -255,7 +260,7 @@ class Router(nn.Module):
             if self.seq_aux_loss_coeff and T:
                 seq_aux = self._seq_aux_loss(topk_idx, probs_TE, seq_len)
             if self.global_aux_loss_coeff:  # even with T = 0: every rank joins the all-reduce
-                glob = self._global_aux_loss(counts_E, probs_TE)
+                glob = self._global_aux_loss(counts_E, probs_TE, recomputing)
             if self.z_loss_coeff and T:
                 z = torch.logsumexp(logits_TE, -1).square().mean()
         loss = (self.aux_loss_coeff * aux + self.seq_aux_loss_coeff * seq_aux
@@ -282,14 +287,15 @@ class Router(nn.Module):
         f_BE = counts_BE * (E / (K * S))
         return (f_BE * probs_TE.view(B, S, E).mean(1)).sum(1).mean()
 
-    def _global_aux_loss(self, counts_E: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+    def _global_aux_loss(self, counts_E: torch.Tensor, probs_TE: torch.Tensor, recomputing: bool) -> torch.Tensor:
         T = probs_TE.size(0)
-        counts = torch.cat([counts_E, counts_E.new_tensor([T])])             # [E + 1] int64
-        if self._group_size() > 1:
-            # the global batch's expert frequencies need every rank's counts (not differentiable)
-            self._sum(counts)
-        with torch.no_grad():
-            self.global_counts_since_update += counts
+        if not recomputing:  # recomputed: the frequencies are the first forward's (every rank skips alike)
+            counts = torch.cat([counts_E, counts_E.new_tensor([T])])             # [E + 1] int64
+            if self._group_size() > 1:
+                # the global batch's expert frequencies need every rank's counts (not differentiable)
+                self._sum(counts)
+            with torch.no_grad():
+                self.global_counts_since_update += counts
         E, K = self.num_experts, self.num_topk
         total = self.global_counts_since_update
         f_E = total[:E] * (E / K) / total[E].clamp(min=1)
