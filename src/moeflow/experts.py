@@ -8,17 +8,18 @@ Shape letters:
 
 Data flow of :meth:`GroupedExperts.forward`: :func:`permute` sorts the P pairs by local expert
 and gathers their rows into one ``[P, D]`` block (each expert's rows contiguous), the grouped
-SwiGLU runs one GEMM per weight over those segments, and :func:`unpermute` scales each pair's
-output by its weight and sums the pairs of a row back into ``[M, D]``. This file is the only
-home of that permutation logic.
+SwiGLU runs one GEMM per weight over those segments (each row's hidden activations scaled by
+its pair's weight before the down projection), and :func:`unpermute` sums the pairs of a row
+back into ``[M, D]``. This file is the only home of that permutation logic.
 
 Grouped GEMM: ``torch._grouped_mm`` (one kernel for every expert) where it runs natively: CUDA,
-bf16, compute capability >= 9.0. Elsewhere a padded ``bmm`` (segments scattered into
-``[L, max rows, D]``), measured fastest forward + backward on a 2-core CPU (M=4096, K=8, D=512,
-F=256, L=16, fp32: 0.2-0.4x the time of one matmul per expert, ahead of PyTorch's own
-``_grouped_mm`` CPU path and every-expert-on-every-row) as long as padding at most doubles the
-rows; past that (very skewed routing), one matmul per expert segment. See
-``benchmarks/bench_experts.py`` for the table and how to rerun it.
+bf16, compute capability >= 9.0. Elsewhere one ``mm`` per expert segment, which
+``benchmarks/bench_experts.py`` measured at 0.9-1.1x the speed of one dense matmul chain of
+the same FLOPs (the ceiling) at the demo's and ``moeflow bench-layer``'s shapes on a 2-core
+CPU, fp32, one thread, ahead of the padded ``bmm`` (0.7-0.9x) and level with PyTorch's own
+``_grouped_mm`` CPU fallback; the padded ``bmm`` (segments scattered into ``[L, max rows,
+D]``) runs when segments are short (fewer than 64 rows per expert on average, where per-call
+overhead dominates), as long as padding at most doubles the rows.
 
 Weight layout: w1, w3 ``[L, D, F]`` and w2 ``[L, F, D]``, i.e. ``x @ w`` without a transpose
 (``nn.Linear`` stores ``[out, in]``). That is the ``[groups, K, N]`` operand ``_grouped_mm``
@@ -28,7 +29,7 @@ Loading an ``nn.Linear``-style checkpoint (``[E, F, D]``) needs one ``.transpose
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -260,13 +261,19 @@ class GroupedExperts(nn.Module):
         """
         x_sorted, info = permute(x, topk_idx, self.num_local_experts, topk_weights=topk_weights,
                                  num_tokens_per_expert=num_tokens_per_expert)
-        return unpermute(self.forward_sorted(x_sorted, info.num_tokens_per_expert), info)
+        y_sorted = self.forward_sorted(x_sorted, info.num_tokens_per_expert, info.weights)
+        return unpermute(y_sorted, replace(info, weights=None))  # the weights are in y_sorted already
 
-    def forward_sorted(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int]) -> torch.Tensor:
+    def forward_sorted(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int],
+                       weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The experts on rows already sorted by expert: ``[P, D]`` -> ``[P, D]``.
 
-        ``num_tokens_per_expert``: ``L`` host ints summing to P, expert e's rows following
-        expert e-1's.
+        Args:
+            x_sorted: ``[P, D]``, expert e's rows following expert e-1's.
+            num_tokens_per_expert: ``L`` host ints summing to P.
+            weights: ``[P]`` float32 or None: each row's output is scaled by its weight. Applied
+                to the ``[P, F]`` hidden rows before the (linear) down projection: the same
+                result, and a pass over F rather than D columns.
         """
         if _native_grouped_mm(x_sorted):
             # ``offs`` = end row of each expert's segment; a host-to-device copy of L ints.
@@ -274,23 +281,35 @@ class GroupedExperts(nn.Module):
             # a cast copy of the weights only when they are kept in another dtype (e.g. fp32 masters)
             w1, w2, w3 = (w.to(x_sorted.dtype) for w in (self.w1, self.w2, self.w3))
             h = F.silu(torch._grouped_mm(x_sorted, w1, offs=offs)) * torch._grouped_mm(x_sorted, w3, offs=offs)
+            if weights is not None:
+                h = h * weights.to(h.dtype).unsqueeze(1)
             return torch._grouped_mm(h, w2, offs=offs)
         L, N, P = len(num_tokens_per_expert), max(num_tokens_per_expert, default=0), x_sorted.size(0)
-        if L * N <= _MAX_PADDING * P:
-            return self._padded_bmm(x_sorted, num_tokens_per_expert, N)
+        if P < _MIN_ROWS_PER_MM * L and L * N <= _MAX_PADDING * P:
+            return self._padded_bmm(x_sorted, num_tokens_per_expert, N, weights)
+        return self._loop(x_sorted, num_tokens_per_expert, weights)
+
+    def _loop(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int],
+              weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """One matmul per expert segment and weight."""
         # Every expert runs, empty ones on [0, D] rows: the output always hangs off the weights
         # and x, so backward reaches this rank's communication even when no pair came here.
         # split / unbind: backward concatenates the pieces' gradients once, where x[a:b] and
         # w[e] would zero-fill a full-size gradient per expert.
+        counts = list(num_tokens_per_expert)
         w1s, w2s, w3s = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        outs = [(F.silu(seg @ w1s[e]) * (seg @ w3s[e])) @ w2s[e]
-                for e, seg in enumerate(x_sorted.split(list(num_tokens_per_expert)))]
+        ws = weights.to(x_sorted.dtype).unsqueeze(1).split(counts) if weights is not None else None
+        outs = []
+        for e, seg in enumerate(x_sorted.split(counts)):
+            h = F.silu(seg @ w1s[e]) * (seg @ w3s[e])
+            outs.append((h if ws is None else h * ws[e]) @ w2s[e])
         return torch.cat(outs)  # one copy of [P, D]; out= would not record autograd
 
-    def _padded_bmm(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int], N: int) -> torch.Tensor:
+    def _padded_bmm(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int], N: int,
+                    weights: Optional[torch.Tensor]) -> torch.Tensor:
         """Rows scattered into ``[L, N, D]`` (N = the largest segment), three ``bmm``, gathered
-        back: two extra copies of the rows and ``L * N / P`` times the FLOPs, still faster on
-        CPU than one ``mm`` per expert (benchmarks/bench_experts.py)."""
+        back: two extra copies of the rows and ``L * N / P`` times the FLOPs, faster on CPU
+        than one ``mm`` per expert only when segments are short (benchmarks/bench_experts.py)."""
         L, D = self.w1.size(0), x_sorted.size(1)
         counts = torch.tensor(list(num_tokens_per_expert), device=x_sorted.device)
         starts = counts.cumsum(0) - counts
@@ -298,11 +317,17 @@ class GroupedExperts(nn.Module):
         slot = expert * N + torch.arange(x_sorted.size(0), device=x_sorted.device) - starts[expert]  # [P]
         x_LND = x_sorted.new_zeros(L * N, D).index_copy(0, slot, x_sorted).view(L, N, D)
         h_LNF = F.silu(torch.bmm(x_LND, self.w1)) * torch.bmm(x_LND, self.w3)
+        if weights is not None:
+            h_LNF = h_LNF * x_sorted.new_zeros(L * N).index_copy(0, slot, weights.to(x_sorted.dtype)).view(L, N, 1)
         return torch.bmm(h_LNF, self.w2).view(L * N, D).index_select(0, slot)
 
 
-# The padded bmm may multiply up to this many times the real rows before the per-expert loop
-# takes over: at 1.8x padding (skewed routing) it still measured ~3x faster forward + backward.
+# The padded bmm runs when experts average fewer rows than this (per-call overhead dominates
+# a matmul that small) and padding at most doubles the rows; otherwise one matmul per expert,
+# which measured at 0.8-0.9x the speed of one dense matmul chain of the same FLOPs on this CPU
+# at the demo's and the layer benchmark's shapes, where the padded bmm measured 0.6-0.8x
+# (benchmarks/bench_experts.py).
+_MIN_ROWS_PER_MM = 64
 _MAX_PADDING = 2.0
 
 
