@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .balance.replicas import default_phy2log
+from .chunking import ChunkTuner
 from .comm.buffer import Buffer, DispatchHandle, EventOverlap
 from .experts import GroupedExperts, SwiGLU
 from .layout import rank_in_expert
@@ -125,8 +126,8 @@ class MoELayer(nn.Module):
             the router's load is summed over every rank that routes tokens (data parallel x
             expert parallel), so ``expert_bias`` stays the same on all of them.
         num_chunks: C, token chunks pipelined through dispatch / experts / combine; ``"auto"``
-            picks ``max(1, min(4, T // 1024))`` per call (chunks under ~1k tokens pay more in
-            per-message latency than they hide).
+            times 1, 2 and 4 chunks on the first forwards of each token count and keeps the
+            fastest (see :mod:`moeflow.chunking`).
         capacity_factor: None (default) is dropless. A number drops, on each source rank, the
             token-expert pairs past ``ceil(capacity_factor * T * K / E)`` per expert, in token
             order.
@@ -180,6 +181,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer: `capacity_factor` must be positive or None, got {capacity_factor!r}")
         self.hidden, self.num_experts, self.num_topk = hidden, num_experts, num_topk
         self.num_chunks, self.capacity_factor, self.wire_dtype = num_chunks, capacity_factor, wire_dtype
+        self._chunk_tuner: Optional[ChunkTuner] = None  # made at the first "auto" forward
         if self.mesh is None or self.mesh.dp is None:
             routing_group = self.buffer.group
         self.router = Router(hidden, num_experts, num_topk, group=routing_group,
@@ -221,7 +223,7 @@ class MoELayer(nn.Module):
     def _routed(self, x_TD, topk_idx, topk_weights):
         """Dispatch, experts and combine on ``[T, D]`` rows routed to ``[T, K]`` physical slots."""
         T = x_TD.size(0)
-        C = self._num_chunks(T, x_TD.device)
+        C, T_agreed, t0 = self._num_chunks(T, x_TD.device)
         bounds = [T * c // C for c in range(C + 1)]  # a chunk may be empty: it still takes part
         wire = self.wire_dtype or x_TD.dtype
         def launch(c):
@@ -253,19 +255,25 @@ class MoELayer(nn.Module):
         y = torch.cat(outs).to(x_TD.dtype) if C > 1 else outs[0].to(x_TD.dtype)
         if shared_out is not None:
             y = y + shared_out
+        if t0 is not None:
+            self._chunk_tuner.stop(T_agreed, C, t0, x_TD.device)
         return y
 
-    def _num_chunks(self, T: int, device: torch.device) -> int:
-        """Every rank must run the same number of chunks, or their collectives would pair up
-        wrongly: a fixed count is used as is, "auto" agrees on the largest T first."""
+    def _num_chunks(self, T: int, device: torch.device) -> tuple[int, int, Optional[float]]:
+        """``(C, T agreed by the ranks, start time if this forward is a timed trial)``. Every
+        rank must run the same number of chunks, or their collectives would pair up wrongly: a
+        fixed count is used as is, "auto" agrees on the largest T first (see ChunkTuner)."""
         if self.num_chunks != "auto":
-            return self.num_chunks
+            return self.num_chunks, T, None
         if self.buffer.group_size > 1:
             t = torch.tensor([T], device=device)
             # one tiny collective per forward so that ranks with different T pick the same C
             self.buffer.all_reduce(t, op=dist.ReduceOp.MAX)
             T = int(t)  # host sync: the chunk count shapes the loop
-        return max(1, min(4, T // 1024))
+        if self._chunk_tuner is None:
+            self._chunk_tuner = ChunkTuner(self.buffer.all_reduce if self.buffer.group_size > 1 else None)
+        C, timed = self._chunk_tuner.next(T)
+        return C, T, self._chunk_tuner.start(device) if timed else None
 
     def _drop_over_capacity(self, topk_idx, topk_weights):
         """Keep at most ``ceil(cf * T * K / E)`` pairs per expert on this rank, earliest tokens first."""
