@@ -36,7 +36,7 @@ def main():
         expected = reference(input_ids).logits
         logits = model(input_ids).logits
     layers = [m for m in model.modules() if isinstance(m, moeflow.MoELayer)]
-    L = layers[0].slots.num_local_experts
+    L = layers[0].num_local_experts
     diff = (logits - expected).abs().max().item()
     return (f"rank {rank}: {len(layers)} MoE layers, experts {rank * L}-{(rank + 1) * L - 1} of "
             f"{config.num_experts} here; max |logit difference| vs the unmodified model {diff:.2e}")

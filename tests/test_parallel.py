@@ -112,3 +112,46 @@ def test_migration_with_fsdp_sharded_experts_keeps_training_exact():
         # the tiny gradients of the tied embedding's rare rows up to ~lr (measured 2e-5); a slot
         # that moved without its weights or Adam state would be off by far more
         assert_close_normwise(o["params"], ref["params"], 1e-4, f"rank {rank}")
+
+
+def _hf_run():
+    """A transformers Qwen3-MoE on a 2 x 2 mesh (expert_parallelize, then parallelize) against the
+    unmodified model trained in this process on the global batch: the same losses."""
+    import copy
+
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from moeflow import parallelize
+    from moeflow.integrations.hf import expert_parallelize
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                            num_experts_per_tok=2, norm_topk_prob=True)
+    torch.manual_seed(0)
+    ref = Qwen3MoeForCausalLM(config)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    model = parallelize(expert_parallelize(copy.deepcopy(ref), group=mesh), mesh)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, model)]
+    losses = []
+    for step in range(3):
+        batch = torch.randint(0, 64, (W, 8), generator=torch.Generator().manual_seed(step))
+        for m, opt, b in ((ref, opts[0], batch), (model, opts[1], batch[rank:rank + 1])):
+            loss = m(b, labels=b).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total = loss.detach().reshape(1)
+            if m is model:
+                dist.all_reduce(total)
+                total /= W
+            losses.append(total.item())
+    return losses[0::2], losses[1::2]
+
+
+def test_hf_model_after_expert_parallelize_trains_under_fsdp():
+    pytest.importorskip("transformers")
+    for ref, got in spawn(_hf_run, 4, timeout_s=240):
+        assert ref[-1] < ref[0]
+        for a, b in zip(got, ref):
+            assert abs(a - b) <= 1e-5 * abs(b), (got, ref)

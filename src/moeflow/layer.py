@@ -199,6 +199,11 @@ class MoELayer(nn.Module):
         self.slots = ExpertSlots(phy2log, self.experts, self.router, self.buffer)
         self.last_router_output = None
 
+    @property
+    def num_local_experts(self) -> int:
+        """L, the expert slots on this rank (``slots.num_local_experts``)."""
+        return self.slots.num_local_experts
+
     # ----------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., D]`` (``[B, S, D]`` keeps the sequence structure for the sequence-wise
