@@ -43,6 +43,7 @@ class ChunkTuner:
         self._all_reduce = all_reduce
         self.chosen: dict[int, int] = {}                 # T bucket -> chunk count
         self._times: dict[int, list[list[float]]] = {}   # T bucket -> seconds per candidate
+        self._device = torch.device("cpu")
 
     @staticmethod
     def candidates(T: int) -> list[int]:
@@ -62,6 +63,7 @@ class ChunkTuner:
         return cands[done % len(cands)], True
 
     def start(self, device: torch.device) -> float:
+        self._device = device  # where the agreement's all-reduce runs (NCCL: the GPU)
         _sync(device)
         return time.perf_counter()
 
@@ -79,11 +81,11 @@ class ChunkTuner:
         times[cands.index(chunks)].append(seconds)
         if min(len(t) for t in times) < TRIALS:
             return
-        medians = torch.tensor([statistics.median(t) for t in times], dtype=torch.float64)
+        medians = torch.tensor([statistics.median(t) for t in times], dtype=torch.float64, device=self._device)
         if self._all_reduce is not None:
             # the slowest rank decides, and every rank gets the same numbers: the same choice
             self._all_reduce(medians, op=dist.ReduceOp.MAX)
-        self.chosen[bucket] = cands[int(torch.argmin(medians))]  # argmin: the first (fewest chunks) on a tie
+        self.chosen[bucket] = cands[int(torch.argmin(medians))]  # host sync, once; argmin: fewest chunks on a tie
         del self._times[bucket]
 
 

@@ -205,7 +205,7 @@ class GroupedExperts(nn.Module):
         for row, e in enumerate(ids):
             g = torch.Generator().manual_seed((seed + 0x9E3779B97F4A7C15 * (e + 1)) % 2**63)
             for w in (self.w1, self.w2, self.w3):
-                w[row].copy_(torch.empty(w.shape[1:]).normal_(0.0, _INIT_STD, generator=g))
+                w[row].copy_(torch.empty(w.shape[1:], device="cpu").normal_(0.0, _INIT_STD, generator=g))
 
     @classmethod
     def from_full(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, rank: int = 0,

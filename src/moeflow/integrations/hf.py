@@ -229,8 +229,9 @@ def expert_parallelize(model: nn.Module, group: GroupLike = None, **layer_kwargs
 
     Gradients: a rank's expert weights receive the gradient of every rank's tokens routed to
     them (the sum over the group), so they need no data-parallel reduction over ``group``; the
-    other parameters get this rank's batch only, as in plain data parallelism (docs/hf.md has
-    the recipe that reproduces global-batch gradients, and why plain DDP must skip the experts).
+    other parameters get this rank's batch only, as in plain data parallelism. With a mesh,
+    :func:`moeflow.parallelize` applies FSDP2 to both; docs/hf.md has the recipe by hand, and
+    why plain DDP must skip the experts.
 
     Args:
         model: a transformers model (e.g. ``DeepseekV3ForCausalLM``, ``Qwen3MoeForCausalLM``,
