@@ -28,7 +28,7 @@ def test_auto_times_each_candidate_then_keeps_the_fastest():
     assert ChunkTuner(None).next(100) == (1, False)                                    # nothing to try
 
 
-def test_ranks_agree_on_the_slowest_ranks_medians():
+def test_ranks_agree_on_the_slowest_ranks_times():
     seen = []
 
     def all_reduce(t, op):

@@ -4,8 +4,9 @@ Which chunk count is fastest depends on the machine more than on any rule: more 
 more communication behind the experts but pay per-message latency and smaller GEMMs, and on a
 CPU smaller chunks can even compute faster (they stay in cache) or slower (more, smaller
 matmuls). So the layer measures: for each token count T (rounded up to a power of two) it runs
-``TRIALS`` forwards at each candidate count in turn, takes the median time of each, agrees on
-the slowest rank's medians with one all-reduce, and keeps the fastest count (the fewest chunks
+``TRIALS`` forwards at each candidate count in turn, takes the shortest time of each (other
+work on the machine only ever adds time, so the minimum is the steadiest estimate), agrees on
+the slowest rank's figures with one all-reduce, and keeps the fastest count (the fewest chunks
 on a tie) for that T from then on. Every rank sees the same T (the layer agrees on the largest
 first) and runs the same trials in the same order, so all pick the same count.
 
@@ -17,7 +18,6 @@ the device (one synchronize per trial forward, none after).
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable, Optional
 
@@ -28,7 +28,7 @@ __all__ = ["ChunkTuner"]
 
 CANDIDATES = (1, 2, 4)
 MIN_TOKENS = 256   # a chunk of fewer tokens pays more in per-message latency than it can hide
-TRIALS = 3         # forwards timed per candidate (median): one slow outlier does not decide
+TRIALS = 3         # forwards timed per candidate (the shortest counts): one slow outlier does not decide
 
 
 class ChunkTuner:
@@ -74,18 +74,18 @@ class ChunkTuner:
 
     def record(self, T: int, chunks: int, seconds: float) -> None:
         """One trial's time; after the last trial, agree on the fastest count (one all-reduce
-        of the candidates' medians)."""
+        of the candidates' shortest times)."""
         bucket = 1 << max(T - 1, 0).bit_length()
         cands = self.candidates(bucket)
         times = self._times[bucket]
         times[cands.index(chunks)].append(seconds)
         if min(len(t) for t in times) < TRIALS:
             return
-        medians = torch.tensor([statistics.median(t) for t in times], dtype=torch.float64, device=self._device)
+        best = torch.tensor([min(t) for t in times], dtype=torch.float64, device=self._device)
         if self._all_reduce is not None:
             # the slowest rank decides, and every rank gets the same numbers: the same choice
-            self._all_reduce(medians, op=dist.ReduceOp.MAX)
-        self.chosen[bucket] = cands[int(torch.argmin(medians))]  # host sync, once; argmin: fewest chunks on a tie
+            self._all_reduce(best, op=dist.ReduceOp.MAX)
+        self.chosen[bucket] = cands[int(torch.argmin(best))]  # host sync, once; argmin: fewest chunks on a tie
         del self._times[bucket]
 
 

@@ -379,6 +379,9 @@ def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
     best = min(overlap, key=lambda o: o["layer_ms"]) if overlap else None
     ratios["auto_vs_best_chunks"] = (best["layer_ms"] / 1e3) / t["moeflow_auto"] if best else None
     if best:
+        best_col = "moeflow" if best["chunks"] == 1 else f"moeflow_C{best['chunks']}"
+        ratios["cpu_auto_vs_best_chunks"] = cpu[best_col] / cpu["moeflow_auto"]
+    if best:
         ratios["best_chunks_vs_no_dedup"] = t["no_dedup"] / (best["layer_ms"] / 1e3)
         if "deepspeed" in t:
             ratios["best_chunks_vs_deepspeed"] = t["deepspeed"] / (best["layer_ms"] / 1e3)
@@ -433,7 +436,9 @@ def _print(s: dict) -> None:
     if r.get("auto_vs_best_chunks") is not None:
         print(f"  num_chunks='auto' chose C={s['auto_chunks']}; its tokens/s / the fastest fixed C={s['best_chunks']}'s: "
               f"{r['auto_vs_best_chunks']:.2f}   {_mark(r['auto_vs_best_chunks'], TARGET_AUTO, True)}   "
-              f"(CPU time: fixed C=1 {cols['moeflow']['cpu_ms']:.0f} ms, auto {cols['moeflow_auto']['cpu_ms']:.0f} ms)")
+              f"(CPU time per rank: {r['cpu_auto_vs_best_chunks']:.2f}; C=" + ", C=".join(
+                  f"{c} {cols['moeflow' if c == 1 else f'moeflow_C{c}']['cpu_ms']:.0f} ms" for c in
+                  [o["chunks"] for o in s["overlap"]]) + f", auto {cols['moeflow_auto']['cpu_ms']:.0f} ms)")
     if s["overlap"]:
         best = next(o for o in s["overlap"] if o["chunks"] == s["best_chunks"])
         print(f"  overlap at the fastest chunk count (C={best['chunks']}): {best['ratio']:.2f}   "
