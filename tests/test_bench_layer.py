@@ -26,7 +26,8 @@ def test_bench_layer_report(tmp_path, capsys):
     (row,) = json.loads(out.read_text())
     assert (row["ranks"], row["tokens_per_rank"], row["hidden"], row["experts"], row["topk"]) == (2, 48, 32, 8, 3)
     cols = row["columns"]
-    expected = {"moeflow", "moeflow_bf16", "no_dedup", "moeflow_C2", "moeflow_auto"} | ({"deepspeed"} if HAS_DEEPSPEED else set())
+    expected = ({"moeflow", "moeflow_bf16", "no_dedup", "moeflow_C2", "moeflow_auto"}
+                | ({"deepspeed"} if HAS_DEEPSPEED else set()))
     assert set(cols) == expected
     for name, c in cols.items():
         assert c["ms"] > 0, name

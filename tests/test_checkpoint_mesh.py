@@ -25,7 +25,8 @@ def _load_run(path, dp, ep):
     model, opt = build(dp, ep)
     fresh = eval_loss(model, SAVE_AT)
     checkpoint.load(model, path, optimizer=opt)
-    return dict(fresh_eval=fresh, loaded_eval=eval_loss(model, SAVE_AT), losses=train(model, opt, range(SAVE_AT, STEPS)))
+    loaded = eval_loss(model, SAVE_AT)
+    return dict(fresh_eval=fresh, loaded_eval=loaded, losses=train(model, opt, range(SAVE_AT, STEPS)))
 
 
 @pytest.fixture(scope="module")

@@ -37,5 +37,5 @@ def test_demo_rejects_bad_flags(capsys):
         main(["demo", "--ranks", "3", "--steps", "1"])
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         main(["demo", "--ranks", "2", "--steps", "0"])
-    with pytest.raises(SystemExit, match="--replicas 17 must be >= --experts 16 and divide by the 2 expert-parallel ranks"):
+    with pytest.raises(SystemExit, match="--replicas 17 must be >= --experts 16 and divide by the 2 expert-parallel"):
         main(["demo", "--ranks", "2", "--steps", "1", "--replicas", "17"])

@@ -349,7 +349,8 @@ def _rank_errors():
 def test_bad_placement_inputs_raise_naming_the_argument():
     outs = spawn(_rank_errors, 2, timeout_s=60, collective_timeout_s=30)
     expected = {
-        "not_divisible": r"ValueError: MoELayer: `num_slots` must be .* divisible by the group size 2 \(rank \d\), got 9",
+        "not_divisible": r"ValueError: MoELayer: `num_slots` must be .* divisible by the group size 2 \(rank \d\), "
+                         r"got 9",
         "too_few": r"`num_slots` must be an int >= num_experts=8 .* got 6",
         "decay": r"`load_ema_decay` must lie in \[0, 1\), got 1.0",
         "no_stats": r"ValueError: ExpertSlots.plan_placement: no load statistics yet",

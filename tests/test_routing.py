@@ -292,7 +292,8 @@ def test_node_limited_routing_matches_reference(cfg):
     x = _x(64)
     idx = r(x).topk_idx
     ref = _reference_node_route(x, r.gate.weight.detach(), r.expert_bias, score_func=cfg["score_func"],
-                                num_topk=cfg["num_topk"], num_nodes=cfg["num_nodes"], max_nodes=cfg["max_nodes_per_token"],
+                                num_topk=cfg["num_topk"], num_nodes=cfg["num_nodes"],
+                                max_nodes=cfg["max_nodes_per_token"],
                                 num_groups=cfg.get("num_groups", 1), num_topk_groups=cfg.get("num_topk_groups", 1))
     assert torch.equal(idx, ref)
     per_node = cfg["num_experts"] // cfg["num_nodes"]
@@ -326,7 +327,8 @@ def test_layer_limits_tokens_to_its_buffers_nodes():
 @pytest.mark.parametrize("kw,match", [
     (dict(num_nodes=3), r"`num_nodes` must be a positive int dividing num_experts=8, got 3"),
     (dict(num_nodes=4, max_nodes_per_token=5), r"`max_nodes_per_token` must lie in \[1, num_nodes=4\], got 5"),
-    (dict(num_nodes=4, max_nodes_per_token=1, num_topk=3), r"`num_topk`=3 exceeds the 2 experts of max_nodes_per_token=1"),
+    (dict(num_nodes=4, max_nodes_per_token=1, num_topk=3),
+     r"`num_topk`=3 exceeds the 2 experts of max_nodes_per_token=1"),
     (dict(num_nodes=4, max_nodes_per_token=2, num_groups=2, num_topk_groups=1),
      r"combines with max_nodes_per_token=2 only when num_nodes=4 divides num_groups"),
 ])

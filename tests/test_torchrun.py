@@ -5,7 +5,6 @@ run inside a job."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -2,7 +2,8 @@
 loadable on another number of ranks, another mesh and another placement.
 
 Routed experts are saved as *logical* experts, one key per expert and weight
-(``model.<layer>.experts.w1.<e>``, see :func:`expert_key`: ``[D, F]``; ``w2``: ``[F, D]``; ``w3``: ``[D, F]``), written by the
+(``model.<layer>.experts.w1.<e>``, see :func:`expert_key`: ``[D, F]``; ``w2``: ``[F, D]``;
+``w3``: ``[D, F]``), written by the
 ranks that hold the expert's first replica (its lowest slot); the optimizer's per-slot state
 (Adam's ``exp_avg``, ...) the same way, under the parameter's key. When FSDP2 shards the experts
 (:func:`moeflow.parallelize`: dim 1, over the data-parallel ranks of the shard), each such rank

@@ -182,7 +182,6 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
     """Run on every rank (inside an initialised process group); returns the report on every rank."""
     rank, W = dist.get_rank(), dist.get_world_size()
     model, device = build(cfg)
-    R = model.moe_layers()[0].buffer.group_size  # expert-parallel ranks
     corpus = torch.frombuffer(bytearray(load_corpus(cfg.corpus_bytes)), dtype=torch.uint8).long()
     split = int(len(corpus) * 0.9)
     train_data, val_data = corpus[:split], corpus[split:]

@@ -128,10 +128,12 @@ class Router(nn.Module):
         if num_experts % num_groups:
             raise ValueError(f"Router: `num_groups` must divide num_experts={num_experts}, got {num_groups}")
         if not isinstance(num_topk_groups, int) or not 1 <= num_topk_groups <= num_groups:
-            raise ValueError(f"Router: `num_topk_groups` must lie in [1, num_groups={num_groups}], got {num_topk_groups!r}")
+            raise ValueError(f"Router: `num_topk_groups` must lie in [1, num_groups={num_groups}], "
+                             f"got {num_topk_groups!r}")
         if num_topk_groups * (num_experts // num_groups) < num_topk:
-            raise ValueError(f"Router: `num_topk`={num_topk} exceeds the {num_topk_groups * (num_experts // num_groups)} "
-                             f"experts of num_topk_groups={num_topk_groups} groups of {num_experts // num_groups}")
+            raise ValueError(f"Router: `num_topk`={num_topk} exceeds the "
+                             f"{num_topk_groups * (num_experts // num_groups)} experts of "
+                             f"num_topk_groups={num_topk_groups} groups of {num_experts // num_groups}")
         self._check_node_limit(num_experts, num_topk, num_groups, num_topk_groups, num_nodes, max_nodes_per_token)
         if not route_scale > 0:
             raise ValueError(f"Router: `route_scale` must be > 0, got {route_scale!r}")
@@ -189,9 +191,9 @@ class Router(nn.Module):
         if M < num_nodes and num_topk_groups < G and (G % num_nodes or num_topk_groups > M * (G // num_nodes)):
             # Otherwise a kept group could straddle a dropped node, or more groups be wanted than
             # the kept nodes hold.
-            raise ValueError(f"Router: group-limited routing (num_groups={G}, num_topk_groups={num_topk_groups}) combines "
-                             f"with max_nodes_per_token={M} only when num_nodes={num_nodes} divides num_groups and "
-                             f"num_topk_groups <= max_nodes_per_token * num_groups / num_nodes")
+            raise ValueError(f"Router: group-limited routing (num_groups={G}, num_topk_groups={num_topk_groups}) "
+                             f"combines with max_nodes_per_token={M} only when num_nodes={num_nodes} divides "
+                             f"num_groups and num_topk_groups <= max_nodes_per_token * num_groups / num_nodes")
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype) / .half() cast floating buffers too; the bias and the load average

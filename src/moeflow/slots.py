@@ -171,8 +171,8 @@ class ExpertSlots(nn.Module):
 
     # ----------------------------------------------------------------------------- migration
     @torch.no_grad()
-    def apply_placement(self, placement: Union[Placement, torch.Tensor], optimizer: Optional[torch.optim.Optimizer] = None,
-                        layer_index: int = 0) -> int:
+    def apply_placement(self, placement: Union[Placement, torch.Tensor],
+                        optimizer: Optional[torch.optim.Optimizer] = None, layer_index: int = 0) -> int:
         """Move expert weights (and optimizer state) so that slot s holds logical expert ``phy2log[s]``.
 
         Call on every rank of the group with the same placement, after ``optimizer.step()``
@@ -265,7 +265,8 @@ class ExpertSlots(nn.Module):
         buffer, S = self._parts.buffer, new.numel()
         i = torch.arange(1, S + 1, dtype=torch.int64)
         fingerprint = torch.tensor([S, int((new * i).sum()), int(((new + 1) ** 2 * (7 * i + 3)).sum()),
-                                    len(states), sum(local_tensor(t)[0].numel() * t.element_size() for _, _, t in states)],
+                                    len(states),
+                                    sum(local_tensor(t)[0].numel() * t.element_size() for _, _, t in states)],
                                    dtype=torch.int64)
         if buffer.group_size > 1:
             both = torch.cat([fingerprint, -fingerprint]).to(self.phy2log.device)

@@ -434,7 +434,8 @@ def _print(s: dict) -> None:
         print(f"  overlap C={o['chunks']}: layer {o['layer_ms']:8.1f} ms, comm {o['comm_ms']:7.1f} ms, "
               f"compute {o['compute_ms']:8.1f} ms -> layer / max = {o['ratio']:.2f}")
     if r.get("auto_vs_best_chunks") is not None:
-        print(f"  num_chunks='auto' chose C={s['auto_chunks']}; its tokens/s / the fastest fixed C={s['best_chunks']}'s: "
+        print(f"  num_chunks='auto' chose C={s['auto_chunks']}; its tokens/s / the fastest fixed "
+              f"C={s['best_chunks']}'s: "
               f"{r['auto_vs_best_chunks']:.2f}   {_mark(r['auto_vs_best_chunks'], TARGET_AUTO, True)}   "
               f"(CPU time per rank: {r['cpu_auto_vs_best_chunks']:.2f}; C=" + ", C=".join(
                   f"{c} {cols['moeflow' if c == 1 else f'moeflow_C{c}']['cpu_ms']:.0f} ms" for c in

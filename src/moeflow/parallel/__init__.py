@@ -8,4 +8,5 @@ rest builds on the layers.
 from .launch import init_from_env, run, under_launcher
 from .mesh import GroupLike, MoEMesh, is_dtensor, local_tensor, resolve_groups
 
-__all__ = ["GroupLike", "MoEMesh", "is_dtensor", "local_tensor", "resolve_groups", "init_from_env", "run", "under_launcher"]
+__all__ = ["GroupLike", "MoEMesh", "is_dtensor", "local_tensor", "resolve_groups", "init_from_env", "run",
+           "under_launcher"]
