@@ -160,6 +160,13 @@ def _is_expert_param(name: str) -> bool:
     return ".moe.experts." in name
 
 
+# A 2M-parameter model: one FSDP2 unit for every non-expert weight, kept gathered from forward
+# to backward, is one all-gather and one reduce-scatter per step (an all-reduce's collectives);
+# per-block units resharded after forward (parallelize's defaults, for models that need the
+# memory) cost 1.3-1.5x the step here (benchmarks/bench_fsdp.py).
+DEMO_FSDP = dict(blocks=[], reshard_after_forward=False)
+
+
 def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
     """The model on this job's ``(dp, ep)`` mesh with FSDP2 applied, and its device (CUDA
     device ``LOCAL_RANK`` under NCCL, else the CPU). Every rank of the job calls it."""
@@ -175,7 +182,7 @@ def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
     torch.manual_seed(cfg.seed)  # the same global weights for any number of ranks (see MoELayer)
     with device:
         model = TinyMoELM(cfg, mesh)
-    return parallelize(model, mesh), device
+    return parallelize(model, mesh, **DEMO_FSDP), device
 
 
 def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
@@ -193,8 +200,10 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
     rest = [p for n, p in model.named_parameters() if not n.endswith("router.gate.weight")]
     # The gates learn 10x slower: with Adam at the full rate their logits outrun the expert
     # bias (a fixed step per update) and the routing collapses onto a few experts early on.
+    # fused: one kernel per parameter group; the per-tensor loop's every op goes through
+    # DTensor's Python dispatch under FSDP2 and took 6x as long (benchmarks/bench_fsdp.py)
     opt = torch.optim.AdamW([dict(params=rest, lr_scale=1.0), dict(params=gates, lr_scale=cfg.gate_lr_scale)],
-                            lr=cfg.lr, weight_decay=0.0)
+                            lr=cfg.lr, weight_decay=0.0, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank its own batches
 
     def batch(data, g):
