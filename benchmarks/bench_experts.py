@@ -1,181 +1,140 @@
-"""Grouped SwiGLU matmul without ``torch._grouped_mm``'s CUDA kernel: which fallback is fastest here?
+"""GroupedExperts forward + backward against the ceiling of this CPU: one dense matmul chain of
+the same FLOPs, timed in the same run.
 
-Rows are already sorted by local expert (what :func:`moeflow.experts.permute` hands over); each
-candidate computes ``(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`` for every expert's contiguous
-segment. Timed forward, and forward + backward (gradients of x and the three weights), on the
-same inputs in the same run; the ratio column is against the per-segment loop (the baseline).
-One more line times permute + unpermute alone, the part every candidate shares.
+For each shape, one rank's share of a routed batch is built the way the MoE layer sees it: R * T
+tokens routed top-K over E experts, this rank's L = E / R experts, the M rows that reach it and
+their P token-expert pairs. Timed forward + backward (gradients of the rows, the pair weights and
+the three weight banks), one thread, interleaved rounds, medians:
 
-Candidates:
-    loop        one matmul per expert over its segment (3 GEMMs per expert)
-    loop_split  the same over ``x.split(counts)`` / ``w.unbind(0)`` views (moeflow.experts)
-    loop_w13    the loop with w1|w3 concatenated into one [L, D, 2F] weight (2 GEMMs per expert;
-                the concatenation is done once, outside the timing, as a fused storage would)
-    grouped_mm  torch._grouped_mm on this device and dtype (on CPU: PyTorch's own fallback)
-    padded_bmm  scatter into [L, max rows, D], three bmm, gather back (multiplies the padding)
-    dense       every expert on every row, then keep the selected pairs (E/K times the FLOPs)
+    dense        the ceiling: one SwiGLU (x @ w1, x @ w3, silu * up, @ w2) over P rows with one
+                 expert's weights: the experts' FLOPs with no permutation and one big GEMM each
+    module       GroupedExperts.forward as the layer calls it (permute, experts, unpermute)
+    loop         forward_sorted's per-expert path on the sorted rows (no permutation)
+    padded_bmm   forward_sorted's padded path (rows scattered into [L, max rows, D], 3 bmm)
+    grouped_mm   torch._grouped_mm on CPU (PyTorch's own fallback), for reference
 
-Shape letters: M rows, K top-k, D hidden, F expert intermediate size, L local experts, P pairs.
+Ratios are ceiling / candidate in CPU seconds of this process (steadier than wall time on a
+shared machine; both are printed), so 1.0 means as fast as one dense GEMM chain.
 
-Run: python benchmarks/bench_experts.py [--tokens 4096 --topk 8 --hidden 512 --ffn 256
-     --experts 16 --skew 0.0 --reps 5]
+Shape letters: T tokens per rank, D hidden, F expert intermediate size, E experts, K top-k,
+R ranks, L local experts, M rows received, P pairs.
+
+Run: python benchmarks/bench_experts.py [--shapes demo layer-top2-r2 ...] [--reps 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from moeflow.experts import permute, unpermute
+from moeflow.experts import GroupedExperts, permute
+
+# name -> (T, D, F, E, K, R): moeflow demo's MoE layers (8 x 128 tokens per rank, 4 ranks) and
+# moeflow bench-layer's defaults at top-2 and top-6 on 2 and 4 ranks
+SHAPES = {
+    "demo": (1024, 128, 128, 16, 2, 4),
+    "layer-top2-r2": (4096, 512, 256, 32, 2, 2),
+    "layer-top2-r4": (4096, 512, 256, 32, 2, 4),
+    "layer-top6-r2": (4096, 512, 256, 32, 6, 2),
+    "layer-top6-r4": (4096, 512, 256, 32, 6, 4),
+}
 
 
-def loop(x_PD, w1, w2, w3, w13, counts):
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            seg = x_PD[start:start + n]
-            outs.append((F.silu(seg @ w1[e]) * (seg @ w3[e])) @ w2[e])
-        start += n
-    return torch.cat(outs)
+def rank_share(T: int, D: int, Fh: int, E: int, K: int, R: int, seed: int = 0):
+    """Rank 0's rows ``[M, D]``, local ids ``[M, K]`` (-1 elsewhere) and weights ``[M, K]``."""
+    g = torch.Generator().manual_seed(seed)
+    L = E // R
+    topk_idx = torch.randn(R * T, E, generator=g).topk(K, dim=-1).indices
+    here = (topk_idx < L).any(1)
+    local_idx = torch.where(topk_idx[here] < L, topk_idx[here], -1)
+    M = int(here.sum())
+    return torch.randn(M, D, generator=g), local_idx, torch.rand(M, K, generator=g), L
 
 
-def loop_split(x_PD, w1, w2, w3, w13, counts):
-    # x.split / w.unbind views: backward concatenates / stacks the pieces' gradients once,
-    # where slicing x[a:b] and indexing w[e] make autograd zero-fill a full-size gradient for
-    # every expert (16 x [P, D] here)
-    w1s, w2s, w3s = w1.unbind(0), w2.unbind(0), w3.unbind(0)
-    outs = [(F.silu(seg @ w1s[e]) * (seg @ w3s[e])) @ w2s[e]
-            for e, seg in enumerate(x_PD.split(counts)) if counts[e]]
-    return torch.cat(outs)
-
-
-def loop_w13(x_PD, w1, w2, w3, w13, counts):
-    Fh = w1.size(-1)
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            h = x_PD[start:start + n] @ w13[e]
-            outs.append((F.silu(h[:, :Fh]) * h[:, Fh:]) @ w2[e])
-        start += n
-    return torch.cat(outs)
-
-
-def grouped_mm(x_PD, w1, w2, w3, w13, counts):
-    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-    h = F.silu(torch._grouped_mm(x_PD, w1, offs=offs)) * torch._grouped_mm(x_PD, w3, offs=offs)
-    return torch._grouped_mm(h, w2, offs=offs)
-
-
-def padded_bmm(x_PD, w1, w2, w3, w13, counts):
-    L, N = len(counts), max(counts)
-    counts_t = torch.tensor(counts)
-    starts = torch.cumsum(counts_t, 0) - counts_t
-    expert = torch.repeat_interleave(torch.arange(L), counts_t)               # [P]
-    slot = expert * N + torch.arange(x_PD.size(0)) - starts[expert]           # [P] into [L * N]
-    x_LND = x_PD.new_zeros(L * N, x_PD.size(1)).index_copy(0, slot, x_PD).view(L, N, -1)
-    y_LND = torch.bmm(F.silu(torch.bmm(x_LND, w1)) * torch.bmm(x_LND, w3), w2)
-    return y_LND.reshape(L * N, -1).index_select(0, slot)
-
-
-def dense(x_PD, w1, w2, w3, w13, counts):
-    # every expert on every sorted row, then each row keeps its own expert's output
-    L = len(counts)
-    expert = torch.repeat_interleave(torch.arange(L), torch.tensor(counts))
-    h = F.silu(torch.einsum("pd,ldf->lpf", x_PD, w1)) * torch.einsum("pd,ldf->lpf", x_PD, w3)
-    y_LPD = torch.bmm(h, w2)
-    return y_LPD[expert, torch.arange(x_PD.size(0))]
-
-
-CANDIDATES = dict(loop=loop, loop_split=loop_split, loop_w13=loop_w13, grouped_mm=grouped_mm, padded_bmm=padded_bmm, dense=dense)
-
-
-def _time_interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds of each function, timed in rounds that run every function once, so that
-    load from other processes on the machine falls on all candidates alike."""
+def _time(fns: dict, reps: int) -> dict:
+    """Median (wall, CPU) seconds of each function, in rounds running every function once."""
     for fn in fns.values():
         fn()  # warm-up
-    ts: dict = {name: [] for name in fns}
+    walls: dict = {k: [] for k in fns}
+    cpus: dict = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            ts[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in ts.items()}
+            walls[name].append(time.perf_counter() - t0)
+            cpus[name].append(time.process_time() - c0)
+    return {k: (statistics.median(walls[k]), statistics.median(cpus[k])) for k in fns}
+
+
+def bench_shape(T: int, D: int, Fh: int, E: int, K: int, R: int, reps: int) -> dict:
+    x, idx, w, L = rank_share(T, D, Fh, E, K, R)
+    experts = GroupedExperts(L, D, Fh)
+    x_sorted, info = permute(x, idx, L, topk_weights=w)
+    counts, P = info.num_tokens_per_expert, sum(info.num_tokens_per_expert)
+    grad_y = torch.randn(x.shape)
+    grad_sorted = torch.randn(P, D)
+    dense = [t[0].detach().clone().requires_grad_() for t in (experts.w1, experts.w2, experts.w3)]
+    rows = torch.randn(P, D).requires_grad_()
+    x_req, w_req, xs_req = x.clone().requires_grad_(), w.clone().requires_grad_(), x_sorted.clone().requires_grad_()
+
+    def clear(*tensors):
+        for t in (*tensors, *experts.parameters()):
+            t.grad = None
+
+    def run_dense():
+        clear(rows, *dense)
+        ((F.silu(rows @ dense[0]) * (rows @ dense[2])) @ dense[1]).backward(grad_sorted)
+
+    def run_module():
+        clear(x_req, w_req)
+        # the counts come with dispatch (num_recv_tokens_per_expert_list), as in the layer
+        experts(x_req, idx, w_req, num_tokens_per_expert=counts).backward(grad_y)
+
+    def run_loop():
+        clear(xs_req)
+        experts._loop(xs_req, counts, info.weights).backward(grad_sorted)
+
+    def run_padded():
+        clear(xs_req)
+        experts._padded_bmm(xs_req, counts, max(counts), info.weights).backward(grad_sorted)
+
+    def run_grouped_mm():
+        clear(xs_req)
+        offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(xs_req, experts.w1, offs=offs)) * torch._grouped_mm(xs_req, experts.w3, offs=offs)
+        torch._grouped_mm(h * info.weights.unsqueeze(1), experts.w2, offs=offs).backward(grad_sorted)
+
+    fns = dict(dense=run_dense, module=run_module, loop=run_loop, padded_bmm=run_padded)
+    try:
+        run_grouped_mm()
+        fns["grouped_mm"] = run_grouped_mm
+    except (RuntimeError, NotImplementedError):
+        pass
+    t = _time(fns, reps)
+    return dict(M=x.size(0), P=P, L=L, rows=(min(counts), max(counts)), times=t,
+                ratio={k: t["dense"][1] / v[1] for k, v in t.items()},
+                wall_ratio={k: t["dense"][0] / v[0] for k, v in t.items()})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--ffn", type=int, default=256)
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--skew", type=float, default=0.0,
-                    help="routing logits = skew * (expert id / L) + noise: 0 balanced, 3 ~ 6x hot/cold")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--skip", default="dense", help="comma-separated candidates not to run")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
-    M, K, D, Fh, L = args.tokens, args.topk, args.hidden, args.ffn, args.experts
-
-    g = torch.Generator().manual_seed(0)
-    x_MD = torch.randn(M, D, generator=g)
-    logits = torch.randn(M, L, generator=g) + args.skew * torch.arange(L) / L
-    topk_idx = logits.topk(K, dim=-1).indices
-    topk_weights = torch.rand(M, K, generator=g)
-    w1, w3 = (torch.randn(L, D, Fh, generator=g) * D ** -0.5 for _ in range(2))
-    w2 = torch.randn(L, Fh, D, generator=g) * Fh ** -0.5
-    w13 = torch.cat([w1, w3], dim=-1)
-    x_PD, info = permute(x_MD, topk_idx, L, topk_weights=topk_weights)
-    counts = info.num_tokens_per_expert
-    print(f"threads={torch.get_num_threads()} M={M} K={K} D={D} F={Fh} L={L} fp32, pairs={sum(counts)}, "
-          f"rows per expert min/max {min(counts)}/{max(counts)}")
-
-    ref = loop(x_PD, w1, w2, w3, w13, counts)
-    grad_out = torch.randn_like(ref)
-    skip = set(filter(None, args.skip.split(",")))
-    notes, fwds, fwd_bwds = {}, {}, {}
-    for name, fn in CANDIDATES.items():
-        if name in skip:
-            continue
-        try:
-            out = fn(x_PD, w1, w2, w3, w13, counts)
-        except (RuntimeError, NotImplementedError) as e:
-            notes[name] = f"unsupported: {str(e).splitlines()[0][:60]}"
-            continue
-        notes[name] = f"max|diff| vs loop {(out - ref).abs().max().item():.1e}"
-        params = [t.clone().requires_grad_() for t in (x_PD, w1, w2, w3, w13)]
-
-        def fwd(fn=fn):
-            with torch.no_grad():
-                fn(x_PD, w1, w2, w3, w13, counts)
-
-        def fwd_bwd(fn=fn, params=params):
-            for p in params:
-                p.grad = None
-            fn(*params, counts).backward(grad_out)
-
-        fwds[name], fwd_bwds[name] = fwd, fwd_bwd
-
-    def perm_unperm():
-        xs, inf = permute(x_MD, topk_idx, L, topk_weights=topk_weights)
-        unpermute(xs, inf)
-
-    t_f = _time_interleaved(fwds, args.reps)
-    t_b = _time_interleaved(fwd_bwds, args.reps)
-    t_p = _time_interleaved({"p": perm_unperm}, args.reps)["p"]
-    print(f"{'candidate':<12}{'fwd ms':>10}{'x loop':>8}{'fwd+bwd ms':>12}{'x loop':>8}  note")
-    for name, note in notes.items():
-        if name not in t_f:
-            print(f"{name:<12}{'-':>10}{'':>8}{'-':>12}{'':>8}  {note}")
-            continue
-        print(f"{name:<12}{t_f[name] * 1e3:>10.1f}{t_f[name] / t_f['loop']:>8.2f}"
-              f"{t_b[name] * 1e3:>12.1f}{t_b[name] / t_b['loop']:>8.2f}  {note}")
-    print(f"permute + unpermute (shared by all, forward only): {t_p * 1e3:.1f} ms = "
-          f"{t_p / t_f['loop']:.2f} x the loop's forward")
+    torch.set_num_threads(1)  # as each rank of moeflow demo / bench-layer runs
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, 1 thread, fp32, load average {load:.1f} on {os.cpu_count()} cores")
+    print(f"{'shape':<15}{'M':>6}{'P':>7}{'L':>4}  {'rows/expert':>11}   ceiling / candidate, CPU time (wall)")
+    for name in args.shapes:
+        r = bench_shape(*SHAPES[name], reps=args.reps)
+        cols = "  ".join(f"{k} {r['ratio'][k]:.2f} ({r['wall_ratio'][k]:.2f})" for k in r["times"] if k != "dense")
+        print(f"{name:<15}{r['M']:>6}{r['P']:>7}{r['L']:>4}  {r['rows'][0]:>5}-{r['rows'][1]:<5}   {cols}   "
+              f"[dense {r['times']['dense'][1] * 1e3:.0f} ms CPU]", flush=True)
 
 
 if __name__ == "__main__":

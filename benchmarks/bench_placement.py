@@ -2,10 +2,10 @@
 
 Runs on local Gloo ranks (moeflow.spawn). Every rank builds the layers from the same weights and
 times them on the same inputs, interleaved repetition by repetition, medians reported; ratios
-are against the default layer (num_replicas = E, identity placement) of the same run.
+are against the default layer (num_slots = E, identity placement) of the same run.
 
 Rows:
-    default              num_replicas = E, identity placement (no mapping: the path before placement)
+    default              num_slots = E, identity placement (no mapping: the path before placement)
     before               only with --before REV: layer.py as of git revision REV (e.g. the commit
                          before placement) with today's Buffer, router and experts: shows whether
                          the default path slowed down
@@ -56,17 +56,17 @@ def _rank(args, before_path):
     if before_path:
         layers["before"] = _load_layer_class(before_path)(D, Fh, E, K)
     permuted = MoELayer(D, Fh, E, K)
-    replicas = MoELayer(D, Fh, E, K, num_replicas=E + R)
+    replicas = MoELayer(D, Fh, E, K, num_slots=E + R)
     for layer in [*layers.values(), permuted, replicas]:
         layer.load_global_weights(gate, w1, w2, w3)
-    permuted.apply_placement(torch.roll(torch.arange(E), E // R + 1))
+    permuted.slots.apply_placement(torch.roll(torch.arange(E), E // R + 1))
     layers["permuted"], layers["replicas"] = permuted, replicas
 
     def step(layer):
         y = layer(x)
         y.square().mean().backward()
-        if hasattr(layer, "sync_replica_grads"):
-            layer.sync_replica_grads()
+        if hasattr(layer, "slots"):
+            layer.slots.sync_replica_grads()
         layer.zero_grad(set_to_none=True)
 
     times = {name: [] for name in layers}
@@ -92,7 +92,7 @@ def _rank(args, before_path):
         shift = torch.roll(shift, E // R)
         dist.barrier()
         t0 = time.perf_counter()
-        moves = mover.apply_placement(shift, optimizer=opt)
+        moves = mover.slots.apply_placement(shift, optimizer=opt)
         times["apply_placement"].append(time.perf_counter() - t0)
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}, moves
 

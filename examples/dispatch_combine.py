@@ -1,9 +1,10 @@
-"""DeepEP-style dispatch and combine on 2 local Gloo ranks.
+"""DeepEP-style dispatch and combine.
 
-    python examples/dispatch_combine.py
+    python examples/dispatch_combine.py                            # 2 local Gloo ranks
+    torchrun --nproc-per-node 2 examples/dispatch_combine.py       # torchrun's ranks (NCCL on GPUs)
 
-Each rank routes its tokens to top-2 of 8 experts (4 per rank), dispatches them, runs a toy
-"expert" on what arrived, and combines the results back onto the tokens.
+Each rank routes its tokens to top-2 of 8 experts (split over the ranks), dispatches them, runs a
+toy "expert" on what arrived, and combines the results back onto the tokens.
 """
 
 import torch
@@ -16,9 +17,10 @@ def main():
     rank = dist.get_rank()
     buffer = moeflow.Buffer(dist.group.WORLD)  # was: deep_ep.Buffer(group, num_nvl_bytes, ...)
     num_experts, num_tokens, hidden = 8, 6, 128
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     torch.manual_seed(rank)
-    x = torch.randn(num_tokens, hidden).bfloat16()                       # [N, H]
-    topk_weights, topk_idx = torch.rand(num_tokens, num_experts).topk(2)  # [N, K] float32, int64
+    x = torch.randn(num_tokens, hidden).bfloat16().to(device)                       # [N, H]
+    topk_weights, topk_idx = torch.rand(num_tokens, num_experts).to(device).topk(2)  # [N, K] float32, int64
 
     num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = \
         buffer.get_dispatch_layout(topk_idx, num_experts)
@@ -38,5 +40,5 @@ def main():
 
 
 if __name__ == "__main__":
-    for line in moeflow.spawn(main, 2):
-        print(line)
+    for line in moeflow.parallel.run(main, 2):  # under torchrun: its ranks; else 2 local ones
+        print(line, flush=True)

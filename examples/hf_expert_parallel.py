@@ -1,6 +1,7 @@
-"""Expert-parallelize a Hugging Face Qwen3-MoE model on 2 local Gloo ranks.
+"""Expert-parallelize a Hugging Face Qwen3-MoE model.
 
-    python examples/hf_expert_parallel.py
+    python examples/hf_expert_parallel.py                          # 2 local Gloo ranks
+    torchrun --nproc-per-node 2 examples/hf_expert_parallel.py     # torchrun's ranks (NCCL on GPUs)
 
 Each rank builds the same tiny random Qwen3-MoE (same seed; with a real checkpoint every rank
 would call ``from_pretrained``), keeps an unmodified copy, and replaces the MoE blocks by moeflow
@@ -25,10 +26,12 @@ def main():
                             num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
     torch.manual_seed(0)                                   # the same weights on every rank
     reference = Qwen3MoeForCausalLM(config).eval()
-    model = expert_parallelize(copy.deepcopy(reference))  # experts 0-3 on rank 0, 4-7 on rank 1
+    model = expert_parallelize(copy.deepcopy(reference))  # experts 0-3 on rank 0, 4-7 on rank 1 (of 2)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    reference.to(device), model.to(device)
 
     torch.manual_seed(100 + rank)                          # each rank its own batch
-    input_ids = torch.randint(0, config.vocab_size, (2, 16))
+    input_ids = torch.randint(0, config.vocab_size, (2, 16)).to(device)
     with torch.no_grad():
         expected = reference(input_ids).logits
         logits = model(input_ids).logits
@@ -40,5 +43,5 @@ def main():
 
 
 if __name__ == "__main__":
-    for line in moeflow.spawn(main, 2):
-        print(line)
+    for line in moeflow.parallel.run(main, 2):  # under torchrun: its ranks; else 2 local ones
+        print(line, flush=True)

@@ -26,7 +26,8 @@ def test_bench_layer_report(tmp_path, capsys):
     (row,) = json.loads(out.read_text())
     assert (row["ranks"], row["tokens_per_rank"], row["hidden"], row["experts"], row["topk"]) == (2, 48, 32, 8, 3)
     cols = row["columns"]
-    expected = {"moeflow", "moeflow_bf16", "no_dedup", "moeflow_C2"} | ({"deepspeed"} if HAS_DEEPSPEED else set())
+    expected = ({"moeflow", "moeflow_bf16", "no_dedup", "moeflow_C2", "moeflow_auto"}
+                | ({"deepspeed"} if HAS_DEEPSPEED else set()))
     assert set(cols) == expected
     for name, c in cols.items():
         assert c["ms"] > 0, name
@@ -53,7 +54,12 @@ def test_bench_layer_report(tmp_path, capsys):
         assert o["ratio"] == pytest.approx(o["layer_ms"] / max(o["comm_ms"], o["compute_ms"]))
     assert row["overlap"][0]["layer_ms"] == pytest.approx(cols["moeflow"]["ms"])
     assert row["best_chunks"] == min(row["overlap"], key=lambda o: o["layer_ms"])["chunks"]
-    assert row["targets"] == {"vs_no_dedup": 1.5, "vs_deepspeed": 1.2, "overlap": 1.2}
+    assert row["targets"] == {"vs_no_dedup": 1.5, "vs_deepspeed": 1.2, "overlap": 1.2, "auto_vs_best_chunks": 0.97}
+    # 48 tokens: chunks of 256 tokens or more cannot be made, so auto has nothing to try
+    assert row["auto_chunks"] == 1
+    best_ms = min(o["layer_ms"] for o in row["overlap"])
+    assert r["auto_vs_best_chunks"] == pytest.approx(best_ms / cols["moeflow_auto"]["ms"])
+    assert "num_chunks='auto' chose C=1" in text
     # Each ratio is printed beside its target.
     assert f"moeflow / no-dedup (fp32 wire both): {r['vs_no_dedup']:.2f}x   target >= 1.5: " in text
     assert "overlap at the fastest chunk count" in text and "target <= 1.2: " in text

@@ -84,7 +84,7 @@ def _my_tokens():
 
 def _layer(num_replicas=None):
     torch.manual_seed(100 + dist.get_rank())  # random weights, different on every rank: must be overwritten
-    return MoELayer(D, FF, E, K, num_shared_experts=1, num_replicas=num_replicas)
+    return MoELayer(D, FF, E, K, num_shared_experts=1, num_slots=num_replicas)
 
 
 def _save(path, num_replicas):
@@ -109,8 +109,8 @@ def _load(path, num_replicas, replan_lost):
         placements = {"block": new.phy2log[0]}
     checkpoint.load(model, path, placements=placements)
     if placements is not None:
-        assert torch.equal(layer.phy2log, placements["block"])
-    return before, layer(_my_tokens()).detach(), layer.phy2log.clone()
+        assert torch.equal(layer.slots.phy2log, placements["block"])
+    return before, layer(_my_tokens()).detach(), layer.slots.phy2log.clone()
 
 
 def _check(ys, out):

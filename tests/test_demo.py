@@ -19,11 +19,11 @@ def test_demo_short_run_learns_and_reports(tmp_path):
     cfg = report["config"]
     tokens_per_step = 2 * cfg["batch_size"] * cfg["seq_len"]
     for step_loads in h["expert_load_per_layer"]:
-        assert [sum(layer) for layer in step_loads] == [tokens_per_step * cfg["top_k"]] * len(step_loads)
+        assert [sum(layer) for layer in step_loads] == [tokens_per_step * cfg["num_topk"]] * len(step_loads)
     assert report["max_over_mean_expert_last"] >= 1.0 and report["max_over_mean_rank_last"] >= 1.0
     assert report["bytes_per_step"] > 0
     # one rebalance at step 50 into 16 + 2 slots; its plan beats what the 50 steps before saw
-    assert cfg["num_replicas"] == 18 and [r["step"] for r in report["rebalance"]] == [49]
+    assert cfg["num_slots"] == 18 and [r["step"] for r in report["rebalance"]] == [49]
     r = report["rebalance"][0]
     assert r["moves"] > 0 and 1.0 <= r["predicted_max_over_mean_rank"] < r["max_over_mean_rank_before"]
 
@@ -33,9 +33,9 @@ def test_demo_rejects_bad_flags(capsys):
 
     from moeflow.cli import main
 
-    with pytest.raises(SystemExit, match="--experts 16 must divide by --ranks 3"):
+    with pytest.raises(SystemExit, match="--experts 16 must divide by the 3 expert-parallel ranks"):
         main(["demo", "--ranks", "3", "--steps", "1"])
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         main(["demo", "--ranks", "2", "--steps", "0"])
-    with pytest.raises(SystemExit, match="--replicas 17 must be >= --experts 16 and divide by --ranks 2"):
+    with pytest.raises(SystemExit, match="--replicas 17 must be >= --experts 16 and divide by the 2 expert-parallel"):
         main(["demo", "--ranks", "2", "--steps", "1", "--replicas", "17"])

@@ -10,14 +10,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_example(name: str, timeout: int) -> list[str]:
+def _run_example(name: str, timeout: int, ranks: int = 2) -> list[str]:
     """Run ``examples/<name>`` as a user would; its output lines (one per rank)."""
     out = subprocess.run([sys.executable, str(ROOT / "examples" / name)],
                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2, out.stdout
+    assert len(lines) == ranks, out.stdout
     return lines
+
+
+def check_train_fsdp_lines(lines: list[str], world: int, dp: int) -> None:
+    """``examples/train_fsdp.py``'s lines: one per rank of one job, each rank trained, and the
+    expert bias (reduced over every rank) the same everywhere."""
+    sums = set()
+    for rank, line in enumerate(sorted(lines, key=lambda s: int(s.split()[1]))):
+        m = re.match(rf"rank {rank} of {world} \({dp} dp x {world // dp} ep\): loss ([\d.]+) -> ([\d.]+), "
+                     r"expert bias checksum ([\d.]+)$", line)
+        assert m, line
+        assert float(m.group(2)) < float(m.group(1)) - 1.0, line
+        sums.add(m.group(3))
+    assert len(sums) == 1 and float(sums.pop()) > 0, lines
+
+
+def test_train_fsdp_example_runs():
+    check_train_fsdp_lines(_run_example("train_fsdp.py", 240, ranks=4), world=4, dp=2)
 
 
 def test_dispatch_combine_example_runs():

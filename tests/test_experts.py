@@ -148,6 +148,7 @@ class _Params(torch.nn.Module):
 
     forward_sorted = GroupedExperts.forward_sorted
     _padded_bmm = GroupedExperts._padded_bmm
+    _loop = GroupedExperts._loop
 
 
 def test_sharded_experts_sum_to_the_full_bank():
@@ -162,7 +163,7 @@ def test_sharded_experts_sum_to_the_full_bank():
     w = torch.rand(7, K, generator=g)
     total = 0
     for r in range(R):
-        shard = GroupedExperts.from_full(w1, w2, w3, rank=r, world_size=R)
+        shard = GroupedExperts.from_full(w1, w2, w3, rank=r, num_ranks=R)
         assert shard.num_local_experts == L and shard.w1.dtype == torch.float64
         mine = (idx >= r * L) & (idx < (r + 1) * L)
         total = total + shard(x, torch.where(mine, idx - r * L, -1), torch.where(mine, w, 0.0))
@@ -198,9 +199,30 @@ def test_bad_config_and_shards_raise():
     with pytest.raises(ValueError, match=r"`num_local_experts` must be a positive int, got 0"):
         GroupedExperts(0, D, FF)
     w1 = torch.zeros(6, D, FF)
-    with pytest.raises(ValueError, match=r"divisible by world_size=4"):
-        GroupedExperts.from_full(w1, torch.zeros(6, FF, D), w1, rank=0, world_size=4)
-    with pytest.raises(ValueError, match=r"`rank` must lie in \[0, world_size=2\), got 2"):
-        GroupedExperts(3, D, FF).load_shard(w1, torch.zeros(6, FF, D), w1, rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"divisible by num_ranks=4"):
+        GroupedExperts.from_full(w1, torch.zeros(6, FF, D), w1, rank=0, num_ranks=4)
+    with pytest.raises(ValueError, match=r"`rank` must lie in \[0, num_ranks=2\), got 2"):
+        GroupedExperts(3, D, FF).load_shard(w1, torch.zeros(6, FF, D), w1, rank=2, num_ranks=2)
     with pytest.raises(ValueError, match=r"`w2` must be \[6, 8, 12\]"):
-        GroupedExperts(3, D, FF).load_shard(w1, torch.zeros(6, D, FF), w1, rank=1, world_size=2)
+        GroupedExperts(3, D, FF).load_shard(w1, torch.zeros(6, D, FF), w1, rank=1, num_ranks=2)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 2, 4], [0, 0, 0, 0], [5, 1, 1, 2]])
+def test_segment_loop_matches_the_padded_path_and_gradcheck(counts):
+    """The per-expert path against the padded bmm on the same sorted rows, and its gradients
+    (rows, weights, three weight banks) against finite differences; an empty expert gets zero
+    gradients."""
+    g = torch.Generator().manual_seed(7)
+    P = sum(counts)
+    x = torch.randn(P, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(P, generator=g, dtype=torch.float64, requires_grad=True)
+    w1, w3 = (torch.randn(L, 3, 2, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(L, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bank = _Params(w1, w2, w3)
+    loop = bank._loop(x, counts, w)
+    torch.testing.assert_close(loop, bank._padded_bmm(x, counts, max(counts), w))
+    torch.autograd.gradcheck(lambda *t: GroupedExperts._loop(_Params(*t[2:]), t[0], counts, t[1]), (x, w, w1, w2, w3))
+    loop.sum().backward()
+    for e, n in enumerate(counts):
+        if n == 0:
+            assert not w1.grad[e].any() and not w2.grad[e].any() and not w3.grad[e].any()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import moeflow.layer
+import moeflow.slots
 from moeflow import Buffer, RankError, Router, spawn
 from moeflow.comm.health import PeerFailureError, resolve_timeout
 from moeflow.layer import MoELayer
@@ -90,7 +90,7 @@ def _layer_fault(point: str, how: str, rank: int):
     transfers. ``layer_update``: rank 2 fails after a good step, before the per-step load
     all-reduce of ``update_bias`` (the layer's own collectives are watched too)."""
     torch.manual_seed(0)
-    layer = MoELayer(H, 32, E, K, num_chunks=2, buffer=Buffer(timeout_s=TIMEOUT), num_replicas=2 * E)
+    layer = MoELayer(H, 32, E, K, num_chunks=2, buffer=Buffer(timeout_s=TIMEOUT), num_slots=2 * E)
     if rank == FAULTY and point == "layer_async":
         layer.experts.register_forward_pre_hook(lambda *_: _die(how))
     x = torch.randn(2 * N, H)
@@ -99,14 +99,14 @@ def _layer_fault(point: str, how: str, rank: int):
         layer(x).sum().backward()
         if point == "layer_migrate":  # rank 2 fails as the expert weights are about to move
             if rank == FAULTY:
-                moeflow.layer.exchange_rows = lambda *args, **kwargs: _die(how)
+                moeflow.slots.exchange_rows = lambda *args, **kwargs: _die(how)
             t0 = time.monotonic()
-            layer.apply_placement(layer.phy2log.roll(1))  # every slot's expert moves to the next slot
+            layer.slots.apply_placement(layer.slots.phy2log.roll(1))  # every slot's expert moves to the next slot
             return ("no error", "", time.monotonic() - t0, [], [], [])
         if rank == FAULTY:
             _die(how)
         t0 = time.monotonic()
-        layer.update_bias()
+        layer.router.update_bias()
         return ("no error", "", time.monotonic() - t0, [], [], [])
     except PeerFailureError as e:
         return (type(e).__name__, str(e), time.monotonic() - t0, e.missing_ranks, e.dead_ranks, e.stuck_ranks)

@@ -310,8 +310,8 @@ def test_refuses_bad_arguments_and_unknown_blocks():
 
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
         expert_parallelize("model")
-    with pytest.raises(TypeError, match=r"\['norm_topk_prob', 'top_k'\] come from the model"):
-        expert_parallelize(_build("mixtral"), top_k=4, norm_topk_prob=True)
+    with pytest.raises(TypeError, match=r"\['norm_topk_prob', 'num_topk'\] come from the model"):
+        expert_parallelize(_build("mixtral"), num_topk=4, norm_topk_prob=True)
     with pytest.raises(ValueError, match="no MoE block found in Linear"):
         expert_parallelize(nn.Linear(4, 4))
     # Qwen2-MoE: routed experts plus a sigmoid-gated shared expert, which MoELayer does not have

@@ -113,3 +113,29 @@ def test_capacity_keeps_earliest_pairs():
     new_idx, new_w = MoELayer._drop_over_capacity(layer, idx, w)
     assert new_idx.tolist() == [[0, 1], [0, 2], [-1, 3], [-1, 1]]
     assert new_w.tolist() == [[1, 1], [1, 1], [0, 1], [0, 1]]
+
+
+def _initial_weights(num_slots):
+    torch.manual_seed(7)
+    layer = MoELayer(D, FF, E, K, num_shared_experts=1, num_slots=num_slots)
+    return dict(experts=layer.slots.local_experts(), gate=layer.router.gate.weight.detach(),
+                shared=layer.shared.w1.detach(), w=[getattr(layer.experts, n).detach() for n in ("w1", "w2", "w3")])
+
+
+def test_initial_weights_depend_on_the_expert_not_the_layout():
+    """Expert e starts with the same weights (bitwise) on 1, 2 and 4 ranks and in every replica;
+    distinct experts differ; the dense weights are the same everywhere."""
+    by_expert: dict[int, list] = {}
+    dense = []
+    for world_size, num_slots in ((1, None), (2, None), (4, None), (2, E + 2)):
+        for o in spawn(_initial_weights, world_size, num_slots, timeout_s=60):
+            dense.append((o["gate"], o["shared"]))
+            for row, e in enumerate(o["experts"]):
+                by_expert.setdefault(e, []).append([w[row] for w in o["w"]])
+    assert sorted(by_expert) == list(range(E))
+    for e, copies in by_expert.items():
+        assert len(copies) >= 4
+        for copy in copies[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(copies[0], copy)), f"expert {e}"
+    assert all(not torch.equal(by_expert[0][0][0], by_expert[e][0][0]) for e in range(1, E))
+    assert all(torch.equal(g, dense[0][0]) and torch.equal(s, dense[0][1]) for g, s in dense)

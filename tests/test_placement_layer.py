@@ -32,8 +32,8 @@ def _inputs(rank, step=0):
     return torch.randn(4, 16, D, generator=g)
 
 
-def _build(num_replicas=None, **kw):
-    layer = MoELayer(D, FF, E, K, num_shared_experts=1, num_replicas=num_replicas, **kw)
+def _build(num_slots=None, **kw):
+    layer = MoELayer(D, FF, E, K, num_shared_experts=1, num_slots=num_slots, **kw)
     layer.load_global_weights(*_global_weights())
     return layer
 
@@ -48,8 +48,8 @@ def _new_phy2log(N, R, seed):
 
 
 def _local_experts(layer):
-    S, rank = layer.num_local_experts, dist.get_rank()
-    return dict(phy2log=layer.phy2log[rank * S:(rank + 1) * S].clone(), w1=layer.experts.w1.detach().clone(),
+    S, rank = layer.slots.num_local_experts, dist.get_rank()
+    return dict(phy2log=layer.slots.phy2log[rank * S:(rank + 1) * S].clone(), w1=layer.experts.w1.detach().clone(),
                 w2=layer.experts.w2.detach().clone(), w3=layer.experts.w3.detach().clone())
 
 
@@ -157,7 +157,7 @@ def test_exchange_rows_moves_chosen_rows_of_mixed_dtypes():
 def _rank_apply(opt_name):
     rank, R = dist.get_rank(), dist.get_world_size()
     ref = _build()                       # one replica per expert, experts split contiguously
-    lay = _build(num_replicas=E + R)     # default placement: slot s holds expert s % E
+    lay = _build(num_slots=E + R)     # default placement: slot s holds expert s % E
     make = ((lambda ps: torch.optim.Adam(ps, lr=1e-2)) if opt_name == "adam"
             else (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)))
     opt_ref, opt = make(ref.parameters()), make(lay.parameters())
@@ -168,7 +168,7 @@ def _rank_apply(opt_name):
         optimizer.zero_grad()
         _loss(y).backward()
         log.append(dict(y=y.detach(), grads=_grads(layer)))
-        layer.sync_replica_grads()
+        layer.slots.sync_replica_grads()
         log[-1]["synced"] = _grads(layer)
         optimizer.step()
 
@@ -176,7 +176,7 @@ def _rank_apply(opt_name):
     step(lay, opt, _inputs(rank, 0), out["lay"])
     out["before"] = _local_experts(lay)
     # move experts across ranks and grow to 2E slots (a resize), then one more step on both
-    out["moves"] = lay.apply_placement(_new_phy2log(2 * E, R, seed=7), optimizer=opt)
+    out["moves"] = lay.slots.apply_placement(_new_phy2log(2 * E, R, seed=7), optimizer=opt)
     assert all(p.grad is None for p in (lay.experts.w1, lay.experts.w2, lay.experts.w3))
     out["after"] = _local_experts(lay)
     with torch.no_grad():
@@ -188,12 +188,12 @@ def _rank_apply(opt_name):
     # a placement with the same N (in place), from a Placement object
     placement = Placement.from_phy2log(_new_phy2log(2 * E, R, seed=8)[None], E, num_gpus=R)
     w1_param = lay.experts.w1
-    out["moves2"] = lay.apply_placement(placement, optimizer=opt)
+    out["moves2"] = lay.slots.apply_placement(placement, optimizer=opt)
     assert lay.experts.w1 is w1_param
     with torch.no_grad():
         out["y3"], out["y3_ref"] = lay(_inputs(rank, 3)), ref(_inputs(rank, 3))
     # the placement is saved with the weights: a fresh layer loading them routes the same
-    fresh = MoELayer(D, FF, E, K, num_shared_experts=1, num_replicas=2 * E)
+    fresh = MoELayer(D, FF, E, K, num_shared_experts=1, num_slots=2 * E)
     fresh.load_state_dict(lay.state_dict())
     with torch.no_grad():
         out["y3_loaded"] = fresh(_inputs(rank, 3))
@@ -255,7 +255,7 @@ def test_apply_placement_keeps_outputs_and_training(world_size, opt_name):
 
 def _rank_stats():
     rank, R = dist.get_rank(), dist.get_world_size()
-    lay = _build(num_replicas=E + 2 * R, load_ema_decay=0.5)
+    lay = _build(num_slots=E + 2 * R, load_ema_decay=0.5)
     with torch.no_grad():
         lay.router.gate.weight[5] *= 4.0  # expert 5 is hot; by default only rank 0 holds it
     lay.train()
@@ -263,21 +263,21 @@ def _rank_stats():
     with torch.no_grad():
         for step in range(4):
             if step == 2:  # rebalance from the first two steps' statistics
-                out["planned"] = lay.plan_placement()
-                out["moves"] = lay.apply_placement(out["planned"])
+                out["planned"] = lay.slots.plan_placement()
+                out["moves"] = lay.slots.apply_placement(out["planned"])
             for micro in range(2):
                 lay(_inputs(rank, 10 * step + micro))
                 out["counts"].append(lay.last_router_output.num_tokens_per_expert.clone())
-            out["load_E"].append(lay.update_bias())
-            out["load_N"].append(lay.last_replica_load.clone())
-            out["rank_load"].append(lay.rank_load())
-            out.setdefault("phy2log", []).append(lay.phy2log.clone())
-    out["expert_load"], out["replica_load"] = lay.expert_load(), lay.replica_load()
+            out["load_E"].append(lay.router.update_bias())
+            out["load_N"].append(lay.slots.replica_load(out["load_E"][-1]))
+            out["rank_load"].append(lay.slots.rank_load())
+            out.setdefault("phy2log", []).append(lay.slots.phy2log.clone())
+    out["expert_load"], out["replica_load"] = lay.router.expert_load(), lay.slots.replica_load()
     # replicas initialised apart (a per-rank seed) are made equal to each expert's first replica
     torch.manual_seed(rank)
     lay.experts.reset_parameters()
     out["apart"] = _local_experts(lay)
-    lay.sync_replica_weights()
+    lay.slots.sync_replica_weights()
     out["synced"] = _local_experts(lay)
     return out
 
@@ -292,12 +292,12 @@ def test_load_statistics_and_rebalancing():
         for x in outs:
             assert torch.equal(x["load_E"][step], load_E)
             assert torch.equal(x["load_N"][step], o["load_N"][step])
-        # slot loads add up to the expert loads; replicas of an expert share its pairs evenly
+        # slot loads add up to the expert loads, replicas of an expert sharing its pairs evenly
+        # (how to_slots spreads them: test_spread_over_replicas_balances_each_experts_pairs)
         phy, load_N = o["phy2log"][step], o["load_N"][step]
-        assert torch.equal(torch.zeros(E, dtype=torch.int64).index_add_(0, phy, load_N), load_E)
+        torch.testing.assert_close(torch.zeros(E).index_add_(0, phy, load_N), load_E.float())
         for e in range(E):
-            n = load_N[phy == e]
-            assert int(n.max() - n.min()) <= R
+            assert torch.equal(load_N[phy == e], load_N[phy == e][:1].expand(int((phy == e).sum())))
         ema = load_E.float() if ema is None else 0.5 * ema + 0.5 * load_E.float()
         torch.testing.assert_close(o["rank_load"][step].sum(), ema.sum())
     torch.testing.assert_close(o["expert_load"], ema)
@@ -324,36 +324,37 @@ def _rank_errors():
         except (TypeError, ValueError) as e:
             errors[name] = f"{type(e).__name__}: {e}"
 
-    grab("not_divisible", lambda: MoELayer(D, FF, E, K, num_replicas=E + 1))
-    grab("too_few", lambda: MoELayer(D, FF, E, K, num_replicas=E - R))
+    grab("not_divisible", lambda: MoELayer(D, FF, E, K, num_slots=E + 1))
+    grab("too_few", lambda: MoELayer(D, FF, E, K, num_slots=E - R))
     grab("decay", lambda: MoELayer(D, FF, E, K, load_ema_decay=1.0))
-    lay = _build(num_replicas=2 * E)
-    grab("no_stats", lambda: lay.plan_placement())
-    grab("2d", lambda: lay.apply_placement(torch.arange(2 * E)[None] % E))
-    grab("missing", lambda: lay.apply_placement(torch.zeros(2 * E, dtype=torch.int64)))
+    lay = _build(num_slots=2 * E)
+    grab("no_stats", lambda: lay.slots.plan_placement())
+    grab("2d", lambda: lay.slots.apply_placement(torch.arange(2 * E)[None] % E))
+    grab("missing", lambda: lay.slots.apply_placement(torch.zeros(2 * E, dtype=torch.int64)))
     out_of_range = torch.arange(2 * E) % E
     out_of_range[3] = E + 3
-    grab("range", lambda: lay.apply_placement(out_of_range))
-    grab("gpus", lambda: lay.apply_placement(Placement.identity(1, E, num_gpus=2 * R)))
-    grab("layer_index", lambda: lay.apply_placement(Placement.identity(2, E, num_gpus=R), layer_index=2))
+    grab("range", lambda: lay.slots.apply_placement(out_of_range))
+    grab("gpus", lambda: lay.slots.apply_placement(Placement.identity(1, E, num_gpus=2 * R)))
+    grab("layer_index", lambda: lay.slots.apply_placement(Placement.identity(2, E, num_gpus=R), layer_index=2))
     other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    grab("optimizer", lambda: lay.apply_placement(torch.arange(2 * E) % E, optimizer=other))
+    grab("optimizer", lambda: lay.slots.apply_placement(torch.arange(2 * E) % E, optimizer=other))
     saved = lay.state_dict()
-    saved["phy2log"] = torch.zeros(2 * E, dtype=torch.int64)
-    grab("load", lambda: _build(num_replicas=2 * E).load_state_dict(saved))
+    saved["slots.phy2log"] = torch.zeros(2 * E, dtype=torch.int64)
+    grab("load", lambda: _build(num_slots=2 * E).load_state_dict(saved))
     # ranks that disagree: every rank raises, none hangs in the exchange
     mine = torch.arange(2 * E) % E if rank == 0 else torch.arange(2 * E).flip(0) % E
-    grab("disagree", lambda: lay.apply_placement(mine))
+    grab("disagree", lambda: lay.slots.apply_placement(mine))
     return errors
 
 
 def test_bad_placement_inputs_raise_naming_the_argument():
     outs = spawn(_rank_errors, 2, timeout_s=60, collective_timeout_s=30)
     expected = {
-        "not_divisible": r"ValueError: MoELayer: `num_replicas` must be .* divisible by the group size 2 \(rank \d\), got 9",
-        "too_few": r"`num_replicas` must be an int >= num_experts=8 .* got 6",
+        "not_divisible": r"ValueError: MoELayer: `num_slots` must be .* divisible by the group size 2 \(rank \d\), "
+                         r"got 9",
+        "too_few": r"`num_slots` must be an int >= num_experts=8 .* got 6",
         "decay": r"`load_ema_decay` must lie in \[0, 1\), got 1.0",
-        "no_stats": r"ValueError: MoELayer.plan_placement: no load statistics yet",
+        "no_stats": r"ValueError: ExpertSlots.plan_placement: no load statistics yet",
         "2d": r"`phy2log` must be 1-D .* got shape \[1, 16\]",
         "missing": r"gives no slot to logical expert\(s\) \[1, 2, 3, 4, 5, 6, 7\]",
         "range": r"phy2log\[3\]=11",
@@ -372,23 +373,23 @@ def test_bad_placement_inputs_raise_naming_the_argument():
 def _rank_node_limited():
     rank = dist.get_rank()
     from moeflow import Buffer
-    make = lambda N: MoELayer(D, FF, E, K, num_shared_experts=1, num_replicas=N, max_nodes_per_token=1,  # noqa: E731
+    make = lambda N: MoELayer(D, FF, E, K, num_shared_experts=1, num_slots=N, max_nodes_per_token=1,  # noqa: E731
                               buffer=Buffer(dist.group.WORLD, ranks_per_node=2))   # 2 emulated nodes
     ref, lay = make(None), make(12)
     for layer in (ref, lay):
         layer.load_global_weights(*_global_weights())
-    out = dict(default=lay.phy2log.clone())
+    out = dict(default=lay.slots.phy2log.clone())
     with torch.no_grad():
         x = _inputs(rank)
         out["y"], out["y_ref"] = lay(x), ref(x)
-        lay.update_bias()
-        placement = lay.plan_placement()
+        lay.router.update_bias()
+        placement = lay.slots.plan_placement()
         out["planned"] = placement.phy2log[0]
-        lay.apply_placement(placement)
+        lay.slots.apply_placement(placement)
         out["y_after"] = lay(x)
     crossing = torch.arange(12) % E                  # experts 4..7 in node 0's slots
     try:
-        lay.apply_placement(crossing)
+        lay.slots.apply_placement(crossing)
     except ValueError as e:
         out["error"] = str(e)
     return out

@@ -26,7 +26,7 @@ def _token_scores(x, gate, bias, score_func):
     return scores, [scores[e] + float(bias[e]) for e in range(gate.size(0))]
 
 
-def _reference_route(x_TD, gate, bias, *, score_func, top_k, num_groups=1, topk_groups=1,
+def _reference_route(x_TD, gate, bias, *, score_func, num_topk, num_groups=1, num_topk_groups=1,
                      norm=None, route_scale=1.0):
     """Per token, in plain Python: scores, groups by the sum of their top-2 biased scores, the
     top-k biased experts inside the kept groups, weights from the unbiased scores."""
@@ -40,9 +40,9 @@ def _reference_route(x_TD, gate, bias, *, score_func, top_k, num_groups=1, topk_
         for g in range(num_groups):
             members = sorted(biased[g * per_group:(g + 1) * per_group], reverse=True)
             group_score.append(sum(members[:2]))
-        kept_groups = sorted(range(num_groups), key=lambda g: -group_score[g])[:topk_groups]
+        kept_groups = sorted(range(num_groups), key=lambda g: -group_score[g])[:num_topk_groups]
         candidates = [e for e in range(E_) if e // per_group in kept_groups]
-        idx = sorted(candidates, key=lambda e: -biased[e])[:top_k]
+        idx = sorted(candidates, key=lambda e: -biased[e])[:num_topk]
         w = [scores[e] for e in idx]
         if norm:
             w = [v / sum(w) for v in w]
@@ -53,7 +53,7 @@ def _reference_route(x_TD, gate, bias, *, score_func, top_k, num_groups=1, topk_
 
 def _router(seed=0, **kw):
     torch.manual_seed(seed)
-    r = Router(D, kw.pop("num_experts", E), kw.pop("top_k", K), **kw)
+    r = Router(D, kw.pop("num_experts", E), kw.pop("num_topk", K), **kw)
     with torch.no_grad():
         r.gate.weight.normal_(0, 0.5)
     return r
@@ -66,16 +66,16 @@ def _x(T=24, seed=1):
 @pytest.mark.parametrize("cfg", [
     dict(score_func="softmax"),
     dict(score_func="softmax", norm_topk_prob=True, route_scale=2.0),
-    dict(score_func="sigmoid", top_k=3),
-    dict(score_func="sigmoid", num_groups=4, topk_groups=2, top_k=3, route_scale=2.5),
-    dict(score_func="softmax", num_groups=8, topk_groups=3, top_k=3),  # groups of one expert
+    dict(score_func="sigmoid", num_topk=3),
+    dict(score_func="sigmoid", num_groups=4, num_topk_groups=2, num_topk=3, route_scale=2.5),
+    dict(score_func="softmax", num_groups=8, num_topk_groups=3, num_topk=3),  # groups of one expert
 ])
 def test_routing_matches_reference(cfg):
     r = _router(**cfg)
     x = _x()
     out = r(x)
     ref_idx, ref_w = _reference_route(x, r.gate.weight.detach(), r.expert_bias, score_func=cfg["score_func"],
-                                      top_k=r.top_k, num_groups=r.num_groups, topk_groups=r.topk_groups,
+                                      num_topk=r.num_topk, num_groups=r.num_groups, num_topk_groups=r.num_topk_groups,
                                       norm=cfg.get("norm_topk_prob"), route_scale=r.route_scale)
     assert out.topk_idx.dtype == torch.int64 and out.topk_weights.dtype == torch.float32
     assert torch.equal(out.topk_idx, ref_idx)
@@ -87,7 +87,7 @@ def test_routing_matches_reference(cfg):
 
 def test_group_limit_changes_the_choice():
     """With one group kept, every token's experts lie in one group: the limit is applied."""
-    r = _router(num_groups=4, topk_groups=1, score_func="sigmoid")
+    r = _router(num_groups=4, num_topk_groups=1, score_func="sigmoid")
     idx = r(_x(64)).topk_idx
     assert torch.equal(idx[:, 0] // 2, idx[:, 1] // 2)
     free = _router(score_func="sigmoid")(_x(64)).topk_idx
@@ -95,7 +95,7 @@ def test_group_limit_changes_the_choice():
 
 
 def test_bias_moves_selection_not_weights():
-    r = _router(score_func="sigmoid", top_k=2)
+    r = _router(score_func="sigmoid", num_topk=2)
     x = _x()
     with torch.no_grad():
         r.expert_bias[5] = 10.0                      # expert 5 always chosen ...
@@ -104,7 +104,7 @@ def test_bias_moves_selection_not_weights():
     scores = torch.sigmoid(x @ r.gate.weight.detach().t())
     chosen = scores.gather(1, out.topk_idx)          # ... with its unbiased score as weight
     torch.testing.assert_close(out.topk_weights, chosen / chosen.sum(-1, keepdim=True))
-    ref_idx, ref_w = _reference_route(x, r.gate.weight.detach(), r.expert_bias, score_func="sigmoid", top_k=2)
+    ref_idx, ref_w = _reference_route(x, r.gate.weight.detach(), r.expert_bias, score_func="sigmoid", num_topk=2)
     assert torch.equal(out.topk_idx, ref_idx)
     torch.testing.assert_close(out.topk_weights, ref_w)
     assert "expert_bias" in r.state_dict() and not any(n == "expert_bias" for n, _ in r.named_parameters())
@@ -195,11 +195,11 @@ def test_seq_aux_needs_sequence_structure():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(top_k=9), r"`top_k` must lie in \[1, num_experts=8\], got 9"),
-    (dict(top_k=0), r"`top_k` must lie in \[1, num_experts=8\], got 0"),
+    (dict(num_topk=9), r"`num_topk` must lie in \[1, num_experts=8\], got 9"),
+    (dict(num_topk=0), r"`num_topk` must lie in \[1, num_experts=8\], got 0"),
     (dict(num_groups=3), r"`num_groups` must divide num_experts=8, got 3"),
-    (dict(num_groups=4, topk_groups=5), r"`topk_groups` must lie in \[1, num_groups=4\], got 5"),
-    (dict(num_groups=4, topk_groups=1, top_k=3), r"`top_k`=3 exceeds the 2 experts"),
+    (dict(num_groups=4, num_topk_groups=5), r"`num_topk_groups` must lie in \[1, num_groups=4\], got 5"),
+    (dict(num_groups=4, num_topk_groups=1, num_topk=3), r"`num_topk`=3 exceeds the 2 experts"),
     (dict(score_func="relu"), r"`score_func` must be one of .*got 'relu'"),
     (dict(route_scale=0.0), r"`route_scale` must be > 0, got 0.0"),
     (dict(z_loss_coeff=-1.0), r"`z_loss_coeff` must be >= 0, got -1.0"),
@@ -207,7 +207,7 @@ def test_seq_aux_needs_sequence_structure():
 ])
 def test_bad_config_raises(kw, match):
     with pytest.raises(ValueError, match=match):
-        Router(D, kw.pop("num_experts", E), kw.pop("top_k", K), **kw)
+        Router(D, kw.pop("num_experts", E), kw.pop("num_topk", K), **kw)
 
 
 def test_wrong_hidden_raises():
@@ -254,13 +254,13 @@ def test_global_aux_and_bias_update_over_two_ranks():
 
 
 # ------------------------------------------------------------------------------ node-limited
-def _reference_node_route(x_TD, gate, bias, *, score_func, top_k, num_nodes, max_nodes, num_groups=1,
-                          topk_groups=1):
+def _reference_node_route(x_TD, gate, bias, *, score_func, num_topk, num_nodes, max_nodes, num_groups=1,
+                          num_topk_groups=1):
     """Per token, in plain Python: nodes by the sum of their top ceil(K / M) biased scores, then
     groups (inside the kept nodes) by their top-2, then the top-k biased experts left."""
     E_ = gate.size(0)
     per_node, per_group = E_ // num_nodes, E_ // num_groups
-    best_per_node = min(-(-top_k // max_nodes), per_node)
+    best_per_node = min(-(-num_topk // max_nodes), per_node)
     all_idx = []
     for x in x_TD:
         scores, biased = _token_scores(x, gate, bias, score_func)
@@ -268,22 +268,22 @@ def _reference_node_route(x_TD, gate, bias, *, score_func, top_k, num_nodes, max
                       for n in range(num_nodes)]
         kept_nodes = sorted(range(num_nodes), key=lambda n: -node_score[n])[:max_nodes]
         candidates = [e for e in range(E_) if e // per_node in kept_nodes]
-        if topk_groups < num_groups:
+        if num_topk_groups < num_groups:
             group_score = {g: sum(sorted([biased[e] for e in candidates if e // per_group == g], reverse=True)[:2])
                            for g in {e // per_group for e in candidates}}
-            kept_groups = sorted(group_score, key=lambda g: -group_score[g])[:topk_groups]
+            kept_groups = sorted(group_score, key=lambda g: -group_score[g])[:num_topk_groups]
             candidates = [e for e in candidates if e // per_group in kept_groups]
-        all_idx.append(sorted(candidates, key=lambda e: -biased[e])[:top_k])
+        all_idx.append(sorted(candidates, key=lambda e: -biased[e])[:num_topk])
     return torch.tensor(all_idx)
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(score_func="sigmoid", num_experts=16, top_k=4, num_nodes=4, max_nodes_per_token=2),  # top-2 per node
-    dict(score_func="softmax", num_experts=16, top_k=3, num_nodes=4, max_nodes_per_token=2),  # ceil(3/2) = 2
-    dict(score_func="sigmoid", num_experts=16, top_k=4, num_nodes=4, max_nodes_per_token=1),  # top-4 per node
-    dict(score_func="softmax", num_experts=12, top_k=2, num_nodes=3, max_nodes_per_token=3),  # no limit
-    dict(score_func="sigmoid", num_experts=16, top_k=3, num_nodes=2, max_nodes_per_token=1,
-         num_groups=4, topk_groups=1),                                                       # groups inside nodes
+    dict(score_func="sigmoid", num_experts=16, num_topk=4, num_nodes=4, max_nodes_per_token=2),  # top-2 per node
+    dict(score_func="softmax", num_experts=16, num_topk=3, num_nodes=4, max_nodes_per_token=2),  # ceil(3/2) = 2
+    dict(score_func="sigmoid", num_experts=16, num_topk=4, num_nodes=4, max_nodes_per_token=1),  # top-4 per node
+    dict(score_func="softmax", num_experts=12, num_topk=2, num_nodes=3, max_nodes_per_token=3),  # no limit
+    dict(score_func="sigmoid", num_experts=16, num_topk=3, num_nodes=2, max_nodes_per_token=1,
+         num_groups=4, num_topk_groups=1),                                                       # groups inside nodes
 ])
 def test_node_limited_routing_matches_reference(cfg):
     r = _router(**cfg)
@@ -292,8 +292,9 @@ def test_node_limited_routing_matches_reference(cfg):
     x = _x(64)
     idx = r(x).topk_idx
     ref = _reference_node_route(x, r.gate.weight.detach(), r.expert_bias, score_func=cfg["score_func"],
-                                top_k=cfg["top_k"], num_nodes=cfg["num_nodes"], max_nodes=cfg["max_nodes_per_token"],
-                                num_groups=cfg.get("num_groups", 1), topk_groups=cfg.get("topk_groups", 1))
+                                num_topk=cfg["num_topk"], num_nodes=cfg["num_nodes"],
+                                max_nodes=cfg["max_nodes_per_token"],
+                                num_groups=cfg.get("num_groups", 1), num_topk_groups=cfg.get("num_topk_groups", 1))
     assert torch.equal(idx, ref)
     per_node = cfg["num_experts"] // cfg["num_nodes"]
     nodes_reached = torch.zeros(64, cfg["num_nodes"], dtype=torch.bool).scatter_(1, idx // per_node, True).sum(1)
@@ -326,10 +327,11 @@ def test_layer_limits_tokens_to_its_buffers_nodes():
 @pytest.mark.parametrize("kw,match", [
     (dict(num_nodes=3), r"`num_nodes` must be a positive int dividing num_experts=8, got 3"),
     (dict(num_nodes=4, max_nodes_per_token=5), r"`max_nodes_per_token` must lie in \[1, num_nodes=4\], got 5"),
-    (dict(num_nodes=4, max_nodes_per_token=1, top_k=3), r"`top_k`=3 exceeds the 2 experts of max_nodes_per_token=1"),
-    (dict(num_nodes=4, max_nodes_per_token=2, num_groups=2, topk_groups=1),
+    (dict(num_nodes=4, max_nodes_per_token=1, num_topk=3),
+     r"`num_topk`=3 exceeds the 2 experts of max_nodes_per_token=1"),
+    (dict(num_nodes=4, max_nodes_per_token=2, num_groups=2, num_topk_groups=1),
      r"combines with max_nodes_per_token=2 only when num_nodes=4 divides num_groups"),
 ])
 def test_bad_node_limit_raises(kw, match):
     with pytest.raises(ValueError, match=match):
-        Router(D, E, kw.pop("top_k", K), **kw)
+        Router(D, E, kw.pop("num_topk", K), **kw)

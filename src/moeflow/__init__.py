@@ -15,6 +15,7 @@ from .comm import (Buffer, ByteCounters, Config, DispatchHandle, ElasticBuffer, 
                    PeerFailureError, topk_idx_t)
 from .experts import GroupedExperts, SwiGLU
 from .layer import MoELayer
+from .parallel.fsdp import parallelize
 from .routing import Router, RouterOutput
 from .launch import RankError, spawn
 from . import integrations  # after .layer: integrations.hf builds on MoELayer; imports no transformers
@@ -27,6 +28,6 @@ __all__ = [
     "ByteCounters", "PeerFailureError",
     "autograd", "balance", "layout", "quant", "per_token_cast_to_fp8", "per_token_cast_back",
     "spawn", "RankError",
-    "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer",
+    "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer", "parallelize",
     "integrations",
 ]

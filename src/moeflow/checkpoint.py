@@ -1,19 +1,24 @@
-"""Expert-sharded checkpoints of MoE models with ``torch.distributed.checkpoint`` (DCP).
+"""Checkpoints of MoE models (and their optimizer) with ``torch.distributed.checkpoint`` (DCP),
+loadable on another number of ranks, another mesh and another placement.
 
-Every :class:`~moeflow.layer.MoELayer` in the model saves its routed experts as *logical*
-experts, one key per expert and weight (``<layer>.experts.w1.<e>``: ``[D, F]``; ``w2``:
-``[F, D]``; ``w3``: ``[D, F]``), each written once, by the rank that holds the expert's first
-replica (its lowest slot). Everything else in the model's ``state_dict`` (router, shared experts,
-dense layers) is taken as replicated over the group and written once by DCP. The layer's
-placement (``phy2log``) is not part of the checkpoint.
+Routed experts are saved as *logical* experts, one key per expert and weight
+(``model.<layer>.experts.w1.<e>``, see :func:`expert_key`: ``[D, F]``; ``w2``: ``[F, D]``;
+``w3``: ``[D, F]``), written by the
+ranks that hold the expert's first replica (its lowest slot); the optimizer's per-slot state
+(Adam's ``exp_avg``, ...) the same way, under the parameter's key. When FSDP2 shards the experts
+(:func:`moeflow.parallelize`: dim 1, over the data-parallel ranks of the shard), each such rank
+writes its part of the expert (a DTensor). Everything else (router, shared experts, dense
+layers, their optimizer state and step counts) is saved as the model's and the optimizer's
+state dicts hold it: replicated tensors once, FSDP2's DTensors shard by shard; DCP reshards
+them on load. The layers' placement (``slots.phy2log``) is not part of the checkpoint.
 
-Loading reads, on each rank, exactly the logical experts that its slots hold under the loading
-layer's placement, so a checkpoint loads into any number of ranks and any placement: saved on 4
-ranks and loaded on 2, saved with replicas and loaded without, or loaded straight into a
-placement planned for the ranks left after a failure (``placements=``, e.g. from
-:func:`moeflow.balance.replan_after_loss`). Optimizer state is not covered.
+Loading reads, on each rank, exactly the logical experts its slots hold under the loading
+layer's placement and mesh, so a checkpoint loads into any number of ranks, any ``(dp, ep)``
+mesh and any placement: saved on 2 dp x 2 ep and loaded on 1 x 4, 4 x 1 or 1 x 2, saved with
+replicas and loaded without, or loaded straight into a placement planned for the ranks left
+after a failure (``placements=``, e.g. from :func:`moeflow.balance.replan_after_loss`).
 
-Every rank of the group calls :func:`save` / :func:`load` (they are collective).
+Every rank of the job calls :func:`save` / :func:`load` (they are collective).
 """
 
 from __future__ import annotations
@@ -25,18 +30,22 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor, Shard
 
 from .layer import MoELayer
+from .parallel.mesh import is_dtensor, local_tensor
 
 __all__ = ["save", "load", "expert_key"]
 
 _EXPERT_WEIGHTS = ("w1", "w2", "w3")
-_NOT_SAVED = ("phy2log",)  # the placement belongs to the run, not to the weights
+_NOT_SAVED = ("slots.phy2log",)  # the placement belongs to the run, not to the weights
 
 
 def expert_key(layer_name: str, weight: str, expert: int) -> str:
-    """Checkpoint key of logical ``expert``'s ``weight`` (``"w1"``, ``"w2"``, ``"w3"``) in a layer."""
-    return f"{layer_name}.experts.{weight}.{expert}" if layer_name else f"experts.{weight}.{expert}"
+    """Checkpoint key (as DCP stores it) of logical ``expert``'s ``weight`` (``"w1"``, ``"w2"``,
+    ``"w3"``) in a layer; its optimizer state lies under ``optim.state.<key without model.>.<name>.<e>``."""
+    return f"model.{layer_name}.experts.{weight}.{expert}" if layer_name else f"model.experts.{weight}.{expert}"
 
 
 def _moe_layers(model: nn.Module, where: str) -> dict[str, MoELayer]:
@@ -48,57 +57,104 @@ def _moe_layers(model: nn.Module, where: str) -> dict[str, MoELayer]:
     return layers
 
 
-def _skipped(layers: Mapping[str, MoELayer]) -> set[str]:
-    p = {name: f"{name}." if name else "" for name in layers}
-    return {p[n] + f"experts.{w}" for n in layers for w in _EXPERT_WEIGHTS} | \
-           {p[n] + k for n in layers for k in _NOT_SAVED}
+def _expert_params(layers: Mapping[str, MoELayer]) -> dict[str, tuple[MoELayer, str]]:
+    """``{parameter key: (layer, weight name)}`` of every routed expert weight."""
+    return {(f"{name}." if name else "") + f"experts.{w}": (layer, w) for name, layer in layers.items()
+            for w in _EXPERT_WEIGHTS}
 
 
-def _local_slots(layer: MoELayer) -> list[int]:
-    """Logical expert of each of this rank's slots."""
-    S, rank = layer.num_local_experts, layer.buffer.rank
-    return layer.phy2log[rank * S:(rank + 1) * S].tolist()  # host sync: a handful of ints
+def _row(t: torch.Tensor, slot: int) -> torch.Tensor:
+    """Row ``slot`` of a per-slot tensor ``[L, ...]`` as this rank saves or loads it: a tensor,
+    or, when FSDP2 splits ``t`` along dim 1, this rank's part of a DTensor of the whole row."""
+    row = local_tensor(t)[slot]
+    if not is_dtensor(t):
+        return row
+    (placement,) = t.placements
+    if placement != Shard(1) or t.device_mesh.ndim != 1:
+        raise TypeError(f"moeflow.checkpoint: expert tensors sharded as {t.placements} over a {t.device_mesh.ndim}-D "
+                        "mesh are not supported; moeflow.parallelize shards them Shard(1) over one dim")
+    shape = t.shape[1:]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(row, t.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+def _written_slots(layer: MoELayer) -> dict[int, int]:
+    """``{local slot: logical expert}`` for the experts whose first replica (lowest slot) lives here."""
+    L, rank = layer.slots.num_local_experts, layer.buffer.rank
+    first = layer.slots.log2phy[:, 0].tolist()  # host sync: one int per expert
+    return {slot % L: e for e, slot in enumerate(first) if slot // L == rank}
+
+
+def _per_expert(t: torch.Tensor, slots: Mapping[int, int], fresh: bool) -> dict[str, torch.Tensor]:
+    """``{str(e): row}`` of per-slot tensor ``t`` for ``slots`` ``{local slot: logical expert}``;
+    ``fresh`` gives empty rows of the right shape to load into, else copies to save (a row view
+    would drag the whole ``[L, ...]`` storage into the file)."""
+    out = {}
+    for slot, e in slots.items():
+        row = _row(t, slot)
+        out[str(e)] = torch.empty_like(row) if fresh else row.detach().clone()
+    return out
+
+
+def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], layers: Mapping[str, MoELayer],
+           for_load: bool) -> tuple[dict, list[tuple[dict, str, torch.Tensor, MoELayer]]]:
+    """The dict DCP saves or loads into, and where its per-expert entries stand in for per-slot
+    tensors: ``(container, key, tensor, layer)`` with ``container[key] = {str(e): row}``."""
+    experts = _expert_params(layers)
+    skipped = {(f"{n}." if n else "") + k for n in layers for k in _NOT_SAVED}
+    state = {"model": {k: v for k, v in model.state_dict().items() if k not in skipped}}
+    stand_ins = [(state["model"], key, getattr(layer.experts, w), layer) for key, (layer, w) in experts.items()]
+    if optimizer is not None:
+        # FQN-keyed; on load it also creates the state of an optimizer that never stepped
+        optim = get_optimizer_state_dict(model, optimizer)
+        # its per-parameter dicts may be the optimizer's own: copies, so the stand-ins go there only
+        state["optim"] = dict(optim, state={k: dict(v) for k, v in optim["state"].items()})
+        for key, (layer, _) in experts.items():
+            held = state["optim"]["state"].get(key, {})
+            # per-slot state (like the weight); scalars (Adam's step) stay as they are
+            stand_ins += [(held, name, v, layer) for name, v in held.items()
+                          if isinstance(v, torch.Tensor) and v.dim() > 0]
+    for container, key, tensor, layer in stand_ins:
+        slots = dict(enumerate(layer.slots.local_experts())) if for_load else _written_slots(layer)
+        container[key] = _per_expert(tensor, slots, fresh=for_load)
+    return state, stand_ins
 
 
 def save(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
+         optimizer: Optional[torch.optim.Optimizer] = None,
          process_group: Optional[dist.ProcessGroup] = None) -> None:
-    """Save ``model`` (an :class:`MoELayer` or a module holding some) to the directory ``checkpoint_id``.
+    """Save ``model`` (an :class:`MoELayer` or a module holding some) and, if given, ``optimizer``
+    to the directory ``checkpoint_id`` (see the module docstring).
 
     Args:
-        model: the module; its MoELayers' experts are saved as logical experts (see the module
-            docstring), the rest of its ``state_dict`` as replicated.
+        model: the module (FSDP2-sharded by :func:`moeflow.parallelize` or not).
         checkpoint_id: a directory (created by DCP).
+        optimizer: its state is saved too (per-parameter tensors and step counts; the
+            hyperparameters of its param groups as well).
         process_group: the group whose ranks write (default: the world); every rank of it calls.
     """
     layers = _moe_layers(model, "save")
-    skipped = _skipped(layers)
-    state = {k: v for k, v in model.state_dict().items() if k not in skipped}
-    for name, layer in layers.items():
-        S, rank = layer.num_local_experts, layer.buffer.rank
-        first_slot = layer.log2phy[:, 0].tolist()  # host sync: one int per expert
-        for e, slot in enumerate(first_slot):
-            if slot // S != rank:
-                continue  # another rank holds this expert's first replica and writes it
-            for w in _EXPERT_WEIGHTS:
-                # a copy: a row view would drag the whole [S, ...] storage into the file
-                state[expert_key(name, w, e)] = getattr(layer.experts, w)[slot % S].detach().clone()
+    state, _ = _state(model, optimizer, layers, for_load=False)
     dcp.save(state, checkpoint_id=checkpoint_id, process_group=process_group)
 
 
 @torch.no_grad()
 def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
+         optimizer: Optional[torch.optim.Optimizer] = None,
          process_group: Optional[dist.ProcessGroup] = None,
          placements: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-    """Load a checkpoint written by :func:`save` into ``model``, in place.
+    """Load a checkpoint written by :func:`save` into ``model`` (and ``optimizer``), in place.
 
     Args:
-        model: built like the saved one (same hidden sizes and expert counts); the number of
-            ranks and the placement may differ.
+        model: built like the saved one (same sizes and expert counts); the number of ranks, the
+            mesh, FSDP2 and the placement may differ.
         checkpoint_id: the directory :func:`save` wrote.
+        optimizer: built over ``model``'s parameters like the saved one (it may never have
+            stepped); needs a checkpoint saved with its optimizer.
         process_group: the group whose ranks read (default: the world); every rank of it calls.
-        placements: optional ``{layer name: phy2log [N] int64}`` ("" for a bare MoELayer): the
-            layer takes this placement before its experts are read (N must be the layer's
-            ``num_replicas``), so a re-planned placement is applied with no weight transfer.
+        placements: optional ``{layer name: phy2log [S] int64}`` ("" for a bare MoELayer): the
+            layer takes this placement before its experts are read (S must be the layer's
+            ``num_slots``), so a re-planned placement is applied with no weight transfer.
 
     Raises:
         ValueError / TypeError: no MoELayer in ``model``, a placement for an unknown layer or
@@ -110,23 +166,18 @@ def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
             raise ValueError(f"moeflow.checkpoint.load: `placements` names layer {name!r}, but the model's "
                              f"MoELayers are {sorted(layers)}")
         layer = layers[name]
-        if not isinstance(phy2log, torch.Tensor) or tuple(phy2log.shape) != (layer.num_replicas,):
-            raise ValueError(f"moeflow.checkpoint.load: `placements[{name!r}]` must be a [{layer.num_replicas}] "
-                             f"tensor (the layer's num_replicas), got {phy2log!r}")
-        # through load_state_dict: the layer checks the placement and re-derives its tables
-        layer.load_state_dict({"phy2log": phy2log.to(layer.phy2log)}, strict=False)
-    skipped = _skipped(layers)
-    state = {k: v for k, v in model.state_dict().items() if k not in skipped}
-    wanted: dict[str, list[tuple[torch.Tensor, int]]] = {}
-    for name, layer in layers.items():
-        for slot, e in enumerate(_local_slots(layer)):
-            for w in _EXPERT_WEIGHTS:
-                param = getattr(layer.experts, w)
-                key = expert_key(name, w, e)
-                if key not in state:
-                    state[key] = torch.empty_like(param[slot])
-                wanted.setdefault(key, []).append((param, slot))
+        if not isinstance(phy2log, torch.Tensor) or tuple(phy2log.shape) != (layer.slots.num_slots,):
+            raise ValueError(f"moeflow.checkpoint.load: `placements[{name!r}]` must be a [{layer.slots.num_slots}] "
+                             f"tensor (the layer's num_slots), got {phy2log!r}")
+        # through load_state_dict: the slots check the placement and re-derive their tables
+        layer.slots.load_state_dict({"phy2log": phy2log.to(layer.slots.phy2log)})
+    state, stand_ins = _state(model, optimizer, layers, for_load=True)
     dcp.load(state, checkpoint_id=checkpoint_id, process_group=process_group)
-    for key, targets in wanted.items():
-        for param, slot in targets:
-            param[slot].copy_(state[key])
+    # the other tensors were loaded in place; each expert row goes back into its slots
+    for container, key, tensor, layer in stand_ins:
+        rows = container[key]
+        for slot, e in enumerate(layer.slots.local_experts()):
+            local_tensor(tensor)[slot].copy_(local_tensor(rows[str(e)]))
+        container[key] = tensor
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -5,8 +5,11 @@ attention -> RMSNorm -> :class:`moeflow.MoELayer` (fine-grained routed experts s
 ranks, one shared expert, sigmoid router with expert bias), and a tied output head. The text is
 the Python standard library's own source, which every Python installation carries: no download.
 
-Parallelism: every rank holds the dense weights (data parallel: their gradients are averaged)
-and ``1/R`` of the experts (expert parallel: tokens travel to them through dispatch/combine).
+Parallelism: a ``(dp, ep)`` device mesh over the job's ranks (``moeflow.parallel.mesh``): the
+routed experts are split over the ``ep`` ranks (tokens travel to them through dispatch /
+combine), and :func:`moeflow.parallelize` applies FSDP2 to the rest over every rank and to the
+experts over the ``dp`` ranks of their shard. Every rank trains on its own batches. Runs on the
+ranks of any process group: local Gloo ranks from ``moeflow demo``, or torchrun's (NCCL on GPUs).
 
 Shape letters: B batch, S sequence, D model width, V vocabulary (256).
 """
@@ -26,9 +29,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
-from .experts import GroupedExperts, SwiGLU
+from .experts import SwiGLU
 from .layer import MoELayer
+from .parallel.fsdp import parallelize
 
 __all__ = ["DemoConfig", "TinyMoELM", "load_corpus", "train"]
 
@@ -43,13 +48,14 @@ class DemoConfig:
     num_dense_layers: int = 1      # first blocks use a dense FFN, as DeepSeek-V3's first three
     num_heads: int = 4
     num_experts: int = 16          # routed experts in the whole group
-    top_k: int = 2
+    num_topk: int = 2
     ffn_hidden: int = 128          # per routed expert (fine-grained: small)
     num_shared_experts: int = 1
     bias_update_rate: float = 3e-2  # aux-loss-free balancing (DeepSeek-V3 uses 1e-3 over far more steps); 0 = off
     aux_loss_coeff: float = 1e-2   # sequence-wise aux loss (DeepSeek-V3 uses 1e-4 at scale)
     bias_decay: bool = True        # the bias rate follows the learning-rate schedule down to 0
-    num_replicas: Optional[int] = None  # physical expert slots (None = num_experts: no redundancy)
+    num_slots: Optional[int] = None  # physical expert slots (None = num_experts: no redundancy)
+    dp: int = 1                    # data-parallel size of the mesh; ep = ranks / dp
     rebalance_every: int = 0       # re-plan and migrate experts every N steps (0 = never)
     lr: float = 3e-3
     gate_lr_scale: float = 0.1
@@ -97,11 +103,11 @@ class Block(nn.Module):
         self.attn = Attention(cfg.dim, cfg.num_heads)
         if dense:
             self.moe = None
-            self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden * (cfg.top_k + cfg.num_shared_experts))
+            self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden * (cfg.num_topk + cfg.num_shared_experts))
         else:
-            self.moe = MoELayer(cfg.dim, cfg.ffn_hidden, cfg.num_experts, cfg.top_k, cfg.num_shared_experts,
+            self.moe = MoELayer(cfg.dim, cfg.ffn_hidden, cfg.num_experts, cfg.num_topk, cfg.num_shared_experts,
                                 group, score_func="sigmoid", bias_update_rate=cfg.bias_update_rate,
-                                seq_aux_loss_coeff=cfg.aux_loss_coeff, num_replicas=cfg.num_replicas)
+                                seq_aux_loss_coeff=cfg.aux_loss_coeff, num_slots=cfg.num_slots)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -127,7 +133,7 @@ class TinyMoELM(nn.Module):
         return self.norm(x) @ self.embed.weight.t()  # [B, S, V], tied head
 
     def moe_layers(self) -> list[MoELayer]:
-        return [b.moe for b in self.blocks if b.moe is not None]
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
 
 
 def load_corpus(max_bytes: int) -> bytes:
@@ -154,14 +160,35 @@ def _is_expert_param(name: str) -> bool:
     return ".moe.experts." in name
 
 
+# A 2M-parameter model: one FSDP2 unit for every non-expert weight, kept gathered from forward
+# to backward, is one all-gather and one reduce-scatter per step (an all-reduce's collectives);
+# per-block units resharded after forward (parallelize's defaults, for models that need the
+# memory) cost 1.3-1.5x the step here (benchmarks/bench_fsdp.py).
+DEMO_FSDP = dict(blocks=[], reshard_after_forward=False)
+
+
+def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
+    """The model on this job's ``(dp, ep)`` mesh with FSDP2 applied, and its device (CUDA
+    device ``LOCAL_RANK`` under NCCL, else the CPU). Every rank of the job calls it."""
+    W = dist.get_world_size()
+    if cfg.dp < 1 or W % cfg.dp or cfg.num_experts % (W // cfg.dp):
+        raise ValueError(f"moeflow demo: dp={cfg.dp} must divide the {W} ranks, and num_experts={cfg.num_experts} "
+                         f"the ep = ranks / dp ranks (rank {dist.get_rank()})")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    mesh = init_device_mesh(device.type, (cfg.dp, W // cfg.dp), mesh_dim_names=("dp", "ep"))
+    torch.manual_seed(cfg.seed)  # the same global weights for any number of ranks (see MoELayer)
+    with device:
+        model = TinyMoELM(cfg, mesh)
+    return parallelize(model, mesh, **DEMO_FSDP), device
+
+
 def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
     """Run on every rank (inside an initialised process group); returns the report on every rank."""
-    rank, R = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(cfg.seed)  # the same init everywhere: dense weights, and the logical experts
-    model = TinyMoELM(cfg)        # of which each rank takes its slots (replicas must start equal)
-    for layer in model.moe_layers():
-        full = GroupedExperts(cfg.num_experts, cfg.dim, cfg.ffn_hidden)
-        layer.load_global_weights(layer.router.gate.weight, full.w1, full.w2, full.w3)
+    rank, W = dist.get_rank(), dist.get_world_size()
+    model, device = build(cfg)
     corpus = torch.frombuffer(bytearray(load_corpus(cfg.corpus_bytes)), dtype=torch.uint8).long()
     split = int(len(corpus) * 0.9)
     train_data, val_data = corpus[:split], corpus[split:]
@@ -173,17 +200,17 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
     rest = [p for n, p in model.named_parameters() if not n.endswith("router.gate.weight")]
     # The gates learn 10x slower: with Adam at the full rate their logits outrun the expert
     # bias (a fixed step per update) and the routing collapses onto a few experts early on.
+    # fused: one kernel per parameter group; the per-tensor loop's every op goes through
+    # DTensor's Python dispatch under FSDP2 and took 6x as long (benchmarks/bench_fsdp.py)
     opt = torch.optim.AdamW([dict(params=rest, lr_scale=1.0), dict(params=gates, lr_scale=cfg.gate_lr_scale)],
-                            lr=cfg.lr, weight_decay=0.0)
+                            lr=cfg.lr, weight_decay=0.0, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank its own batches
 
     def batch(data, g):
         starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=g)
-        chunk = torch.stack([data[s:s + cfg.seq_len + 1] for s in starts.tolist()])
+        chunk = torch.stack([data[s:s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)
         return chunk[:, :-1], chunk[:, 1:]
 
-    dense = [p for n, p in model.named_parameters() if not _is_expert_param(n)]
-    experts = [p for n, p in model.named_parameters() if _is_expert_param(n)]
     history = dict(step=[], loss=[], val_step=[], val_loss=[], tokens_per_s=[], expert_load=[],
                    expert_load_per_layer=[],
                    max_over_mean_expert=[], max_over_mean_expert_per_layer=[], max_over_mean_rank=[],
@@ -208,37 +235,25 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         loss = F.cross_entropy(logits.view(-1, 256), y.reshape(-1))
         aux = sum(layer.last_router_output.loss for layer in model.moe_layers())  # balance losses
         opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        # Data parallel for the dense weights; expert weights already got every rank's tokens'
-        # gradients through combine/dispatch, summed over ranks: scale them like the mean.
-        flat = torch.cat([p.grad.flatten() for p in dense])
-        dist.all_reduce(flat)  # one all-reduce for all dense gradients
-        flat /= R
-        off = 0
-        for p in dense:
-            p.grad.copy_(flat[off:off + p.numel()].view_as(p))
-            off += p.numel()
+        (loss + aux).backward()  # FSDP2 averages the gradients over the ranks (see parallelize)
         for layer in model.moe_layers():
-            layer.sync_replica_grads()  # replicas of one expert take one step (no-op without replicas)
-        for p in experts:
-            if p.grad is not None:  # None when no token reached this rank's experts
-                p.grad /= R
+            layer.slots.sync_replica_grads()  # replicas of one expert take one step (no-op without replicas)
         opt.step()
         for layer in model.moe_layers():
             # DeepSeek-V3 stops the bias updates for its last tokens; decaying the rate with the
             # learning rate lets the bias settle instead of flipping by a fixed step every update
             layer.router.bias_update_rate = cfg.bias_update_rate * (lr / cfg.lr if cfg.bias_decay else 1.0)
-        loads = [layer.update_bias() for layer in model.moe_layers()]  # also the layers' load EMAs
+        loads = [layer.router.update_bias() for layer in model.moe_layers()]  # also the load averages
         load = torch.stack(loads).float()  # [layers, E], global counts this step
         # [layers, R]: pairs each rank's expert slots computed (replicas share their expert's load)
-        per_rank = torch.stack([layer.last_replica_load.float().view(R, -1).sum(-1) for layer in model.moe_layers()])
-        loss_avg = torch.tensor([loss.item()])
+        per_rank = torch.stack([layer.slots.rank_load(l) for layer, l in zip(model.moe_layers(), loads)])
+        loss_avg = loss.detach().reshape(1)
         dist.all_reduce(loss_avg)  # for the report only
         dt = time.perf_counter() - t0
-        tokens = cfg.batch_size * cfg.seq_len * R
+        tokens = cfg.batch_size * cfg.seq_len * W
         sent = sum(layer.buffer.counters.wire_bytes() for layer in model.moe_layers())
         history["step"].append(step)
-        history["loss"].append(loss_avg.item() / R)
+        history["loss"].append(loss_avg.item() / W)
         history["tokens_per_s"].append(tokens / dt)
         history["expert_load"].append(load.sum(0).tolist())
         history["expert_load_per_layer"].append(load.tolist())
@@ -250,15 +265,14 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         if cfg.rebalance_every and (step + 1) % cfg.rebalance_every == 0 and step + 1 < cfg.steps:
             predicted, moves = [], 0
             for layer in model.moe_layers():
-                placement = layer.plan_placement()
-                moves += layer.apply_placement(placement, optimizer=opt)
-                rank_load = layer.rank_load()  # the plan's prediction from the load EMA
+                moves += layer.slots.apply_placement(layer.slots.plan_placement(), optimizer=opt)
+                rank_load = layer.slots.rank_load()  # the plan's prediction from the load average
                 predicted.append(float(rank_load.max() / rank_load.mean()))
             history["rebalance"].append(dict(step=step, moves=moves,
                                              predicted_max_over_mean_rank=sum(predicted) / len(predicted)))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             history["val_step"].append(step)
-            history["val_loss"].append(_evaluate(model, val_data, cfg, batch, R))
+            history["val_loss"].append(_evaluate(model, val_data, cfg, batch, device))
         if bar is not None:
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", tok_s=f"{tokens / dt:,.0f}",
                             imb=f"{history['max_over_mean_expert'][-1]:.2f}")
@@ -267,7 +281,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         bar.close()
     tail = max(1, cfg.steps // 10)
     report = dict(
-        config=asdict(cfg), ranks=R, seconds=time.perf_counter() - t_start,
+        config=asdict(cfg), ranks=W, rank=rank, seconds=time.perf_counter() - t_start,
         unigram_val_loss=unigram_loss, final_val_loss=history["val_loss"][-1],
         final_train_loss=sum(history["loss"][-tail:]) / tail,
         tokens_per_s=sum(history["tokens_per_s"][-tail:]) / tail,
@@ -278,9 +292,9 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         max_over_mean_expert_window=_max_over_mean(torch.tensor(history["expert_load_per_layer"][-tail:]).sum(0)),
         bytes_per_step=sum(history["bytes_per_step"][-tail:]) / tail,
         rebalance=_rebalance_effect(history, cfg.rebalance_every),
-        # logical parameters: replica slots hold copies, counted once
-        num_params=sum(p.numel() for p in dense)
-        + R * sum(p.numel() for p in experts) * cfg.num_experts // (cfg.num_replicas or cfg.num_experts),
+        # logical parameters (DTensor numel is the global one); replica slots hold copies, counted once
+        num_params=sum(p.numel() for n, p in model.named_parameters() if not _is_expert_param(n))
+        + len(model.moe_layers()) * cfg.num_experts * 3 * cfg.dim * cfg.ffn_hidden,
         history=history,
     )
     if rank == 0 and out_dir:
@@ -307,16 +321,16 @@ def _max_over_mean(load_LE: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _evaluate(model, val_data, cfg, batch, R) -> float:
+def _evaluate(model, val_data, cfg, batch, device) -> float:
     g = torch.Generator().manual_seed(12345 + dist.get_rank())
-    total = torch.zeros(1)
+    total = torch.zeros(1, device=device)
     model.eval()  # the routers must not count validation tokens into the expert-bias update
     for _ in range(cfg.eval_batches):
         x, y = batch(val_data, g)
         total += F.cross_entropy(model(x).view(-1, 256), y.reshape(-1))
     model.train()
     dist.all_reduce(total)  # mean over ranks, for the report
-    return total.item() / (cfg.eval_batches * R)
+    return total.item() / (cfg.eval_batches * dist.get_world_size())
 
 
 def _write_outputs(report: dict, out_dir: str) -> None:

@@ -8,17 +8,18 @@ Shape letters:
 
 Data flow of :meth:`GroupedExperts.forward`: :func:`permute` sorts the P pairs by local expert
 and gathers their rows into one ``[P, D]`` block (each expert's rows contiguous), the grouped
-SwiGLU runs one GEMM per weight over those segments, and :func:`unpermute` scales each pair's
-output by its weight and sums the pairs of a row back into ``[M, D]``. This file is the only
-home of that permutation logic.
+SwiGLU runs one GEMM per weight over those segments (each row's hidden activations scaled by
+its pair's weight before the down projection), and :func:`unpermute` sums the pairs of a row
+back into ``[M, D]``. This file is the only home of that permutation logic.
 
 Grouped GEMM: ``torch._grouped_mm`` (one kernel for every expert) where it runs natively: CUDA,
-bf16, compute capability >= 9.0. Elsewhere a padded ``bmm`` (segments scattered into
-``[L, max rows, D]``), measured fastest forward + backward on a 2-core CPU (M=4096, K=8, D=512,
-F=256, L=16, fp32: 0.2-0.4x the time of one matmul per expert, ahead of PyTorch's own
-``_grouped_mm`` CPU path and every-expert-on-every-row) as long as padding at most doubles the
-rows; past that (very skewed routing), one matmul per expert segment. See
-``benchmarks/bench_experts.py`` for the table and how to rerun it.
+bf16, compute capability >= 9.0. Elsewhere one ``mm`` per expert segment, which
+``benchmarks/bench_experts.py`` measured at 0.9-1.1x the speed of one dense matmul chain of
+the same FLOPs (the ceiling) at the demo's and ``moeflow bench-layer``'s shapes on a 2-core
+CPU, fp32, one thread, ahead of the padded ``bmm`` (0.7-0.9x) and level with PyTorch's own
+``_grouped_mm`` CPU fallback; the padded ``bmm`` (segments scattered into ``[L, max rows,
+D]``) runs when segments are short (fewer than 64 rows per expert on average, where per-call
+overhead dominates), as long as padding at most doubles the rows.
 
 Weight layout: w1, w3 ``[L, D, F]`` and w2 ``[L, F, D]``, i.e. ``x @ w`` without a transpose
 (``nn.Linear`` stores ``[out, in]``). That is the ``[groups, K, N]`` operand ``_grouped_mm``
@@ -28,7 +29,7 @@ Loading an ``nn.Linear``-style checkpoint (``[E, F, D]``) needs one ``.transpose
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -163,6 +164,7 @@ class GroupedExperts(nn.Module):
         num_local_experts: L, the experts on this rank.
         hidden: D.
         ffn_hidden: F, the intermediate size of one expert.
+        expert_ids, seed: see :meth:`reset_parameters` (keyword).
 
     Parameters: w1, w3 ``[L, D, F]`` (gate and up projections); w2 ``[L, F, D]`` (down).
     Expert parallelism splits the E experts evenly and contiguously over R ranks: rank r holds
@@ -170,7 +172,8 @@ class GroupedExperts(nn.Module):
     shard out of full ``[E, ...]`` weights.
     """
 
-    def __init__(self, num_local_experts: int, hidden: int, ffn_hidden: int) -> None:
+    def __init__(self, num_local_experts: int, hidden: int, ffn_hidden: int, *,
+                 expert_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None) -> None:
         super().__init__()
         _check_positive("GroupedExperts", num_local_experts=num_local_experts, hidden=hidden,
                         ffn_hidden=ffn_hidden)
@@ -178,44 +181,64 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_local_experts, hidden, ffn_hidden))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, ffn_hidden, hidden))
         self.w3 = nn.Parameter(torch.empty(num_local_experts, hidden, ffn_hidden))
-        self.reset_parameters()
+        self.reset_parameters(expert_ids, seed)
 
-    def reset_parameters(self) -> None:
-        for w in (self.w1, self.w2, self.w3):
-            nn.init.normal_(w, std=_INIT_STD)
+    @torch.no_grad()
+    def reset_parameters(self, expert_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None) -> None:
+        """Normal(0, 0.02) weights.
+
+        Args:
+            expert_ids: the global (logical) expert each of the L rows holds; default ``0..L-1``.
+            seed: None draws from the global RNG (the L rows in one go). An int draws row l from
+                a CPU generator seeded by ``(seed, expert_ids[l])`` alone: a logical expert gets
+                the same weights on any rank and for any number of ranks, two rows holding one
+                expert get equal weights, and distinct experts differ.
+        """
+        if seed is None:
+            for w in (self.w1, self.w2, self.w3):
+                nn.init.normal_(w, std=_INIT_STD)
+            return
+        L = self.num_local_experts
+        ids = range(L) if expert_ids is None else [int(e) for e in expert_ids]
+        if len(ids) != L:
+            raise ValueError(f"GroupedExperts.reset_parameters: `expert_ids` must hold L={L} ids, got {len(ids)}")
+        for row, e in enumerate(ids):
+            g = torch.Generator().manual_seed((seed + 0x9E3779B97F4A7C15 * (e + 1)) % 2**63)
+            for w in (self.w1, self.w2, self.w3):
+                w[row].copy_(torch.empty(w.shape[1:], device="cpu").normal_(0.0, _INIT_STD, generator=g))
 
     @classmethod
     def from_full(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, rank: int = 0,
-                  world_size: int = 1) -> "GroupedExperts":
+                  num_ranks: int = 1) -> "GroupedExperts":
         """Rank ``rank``'s experts out of full weights (w1, w3 ``[E, D, F]``, w2 ``[E, F, D]``):
-        a module of ``E // world_size`` experts, on the weights' device and in their dtype."""
+        a module of ``E // num_ranks`` experts, on the weights' device and in their dtype."""
         E, D, Fh = w1.shape if w1.dim() == 3 else (0, 0, 0)
-        if w1.dim() != 3 or world_size < 1 or E % world_size:
+        if w1.dim() != 3 or num_ranks < 1 or E % num_ranks:
             raise ValueError(f"GroupedExperts.from_full: `w1` must be [E, D, F] with E divisible by "
-                             f"world_size={world_size}, got shape {list(w1.shape)}")
-        module = cls(E // world_size, D, Fh).to(device=w1.device, dtype=w1.dtype)
-        module.load_shard(w1, w2, w3, rank, world_size)
+                             f"num_ranks={num_ranks}, got shape {list(w1.shape)}")
+        module = cls(E // num_ranks, D, Fh).to(device=w1.device, dtype=w1.dtype)
+        module.load_shard(w1, w2, w3, rank, num_ranks)
         return module
 
     @torch.no_grad()
     def load_shard(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, rank: int,
-                   world_size: int) -> None:
+                   num_ranks: int) -> None:
         """Copy global experts ``[rank * L, (rank + 1) * L)`` of full weights into this module.
 
         Args:
-            w1, w3: ``[E, D, F]`` with ``E = L * world_size``; w2: ``[E, F, D]``.
-            rank: this rank's index in ``[0, world_size)``.
-            world_size: the ranks the experts are split over.
+            w1, w3: ``[E, D, F]`` with ``E = L * num_ranks``; w2: ``[E, F, D]``.
+            rank: this rank's index in ``[0, num_ranks)``.
+            num_ranks: the ranks the experts are split over.
         """
         L, D, Fh = self.w1.shape
-        if not 0 <= rank < world_size:
-            raise ValueError(f"GroupedExperts.load_shard: `rank` must lie in [0, world_size={world_size}), "
+        if not 0 <= rank < num_ranks:
+            raise ValueError(f"GroupedExperts.load_shard: `rank` must lie in [0, num_ranks={num_ranks}), "
                              f"got {rank}")
-        E = L * world_size
+        E = L * num_ranks
         for name, w, shape in (("w1", w1, (E, D, Fh)), ("w2", w2, (E, Fh, D)), ("w3", w3, (E, D, Fh))):
             if tuple(w.shape) != shape:
                 raise ValueError(f"GroupedExperts.load_shard: `{name}` must be {list(shape)} (L={L} local "
-                                 f"experts x world_size={world_size}), got {list(w.shape)}")
+                                 f"experts x num_ranks={num_ranks}), got {list(w.shape)}")
         shard = slice(rank * L, (rank + 1) * L)
         self.w1.copy_(w1[shard])
         self.w2.copy_(w2[shard])
@@ -238,13 +261,19 @@ class GroupedExperts(nn.Module):
         """
         x_sorted, info = permute(x, topk_idx, self.num_local_experts, topk_weights=topk_weights,
                                  num_tokens_per_expert=num_tokens_per_expert)
-        return unpermute(self.forward_sorted(x_sorted, info.num_tokens_per_expert), info)
+        y_sorted = self.forward_sorted(x_sorted, info.num_tokens_per_expert, info.weights)
+        return unpermute(y_sorted, replace(info, weights=None))  # the weights are in y_sorted already
 
-    def forward_sorted(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int]) -> torch.Tensor:
+    def forward_sorted(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int],
+                       weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The experts on rows already sorted by expert: ``[P, D]`` -> ``[P, D]``.
 
-        ``num_tokens_per_expert``: ``L`` host ints summing to P, expert e's rows following
-        expert e-1's.
+        Args:
+            x_sorted: ``[P, D]``, expert e's rows following expert e-1's.
+            num_tokens_per_expert: ``L`` host ints summing to P.
+            weights: ``[P]`` float32 or None: each row's output is scaled by its weight. Applied
+                to the ``[P, F]`` hidden rows before the (linear) down projection: the same
+                result, and a pass over F rather than D columns.
         """
         if _native_grouped_mm(x_sorted):
             # ``offs`` = end row of each expert's segment; a host-to-device copy of L ints.
@@ -252,23 +281,35 @@ class GroupedExperts(nn.Module):
             # a cast copy of the weights only when they are kept in another dtype (e.g. fp32 masters)
             w1, w2, w3 = (w.to(x_sorted.dtype) for w in (self.w1, self.w2, self.w3))
             h = F.silu(torch._grouped_mm(x_sorted, w1, offs=offs)) * torch._grouped_mm(x_sorted, w3, offs=offs)
+            if weights is not None:
+                h = h * weights.to(h.dtype).unsqueeze(1)
             return torch._grouped_mm(h, w2, offs=offs)
         L, N, P = len(num_tokens_per_expert), max(num_tokens_per_expert, default=0), x_sorted.size(0)
-        if L * N <= _MAX_PADDING * P:
-            return self._padded_bmm(x_sorted, num_tokens_per_expert, N)
+        if P < _MIN_ROWS_PER_MM * L and L * N <= _MAX_PADDING * P:
+            return self._padded_bmm(x_sorted, num_tokens_per_expert, N, weights)
+        return self._loop(x_sorted, num_tokens_per_expert, weights)
+
+    def _loop(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int],
+              weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """One matmul per expert segment and weight."""
         # Every expert runs, empty ones on [0, D] rows: the output always hangs off the weights
         # and x, so backward reaches this rank's communication even when no pair came here.
         # split / unbind: backward concatenates the pieces' gradients once, where x[a:b] and
         # w[e] would zero-fill a full-size gradient per expert.
+        counts = list(num_tokens_per_expert)
         w1s, w2s, w3s = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        outs = [(F.silu(seg @ w1s[e]) * (seg @ w3s[e])) @ w2s[e]
-                for e, seg in enumerate(x_sorted.split(list(num_tokens_per_expert)))]
+        ws = weights.to(x_sorted.dtype).unsqueeze(1).split(counts) if weights is not None else None
+        outs = []
+        for e, seg in enumerate(x_sorted.split(counts)):
+            h = F.silu(seg @ w1s[e]) * (seg @ w3s[e])
+            outs.append((h if ws is None else h * ws[e]) @ w2s[e])
         return torch.cat(outs)  # one copy of [P, D]; out= would not record autograd
 
-    def _padded_bmm(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int], N: int) -> torch.Tensor:
+    def _padded_bmm(self, x_sorted: torch.Tensor, num_tokens_per_expert: Sequence[int], N: int,
+                    weights: Optional[torch.Tensor]) -> torch.Tensor:
         """Rows scattered into ``[L, N, D]`` (N = the largest segment), three ``bmm``, gathered
-        back: two extra copies of the rows and ``L * N / P`` times the FLOPs, still faster on
-        CPU than one ``mm`` per expert (benchmarks/bench_experts.py)."""
+        back: two extra copies of the rows and ``L * N / P`` times the FLOPs, faster on CPU
+        than one ``mm`` per expert only when segments are short (benchmarks/bench_experts.py)."""
         L, D = self.w1.size(0), x_sorted.size(1)
         counts = torch.tensor(list(num_tokens_per_expert), device=x_sorted.device)
         starts = counts.cumsum(0) - counts
@@ -276,11 +317,17 @@ class GroupedExperts(nn.Module):
         slot = expert * N + torch.arange(x_sorted.size(0), device=x_sorted.device) - starts[expert]  # [P]
         x_LND = x_sorted.new_zeros(L * N, D).index_copy(0, slot, x_sorted).view(L, N, D)
         h_LNF = F.silu(torch.bmm(x_LND, self.w1)) * torch.bmm(x_LND, self.w3)
+        if weights is not None:
+            h_LNF = h_LNF * x_sorted.new_zeros(L * N).index_copy(0, slot, weights.to(x_sorted.dtype)).view(L, N, 1)
         return torch.bmm(h_LNF, self.w2).view(L * N, D).index_select(0, slot)
 
 
-# The padded bmm may multiply up to this many times the real rows before the per-expert loop
-# takes over: at 1.8x padding (skewed routing) it still measured ~3x faster forward + backward.
+# The padded bmm runs when experts average fewer rows than this (per-call overhead dominates
+# a matmul that small) and padding at most doubles the rows; otherwise one matmul per expert,
+# which measured at 0.8-0.9x the speed of one dense matmul chain of the same FLOPs on this CPU
+# at the demo's and the layer benchmark's shapes, where the padded bmm measured 0.6-0.8x
+# (benchmarks/bench_experts.py).
+_MIN_ROWS_PER_MM = 64
 _MAX_PADDING = 2.0
 
 

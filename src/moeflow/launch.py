@@ -185,10 +185,19 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
         RankError: a rank raised (the message holds its traceback) or died (the message holds
             its exit code or signal; ``exitcode`` is set), or could not join the group.
         TimeoutError: the run did not finish within ``timeout_s``.
+        RuntimeError: this process is already a rank of a job (inside a process group, or
+            started by torchrun): it must not start ranks of its own.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"spawn: world_size must be a positive int, got {world_size!r}")
     import torch.distributed as dist
+
+    launched = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    if dist.is_initialized() or len(launched) == 2:
+        raise RuntimeError(f"spawn: this process is already a rank of a distributed job ("
+                           f"{'inside a process group' if dist.is_initialized() else launched}, e.g. under "
+                           "torchrun); run the function on each rank directly instead of spawning more ranks "
+                           "(moeflow.parallel.run does either)")
 
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     coll_timeout = collective_timeout_s or timeout_s

@@ -25,7 +25,9 @@ Balancing, two ways that can be combined:
   ``mean_t logsumexp(logits_t)^2``).
 
 Counting state (load since the last update) lives in non-persistent buffers, accumulated only in
-training mode; ``update_bias`` is the one per-step hook that consumes and clears it.
+training mode. :meth:`Router.update_bias` is the one per-step call of the balancing machinery:
+it sums the step's load over the group, moves the bias, folds the load into the average that
+placement planning reads (:meth:`Router.expert_load`) and clears the counts.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .comm.transport import ProcessGroupTransport, Transport
+from .parallel.mesh import is_dtensor
 
 __all__ = ["Router", "RouterOutput"]
 
@@ -78,12 +81,12 @@ class Router(nn.Module):
     Args:
         hidden: D.
         num_experts: E, routed experts in the whole model (not per rank).
-        top_k: K, experts per token.
+        num_topk: K, experts per token.
         score_func: ``"softmax"`` or ``"sigmoid"``.
-        num_groups, topk_groups: group-limited routing (DeepSeek-V3): the E experts fall into
+        num_groups, num_topk_groups: group-limited routing (DeepSeek-V3): the E experts fall into
             ``num_groups`` equal contiguous groups, a group scores the sum of its top-2 biased
             scores (top-1 when a group holds one expert), and a token picks its K experts inside
-            its ``topk_groups`` best groups only. ``num_groups=1`` is plain top-k.
+            its ``num_topk_groups`` best groups only. ``num_groups=1`` is plain top-k.
         num_nodes, max_nodes_per_token: node-limited routing (DeepSeek-V3): the E experts lie
             contiguously on ``num_nodes`` nodes (expert-parallel group size / ranks per node), a
             node scores the sum of its top ``ceil(K / max_nodes_per_token)`` biased scores, and a
@@ -100,38 +103,44 @@ class Router(nn.Module):
         global_aux_loss_coeff: global-batch aux loss coefficient; costs one all-reduce of
             ``E + 1`` numbers per training forward.
         z_loss_coeff: router z-loss coefficient.
-        group: the data-parallel group whose load counts are summed (bias update, global-batch
-            aux loss); None = the default group when torch.distributed is initialised, else no
-            communication.
+        group: every rank that routes tokens through this router's experts (data parallel x
+            expert parallel), whose load counts are summed (bias update, global-batch aux loss,
+            load average), so that the bias is the same everywhere; None = the default group
+            when torch.distributed is initialised, else no communication.
         transport: the :class:`~moeflow.comm.transport.Transport` the sums go through (its group
-            replaces ``group``; a :class:`MoELayer` passes its Buffer's). Default: one made over
+            replaces ``group``; a :class:`MoELayer` passes one over its routing ranks). Default: one made over
             ``group`` at the first sum. Either way the sums are watched: a lost peer is named
             within the timeout instead of hanging the update.
+        load_ema_decay: decay of the load average :meth:`expert_load` kept by
+            :meth:`update_bias` (0 = the last step only).
     """
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int, *, score_func: str = "softmax",
-                 num_groups: int = 1, topk_groups: int = 1, route_scale: float = 1.0,
+    def __init__(self, hidden: int, num_experts: int, num_topk: int, *, score_func: str = "softmax",
+                 num_groups: int = 1, num_topk_groups: int = 1, route_scale: float = 1.0,
                  norm_topk_prob: Optional[bool] = None, bias_update_rate: float = 0.0,
                  aux_loss_coeff: float = 0.0, seq_aux_loss_coeff: float = 0.0,
                  global_aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
                  group: Optional[dist.ProcessGroup] = None, num_nodes: int = 1,
-                 max_nodes_per_token: Optional[int] = None, transport: Optional[Transport] = None) -> None:
+                 max_nodes_per_token: Optional[int] = None, load_ema_decay: float = 0.9,
+                 transport: Optional[Transport] = None) -> None:
         super().__init__()
         for name, value in (("hidden", hidden), ("num_experts", num_experts), ("num_groups", num_groups)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Router: `{name}` must be a positive int, got {value!r}")
         if score_func not in _SCORE_FUNCS:
             raise ValueError(f"Router: `score_func` must be one of {_SCORE_FUNCS}, got {score_func!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"Router: `top_k` must lie in [1, num_experts={num_experts}], got {top_k!r}")
+        if not isinstance(num_topk, int) or not 1 <= num_topk <= num_experts:
+            raise ValueError(f"Router: `num_topk` must lie in [1, num_experts={num_experts}], got {num_topk!r}")
         if num_experts % num_groups:
             raise ValueError(f"Router: `num_groups` must divide num_experts={num_experts}, got {num_groups}")
-        if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
-            raise ValueError(f"Router: `topk_groups` must lie in [1, num_groups={num_groups}], got {topk_groups!r}")
-        if topk_groups * (num_experts // num_groups) < top_k:
-            raise ValueError(f"Router: `top_k`={top_k} exceeds the {topk_groups * (num_experts // num_groups)} "
-                             f"experts of topk_groups={topk_groups} groups of {num_experts // num_groups}")
-        self._check_node_limit(num_experts, top_k, num_groups, topk_groups, num_nodes, max_nodes_per_token)
+        if not isinstance(num_topk_groups, int) or not 1 <= num_topk_groups <= num_groups:
+            raise ValueError(f"Router: `num_topk_groups` must lie in [1, num_groups={num_groups}], "
+                             f"got {num_topk_groups!r}")
+        if num_topk_groups * (num_experts // num_groups) < num_topk:
+            raise ValueError(f"Router: `num_topk`={num_topk} exceeds the "
+                             f"{num_topk_groups * (num_experts // num_groups)} experts of "
+                             f"num_topk_groups={num_topk_groups} groups of {num_experts // num_groups}")
+        self._check_node_limit(num_experts, num_topk, num_groups, num_topk_groups, num_nodes, max_nodes_per_token)
         if not route_scale > 0:
             raise ValueError(f"Router: `route_scale` must be > 0, got {route_scale!r}")
         for name, value in (("bias_update_rate", bias_update_rate), ("aux_loss_coeff", aux_loss_coeff),
@@ -139,9 +148,11 @@ class Router(nn.Module):
                             ("global_aux_loss_coeff", global_aux_loss_coeff), ("z_loss_coeff", z_loss_coeff)):
             if not value >= 0:
                 raise ValueError(f"Router: `{name}` must be >= 0, got {value!r}")
-        self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
+        if not 0.0 <= load_ema_decay < 1.0:
+            raise ValueError(f"Router: `load_ema_decay` must lie in [0, 1), got {load_ema_decay!r}")
+        self.hidden, self.num_experts, self.num_topk = hidden, num_experts, num_topk
         self.score_func = score_func
-        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.num_groups, self.num_topk_groups = num_groups, num_topk_groups
         self.num_nodes = num_nodes
         self.max_nodes_per_token = num_nodes if max_nodes_per_token is None else max_nodes_per_token
         self.route_scale = route_scale
@@ -149,6 +160,8 @@ class Router(nn.Module):
         self.bias_update_rate = bias_update_rate
         self.aux_loss_coeff, self.seq_aux_loss_coeff = aux_loss_coeff, seq_aux_loss_coeff
         self.global_aux_loss_coeff, self.z_loss_coeff = global_aux_loss_coeff, z_loss_coeff
+        self.load_ema_decay = load_ema_decay
+        self.num_load_updates = 0
         self.group = transport.group if transport is not None else group
         self.transport = transport
         self.gate = nn.Linear(hidden, num_experts, bias=False)
@@ -162,9 +175,12 @@ class Router(nn.Module):
         # aux loss's frequencies (only counted while that loss is on)
         self.register_buffer("global_counts_since_update", torch.zeros(num_experts + 1, dtype=torch.int64),
                              persistent=False)
+        # [E] fp32: EMA over update_bias calls of the group's pairs per expert per step (fp32 like
+        # the bias: counts past 256 lose integers in bf16)
+        self.register_buffer("expert_load_ema", torch.zeros(num_experts), persistent=False)
 
     @staticmethod
-    def _check_node_limit(E: int, K: int, G: int, topk_groups: int, num_nodes: int,
+    def _check_node_limit(E: int, K: int, G: int, num_topk_groups: int, num_nodes: int,
                           max_nodes_per_token: Optional[int]) -> None:
         if not isinstance(num_nodes, int) or num_nodes < 1 or E % num_nodes:
             raise ValueError(f"Router: `num_nodes` must be a positive int dividing num_experts={E}, got {num_nodes!r}")
@@ -174,22 +190,23 @@ class Router(nn.Module):
         if not isinstance(M, int) or not 1 <= M <= num_nodes:
             raise ValueError(f"Router: `max_nodes_per_token` must lie in [1, num_nodes={num_nodes}], got {M!r}")
         if M * (E // num_nodes) < K:
-            raise ValueError(f"Router: `top_k`={K} exceeds the {M * (E // num_nodes)} experts of "
+            raise ValueError(f"Router: `num_topk`={K} exceeds the {M * (E // num_nodes)} experts of "
                              f"max_nodes_per_token={M} nodes of {E // num_nodes}")
-        if M < num_nodes and topk_groups < G and (G % num_nodes or topk_groups > M * (G // num_nodes)):
+        if M < num_nodes and num_topk_groups < G and (G % num_nodes or num_topk_groups > M * (G // num_nodes)):
             # Otherwise a kept group could straddle a dropped node, or more groups be wanted than
             # the kept nodes hold.
-            raise ValueError(f"Router: group-limited routing (num_groups={G}, topk_groups={topk_groups}) combines "
-                             f"with max_nodes_per_token={M} only when num_nodes={num_nodes} divides num_groups and "
-                             f"topk_groups <= max_nodes_per_token * num_groups / num_nodes")
+            raise ValueError(f"Router: group-limited routing (num_groups={G}, num_topk_groups={num_topk_groups}) "
+                             f"combines with max_nodes_per_token={M} only when num_nodes={num_nodes} divides "
+                             f"num_groups and num_topk_groups <= max_nodes_per_token * num_groups / num_nodes")
 
     def _apply(self, fn, recurse=True):
-        # nn.Module.to(dtype) / .half() cast floating buffers too; the bias keeps its fp32 value
-        # (device moves still apply).
-        bias = self.expert_bias
+        # nn.Module.to(dtype) / .half() cast floating buffers too; the bias and the load average
+        # keep their fp32 values (device moves still apply).
+        keep = {name: getattr(self, name) for name in ("expert_bias", "expert_load_ema")}
         super()._apply(fn, recurse)
-        if self.expert_bias.dtype != torch.float32:
-            self.expert_bias = bias.to(device=self.expert_bias.device)
+        for name, old in keep.items():
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, old.to(device=getattr(self, name).device))
         return self
 
     # ----------------------------------------------------------------------------------- forward
@@ -203,8 +220,9 @@ class Router(nn.Module):
 
         Returns:
             :class:`RouterOutput` over the flattened T tokens. In training mode the pairs are
-            added to the counts :meth:`update_bias` consumes; in eval mode losses are 0 and
-            nothing is counted or communicated.
+            added to the counts :meth:`update_bias` consumes (once: a forward recomputed by
+            activation checkpointing inside backward is not counted again); in eval mode losses
+            are 0 and nothing is counted or communicated.
         """
         D = x.size(-1)
         if D != self.hidden:
@@ -212,7 +230,7 @@ class Router(nn.Module):
         if seq_len is None and x.dim() >= 3:
             seq_len = x.size(-2)
         x_TD = x.reshape(-1, D)
-        T, E, K = x_TD.size(0), self.num_experts, self.top_k
+        T, E, K = x_TD.size(0), self.num_experts, self.num_topk
         if seq_len is not None and (seq_len < 1 or T % seq_len):
             raise ValueError(f"Router: `seq_len` must be positive and divide the {T} tokens, got {seq_len}")
         if self.training and self.seq_aux_loss_coeff and seq_len is None:
@@ -235,8 +253,12 @@ class Router(nn.Module):
         zero = logits_TE.new_zeros(())
         aux, seq_aux, glob, z = zero, zero, zero, zero
         if self.training:
-            with torch.no_grad():
-                self.num_tokens_per_expert_since_update += counts_E
+            # a forward inside backward is activation checkpointing's recomputation: its tokens
+            # were counted (and summed over the group) by the first forward already
+            recomputing = torch._C._current_graph_task_id() != -1
+            if not recomputing:
+                with torch.no_grad():
+                    self.num_tokens_per_expert_since_update += counts_E
             # P_e's per-token terms: scores normalised over the E experts (softmax already is)
             probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
             if self.aux_loss_coeff and T:
@@ -244,7 +266,7 @@ class Router(nn.Module):
             if self.seq_aux_loss_coeff and T:
                 seq_aux = self._seq_aux_loss(topk_idx, probs_TE, seq_len)
             if self.global_aux_loss_coeff:  # even with T = 0: every rank joins the all-reduce
-                glob = self._global_aux_loss(counts_E, probs_TE)
+                glob = self._global_aux_loss(counts_E, probs_TE, recomputing)
             if self.z_loss_coeff and T:
                 z = torch.logsumexp(logits_TE, -1).square().mean()
         loss = (self.aux_loss_coeff * aux + self.seq_aux_loss_coeff * seq_aux
@@ -258,10 +280,10 @@ class Router(nn.Module):
         E = biased_TE.size(1)
         G, N, M = self.num_groups, self.num_nodes, self.max_nodes_per_token
         if M < N:  # a node scores its ceil(K / M) best experts
-            biased_TE = _keep_best_blocks(biased_TE, N, min(-(-self.top_k // M), E // N), M)
-        if self.topk_groups < G:  # a group scores its top-2
-            biased_TE = _keep_best_blocks(biased_TE, G, min(2, E // G), self.topk_groups)
-        return biased_TE.topk(self.top_k, dim=-1).indices
+            biased_TE = _keep_best_blocks(biased_TE, N, min(-(-self.num_topk // M), E // N), M)
+        if self.num_topk_groups < G:  # a group scores its top-2
+            biased_TE = _keep_best_blocks(biased_TE, G, min(2, E // G), self.num_topk_groups)
+        return biased_TE.topk(self.num_topk, dim=-1).indices
 
     def _seq_aux_loss(self, topk_idx: torch.Tensor, probs_TE: torch.Tensor, S: int) -> torch.Tensor:
         T, K = topk_idx.shape
@@ -271,15 +293,16 @@ class Router(nn.Module):
         f_BE = counts_BE * (E / (K * S))
         return (f_BE * probs_TE.view(B, S, E).mean(1)).sum(1).mean()
 
-    def _global_aux_loss(self, counts_E: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+    def _global_aux_loss(self, counts_E: torch.Tensor, probs_TE: torch.Tensor, recomputing: bool) -> torch.Tensor:
         T = probs_TE.size(0)
-        counts = torch.cat([counts_E, counts_E.new_tensor([T])])             # [E + 1] int64
-        if self._group_size() > 1:
-            # the global batch's expert frequencies need every rank's counts (not differentiable)
-            self._sum(counts)
-        with torch.no_grad():
-            self.global_counts_since_update += counts
-        E, K = self.num_experts, self.top_k
+        if not recomputing:  # recomputed: the frequencies are the first forward's (every rank skips alike)
+            counts = torch.cat([counts_E, counts_E.new_tensor([T])])             # [E + 1] int64
+            if self._group_size() > 1:
+                # the global batch's expert frequencies need every rank's counts (not differentiable)
+                self._sum(counts)
+            with torch.no_grad():
+                self.global_counts_since_update += counts
+        E, K = self.num_experts, self.num_topk
         total = self.global_counts_since_update
         f_E = total[:E] * (E / K) / total[E].clamp(min=1)
         return (f_E * probs_TE.sum(0)).sum() / max(T, 1)
@@ -293,28 +316,81 @@ class Router(nn.Module):
     def _group_size(self) -> int:
         return dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
 
+    def _gate_fingerprints(self, R: int) -> torch.Tensor:
+        """``[R]`` int64, zero but for this rank's entry: a positive hash of the gate's bits (0
+        when the gate is a DTensor, sharded and kept in sync by FSDP2)."""
+        out = torch.zeros(R, dtype=torch.int64, device=self.expert_bias.device)
+        w = self.gate.weight
+        if is_dtensor(w):
+            return out
+        bits = w.detach().reshape(-1)
+        bits = bits.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[bits.element_size()]).to(torch.int64)
+        # position-weighted sum of the bits (wrapping in int64), made positive
+        h = (bits * torch.arange(1, bits.numel() + 1, device=bits.device)).sum() & (2**62 - 1)
+        out[dist.get_rank(self.group)] = h.to(out.device) + 1
+        return out
+
+    def _check_same_gate(self, fingerprints: list[int]) -> None:
+        versions: dict[int, list[int]] = {}
+        for r, h in enumerate(fingerprints):
+            if h:
+                versions.setdefault(h, []).append(r)
+        if len(versions) < 2:
+            return
+        ranks = dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD)
+        held = "; ".join(f"ranks {[ranks[r] for r in rs]} hold one version" for rs in versions.values())
+        raise ValueError(f"Router.update_bias: the router gate differs between the ranks that route tokens ({held}; "
+                         f"this is rank {dist.get_rank()}). It is replicated, and nothing keeps replicated "
+                         "parameters in sync: call moeflow.parallelize(model, mesh) before training (FSDP2 "
+                         "over the data-parallel ranks), or average their gradients over the group yourself, "
+                         "and build the model from the same seed on every rank")
+
     # ------------------------------------------------------------------------------- per step
     @torch.no_grad()
     def update_bias(self) -> torch.Tensor:
-        """Call once per optimizer step, on every rank of ``group``: sum the load counted since
-        the last call over the group, move the expert bias by
-        ``bias_update_rate * sign(mean_load - load)`` (identically on every rank), and clear the
-        counts, the global-batch aux loss's included. Call it every step whenever the
-        global-batch aux loss is on, even with ``bias_update_rate = 0``.
+        """The per-step hook of load balancing; call once per optimizer step (after it), on every
+        rank of ``group``, also with ``bias_update_rate = 0`` whenever the global-batch aux loss
+        or placement planning is used.
+
+        Sums the load counted since the last call over the group, moves the expert bias by
+        ``bias_update_rate * sign(mean_load - load)`` (identically on every rank), folds the load
+        into :meth:`expert_load`, and clears the counts, the global-batch aux loss's included.
+
+        The same all-reduce carries a fingerprint of each rank's gate weight: the gate is
+        replicated over the group, and one that differs between ranks (nothing averages the
+        replicated parameters' gradients, or the ranks started from different weights) raises
+        here instead of training on silently. Gates sharded by FSDP2 are not checked: FSDP keeps
+        them in sync.
 
         Returns:
             ``[E]`` int64, the summed load (pairs per expert) that drove the update.
+
+        Raises:
+            ValueError: on every rank, naming the ranks whose gates differ.
         """
         load_E = self.num_tokens_per_expert_since_update.clone()
-        if self._group_size() > 1:
-            # every rank must apply the same update: the load of the whole data-parallel batch
-            self._sum(load_E)
+        R = self._group_size()
+        if R > 1:
+            # every rank must apply the same update: the load of the whole data-parallel batch;
+            # [R] more int64 carry each rank's gate fingerprint (0 = not checked) in its own slot
+            E = self.num_experts
+            summed = self._sum(torch.cat([load_E, self._gate_fingerprints(R)]))
+            load_E = summed[:E]
+            self._check_same_gate(summed[E:].tolist())  # host sync: R ints
         if self.bias_update_rate:
             load = load_E.float()
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        decay = self.load_ema_decay if self.num_load_updates else 0.0
+        self.expert_load_ema.mul_(decay).add_(load_E.to(self.expert_load_ema), alpha=1.0 - decay)
+        self.num_load_updates += 1
         self.num_tokens_per_expert_since_update.zero_()
         self.global_counts_since_update.zero_()
         return load_E
+
+    def expert_load(self) -> torch.Tensor:
+        """``[E]`` float32, the group's pairs per expert per step, averaged over the
+        :meth:`update_bias` calls (EMA with ``load_ema_decay``): what placement planning balances."""
+        return self.expert_load_ema.clone()
 
 
 def _keep_best_blocks(scores_TE: torch.Tensor, num_blocks: int, top_n: int, keep: int) -> torch.Tensor:

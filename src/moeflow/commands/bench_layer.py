@@ -6,7 +6,9 @@ experts; each iteration runs every column once, interleaved, so drift on a share
 them alike; per iteration the slowest rank decides, then the median over iterations):
 
   moeflow     :class:`moeflow.MoELayer`, dropless, with ``wire_dtype`` None (fp32 on the wire,
-              like the baselines: the like-for-like column) and bf16 (reported beside it).
+              like the baselines: the like-for-like column) and bf16 (reported beside it);
+              also with ``num_chunks="auto"`` (after its timed trials, run before the
+              measurement), against the fastest fixed chunk count of ``--chunks``.
   no-dedup    :class:`NoDedupMoE` below, torchtitan-style: one row per token-expert pair through
               ``all_to_all_single`` with uneven splits after a count all-to-all, permuted by local
               expert on arrival, the same :class:`~moeflow.experts.GroupedExperts` compute, the
@@ -41,6 +43,8 @@ from . import add_workload_arguments, check_workload, slowest_median, write_json
 TARGET_VS_NO_DEDUP = 1.5
 TARGET_VS_DEEPSPEED = 1.2
 TARGET_OVERLAP = 1.2
+# issue 11: num_chunks="auto" within 3% of the fastest fixed chunk count
+TARGET_AUTO = 0.97
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,12 +119,12 @@ class NoDedupMoE(nn.Module):
     communication differs: a token with k experts on another rank travels there k times.
 
     Args:
-        hidden, ffn_hidden, num_experts, top_k: D, F, E, K.
+        hidden, ffn_hidden, num_experts, num_topk: D, F, E, K.
         group: the expert-parallel process group; E divides by its size.
         norm_topk_prob: passed to the router.
     """
 
-    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int,
+    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, num_topk: int,
                  group: Optional[dist.ProcessGroup] = None, *, norm_topk_prob: bool = True) -> None:
         super().__init__()
         from ..experts import GroupedExperts
@@ -132,7 +136,7 @@ class NoDedupMoE(nn.Module):
             raise ValueError(f"NoDedupMoE: `num_experts` ({num_experts}) must divide by the group size "
                              f"{self.num_ranks}")
         self.num_experts, self.num_local_experts = num_experts, num_experts // self.num_ranks
-        self.router = Router(hidden, num_experts, top_k, norm_topk_prob=norm_topk_prob, group=group)
+        self.router = Router(hidden, num_experts, num_topk, norm_topk_prob=norm_topk_prob, group=group)
         self.experts = GroupedExperts(self.num_local_experts, hidden, ffn_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,6 +231,7 @@ def _make_deepspeed(weights, D: int, F: int, E: int, K: int, rank: int, R: int) 
 
 
 def _bench_rank(cfg: dict) -> dict:
+    from ..chunking import TRIALS, ChunkTuner
     from ..comm.buffer import Buffer
     from ..layer import MoELayer
 
@@ -253,6 +258,7 @@ def _bench_rank(cfg: dict) -> dict:
     for C in cfg["chunks"]:
         if C != 1:
             layers[f"moeflow_C{C}"] = moe_layer(C, None)
+    layers["moeflow_auto"] = moe_layer("auto", None)
 
     def step(name: str) -> torch.Tensor:
         layer = layers[name]
@@ -316,6 +322,9 @@ def _bench_rank(cfg: dict) -> dict:
             grads.append(g_c)
         torch.autograd.backward(outs, grads)
 
+    for _ in range(len(ChunkTuner.candidates(T)) * TRIALS):
+        step("moeflow_auto")  # its timed trials: from here on it runs the count it chose
+    auto_chunks = layers["moeflow_auto"]._chunk_tuner.chosen.get(1 << max(T - 1, 0).bit_length(), 1)
     runs = {name: (lambda n=name: step(n)) for name in layers}
     runs["comm_no_dedup"] = no_dedup_comm_step
     for C in cfg["chunks"]:
@@ -333,7 +342,7 @@ def _bench_rank(cfg: dict) -> dict:
             if it >= cfg["warmup"]:
                 times[name].append(dt)
                 cpu_times[name].append(dc)
-    return dict(times=times, cpu_times=cpu_times, diffs=diffs)
+    return dict(times=times, cpu_times=cpu_times, diffs=diffs, auto_chunks=auto_chunks)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -368,6 +377,10 @@ def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
         overlap.append(dict(chunks=C, layer_ms=layer * 1e3, comm_ms=comm * 1e3, compute_ms=compute * 1e3,
                             ratio=layer / max(comm, compute)))
     best = min(overlap, key=lambda o: o["layer_ms"]) if overlap else None
+    ratios["auto_vs_best_chunks"] = (best["layer_ms"] / 1e3) / t["moeflow_auto"] if best else None
+    if best:
+        best_col = "moeflow" if best["chunks"] == 1 else f"moeflow_C{best['chunks']}"
+        ratios["cpu_auto_vs_best_chunks"] = cpu[best_col] / cpu["moeflow_auto"]
     if best:
         ratios["best_chunks_vs_no_dedup"] = t["no_dedup"] / (best["layer_ms"] / 1e3)
         if "deepspeed" in t:
@@ -375,22 +388,24 @@ def _summarise(R: int, cfg: dict, per_rank: list[dict]) -> dict:
     return dict(ranks=R, tokens_per_rank=cfg["T"], hidden=cfg["D"], ffn=cfg["F"], experts=cfg["E"],
                 topk=cfg["K"], iters=cfg["iters"], columns=columns, comm_ms=comm_ms, ratios=ratios, max_abs_diff=diffs,
                 overlap=overlap, best_chunks=best["chunks"] if best else None,
+                auto_chunks=per_rank[0]["auto_chunks"],
                 targets=dict(vs_no_dedup=TARGET_VS_NO_DEDUP, vs_deepspeed=TARGET_VS_DEEPSPEED,
-                             overlap=TARGET_OVERLAP))
+                             overlap=TARGET_OVERLAP, auto_vs_best_chunks=TARGET_AUTO))
 
 
 _LABELS = {"moeflow": "moeflow MoELayer, fp32 wire", "moeflow_bf16": "moeflow MoELayer, bf16 wire",
-           "no_dedup": "no-dedup (torchtitan-style)", "deepspeed": "DeepSpeed-MoE, dropless"}
+           "no_dedup": "no-dedup (torchtitan-style)", "deepspeed": "DeepSpeed-MoE, dropless",
+           "moeflow_auto": "moeflow MoELayer, chunks auto"}
 
 
 def _mark(value: float, target: float, higher_is_better: bool) -> str:
     ok = value >= target if higher_is_better else value <= target
-    return f"target {'>=' if higher_is_better else '<='} {target:.1f}: {'met' if ok else 'MISSED'}"
+    return f"target {'>=' if higher_is_better else '<='} {target:g}: {'met' if ok else 'MISSED'}"
 
 
 def _print(s: dict) -> None:
     cols = s["columns"]
-    for name in ("moeflow", "moeflow_bf16", "no_dedup", "deepspeed"):
+    for name in ("moeflow", "moeflow_bf16", "moeflow_auto", "no_dedup", "deepspeed"):
         if name in cols:
             diff = s["max_abs_diff"].get(name)
             note = f"   max |dy| {diff['y']:.1e}, |dgrad_x| {diff['grad_x']:.1e} vs moeflow" if diff else ""
@@ -418,6 +433,13 @@ def _print(s: dict) -> None:
     for o in s["overlap"]:
         print(f"  overlap C={o['chunks']}: layer {o['layer_ms']:8.1f} ms, comm {o['comm_ms']:7.1f} ms, "
               f"compute {o['compute_ms']:8.1f} ms -> layer / max = {o['ratio']:.2f}")
+    if r.get("auto_vs_best_chunks") is not None:
+        print(f"  num_chunks='auto' chose C={s['auto_chunks']}; its tokens/s / the fastest fixed "
+              f"C={s['best_chunks']}'s: "
+              f"{r['auto_vs_best_chunks']:.2f}   {_mark(r['auto_vs_best_chunks'], TARGET_AUTO, True)}   "
+              f"(CPU time per rank: {r['cpu_auto_vs_best_chunks']:.2f}; C=" + ", C=".join(
+                  f"{c} {cols['moeflow' if c == 1 else f'moeflow_C{c}']['cpu_ms']:.0f} ms" for c in
+                  [o["chunks"] for o in s["overlap"]]) + f", auto {cols['moeflow_auto']['cpu_ms']:.0f} ms)")
     if s["overlap"]:
         best = next(o for o in s["overlap"] if o["chunks"] == s["best_chunks"])
         print(f"  overlap at the fastest chunk count (C={best['chunks']}): {best['ratio']:.2f}   "

@@ -9,7 +9,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..demo import DemoConfig
 
     d = DemoConfig()
-    p.add_argument("--ranks", type=int, default=4, help="local Gloo ranks (default: 4)")
+    p.add_argument("--ranks", type=int, default=4,
+                   help="local Gloo ranks (default: 4); under torchrun, its ranks are used instead")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel size of the (dp, ep) mesh; experts are split over ranks / dp (default: 1)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--out", default="out/demo", help="directory for report.json and training.png")
     p.add_argument("--no-bias", action="store_true", help="turn the expert bias (aux-loss-free balancing) off")
@@ -27,29 +30,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import DemoConfig, train
-    from ..launch import spawn
+    import os
 
-    if args.ranks < 1 or args.experts % args.ranks:
-        raise SystemExit(f"moeflow demo: --experts {args.experts} must divide by --ranks {args.ranks}")
+    from ..demo import DemoConfig, train
+    from ..parallel.launch import run as run_ranks, under_launcher
+
+    if under_launcher():  # torchrun's ranks, not --ranks local ones
+        args.ranks = int(os.environ["WORLD_SIZE"])
+    if args.dp < 1 or args.ranks % args.dp:
+        raise SystemExit(f"moeflow demo: --dp {args.dp} must divide the {args.ranks} ranks")
+    ep = args.ranks // args.dp
+    if args.ranks < 1 or args.experts % ep:
+        raise SystemExit(f"moeflow demo: --experts {args.experts} must divide by the {ep} expert-parallel ranks "
+                         f"(--ranks {args.ranks} / --dp {args.dp})")
     if args.steps < 1:
         raise SystemExit(f"moeflow demo: --steps must be >= 1, got {args.steps}")
     if args.rebalance_every < 0:
         raise SystemExit(f"moeflow demo: --rebalance-every must be >= 0, got {args.rebalance_every}")
     replicas = args.replicas
     if replicas is None:
-        replicas = args.experts + args.ranks if args.rebalance_every else args.experts
-    if replicas < args.experts or replicas % args.ranks:
+        replicas = args.experts + ep if args.rebalance_every else args.experts
+    if replicas < args.experts or replicas % ep:
         raise SystemExit(f"moeflow demo: --replicas {replicas} must be >= --experts {args.experts} "
-                         f"and divide by --ranks {args.ranks}")
+                         f"and divide by the {ep} expert-parallel ranks")
     cfg = DemoConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
                      num_experts=args.experts, seed=args.seed,
                      bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
                      eval_every=max(1, min(DemoConfig().eval_every, args.steps)),
-                     num_replicas=replicas, rebalance_every=args.rebalance_every)
-    print(f"moeflow demo: {args.ranks} ranks, {cfg.num_layers} layers, {cfg.num_experts} routed experts "
-          f"(top-{cfg.top_k}) + {cfg.num_shared_experts} shared, {cfg.steps} steps", flush=True)
-    report = spawn(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600, threads_per_rank=1)[0]
+                     num_slots=replicas, rebalance_every=args.rebalance_every, dp=args.dp)
+    first = int(os.environ.get("RANK", "0")) == 0
+    if first:
+        print(f"moeflow demo: {args.ranks} ranks ({args.dp} data parallel x {ep} expert parallel), "
+              f"{cfg.num_layers} layers, {cfg.num_experts} routed experts (top-{cfg.num_topk}) + "
+              f"{cfg.num_shared_experts} shared, {cfg.steps} steps", flush=True)
+    report = run_ranks(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600, threads_per_rank=1)[0]
+    if report["rank"] != 0:
+        return 0
     print(f"validation loss {report['final_val_loss']:.3f} nats/byte "
           f"(unigram baseline {report['unigram_val_loss']:.3f})")
     print(f"throughput {report['tokens_per_s']:,.0f} tokens/s; "

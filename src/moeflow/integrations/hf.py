@@ -19,7 +19,7 @@ reproduce their routing exactly:
 
 - ``DeepseekV3MoE``: sigmoid scores; ``e_score_correction_bias`` added for selection only
   (-> ``Router.expert_bias``); group-limited top-k over ``n_group`` groups scored by their top-2,
-  keeping ``topk_group`` (-> ``num_groups``, ``topk_groups``); weights are the unbiased scores,
+  keeping ``topk_group`` (-> ``num_groups``, ``num_topk_groups``); weights are the unbiased scores,
   normalised if ``norm_topk_prob``, times ``routed_scaling_factor`` (-> ``route_scale``); shared
   experts (one SwiGLU of ``F_s = n_shared_experts * F``) on every token.
 - ``Qwen3MoeSparseMoeBlock``: softmax over E, top-k, renormalised only if ``norm_topk_prob``.
@@ -53,12 +53,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoELayer
+from ..parallel.mesh import GroupLike, resolve_groups
 
 __all__ = ["expert_parallelize", "HFMoELayer", "SUPPORTED_BLOCKS"]
 
 # MoELayer arguments that expert_parallelize takes from the model, not from the caller
-_FROM_MODEL = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_shared_experts", "score_func",
-               "num_groups", "topk_groups", "route_scale", "norm_topk_prob")
+_FROM_MODEL = ("hidden", "ffn_hidden", "num_experts", "num_topk", "num_shared_experts", "score_func",
+               "num_groups", "num_topk_groups", "route_scale", "norm_topk_prob")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class _BlockSpec:
 def _read_deepseek_v3(block: nn.Module, name: str) -> _BlockSpec:
     router = _child(block, "gate", name)
     kwargs = dict(score_func="sigmoid", num_groups=int(_attr(router, block, "num_group", name)),
-                  topk_groups=int(_attr(router, block, "topk_group", name)),
+                  num_topk_groups=int(_attr(router, block, "topk_group", name)),
                   route_scale=float(_attr(router, block, "routed_scaling_factor", name)),
                   norm_topk_prob=bool(_attr(router, block, "norm_topk_prob", name)))
     return _spec(block, name, router, int(_attr(router, block, "top_k", name)), kwargs,
@@ -133,7 +134,7 @@ def _child(module: nn.Module, attr: str, name: str) -> nn.Module:
     return child
 
 
-def _spec(block: nn.Module, name: str, router: nn.Module, top_k: int, router_kwargs: dict, *,
+def _spec(block: nn.Module, name: str, router: nn.Module, num_topk: int, router_kwargs: dict, *,
           expert_bias: Optional[torch.Tensor] = None,
           shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> _BlockSpec:
     experts = _child(block, "experts", name)
@@ -156,7 +157,7 @@ def _spec(block: nn.Module, name: str, router: nn.Module, top_k: int, router_kwa
                          f"{None if gate is None else list(gate.shape)}")
     if getattr(router, "bias", None) is not None:
         raise TypeError(f"expert_parallelize: {name}.gate has a bias, which moeflow's Router lacks")
-    router_kwargs = dict(router_kwargs, top_k=top_k)
+    router_kwargs = dict(router_kwargs, num_topk=num_topk)
     if shared is not None and shared[0].size(0) % (F2 // 2):
         raise ValueError(f"expert_parallelize: {name}'s shared experts have intermediate size {shared[0].size(0)}, "
                          f"not a multiple of the routed experts' {F2 // 2}")
@@ -213,8 +214,7 @@ class HFMoELayer(MoELayer):
 
 
 # ------------------------------------------------------------------------------- public entry
-def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = None,
-                       **layer_kwargs: Any) -> nn.Module:
+def expert_parallelize(model: nn.Module, group: GroupLike = None, **layer_kwargs: Any) -> nn.Module:
     """Replace every supported MoE block of ``model`` by a :class:`moeflow.MoELayer` holding this
     rank's shard of the same weights; return ``model`` (changed in place).
 
@@ -229,15 +229,17 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
 
     Gradients: a rank's expert weights receive the gradient of every rank's tokens routed to
     them (the sum over the group), so they need no data-parallel reduction over ``group``; the
-    other parameters get this rank's batch only, as in plain data parallelism (docs/hf.md has
-    the recipe that reproduces global-batch gradients, and why plain DDP must skip the experts).
+    other parameters get this rank's batch only, as in plain data parallelism. With a mesh,
+    :func:`moeflow.parallelize` applies FSDP2 to both; docs/hf.md has the recipe by hand, and
+    why plain DDP must skip the experts.
 
     Args:
         model: a transformers model (e.g. ``DeepseekV3ForCausalLM``, ``Qwen3MoeForCausalLM``,
             ``MixtralForCausalLM``) or any module containing blocks named in
             :data:`SUPPORTED_BLOCKS`.
-        group: the expert-parallel process group (default: the world); each block's E must
-            divide by its size.
+        group: the expert-parallel process group (default: the world), or a ``DeviceMesh`` with
+            an ``"ep"`` dim (see :class:`moeflow.MoELayer`); each block's E must divide by the
+            expert-parallel size. With a mesh, :func:`moeflow.parallelize` then applies FSDP2.
         **layer_kwargs: passed to every :class:`moeflow.MoELayer` (``num_chunks``,
             ``capacity_factor``, ``wire_dtype``, ``bias_update_rate``, the Router's loss
             coefficients, ...). The routing options and sizes come from the model and may not
@@ -282,7 +284,7 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
     if not dist.is_initialized():
         raise RuntimeError("expert_parallelize: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group first (or use moeflow.spawn)")
-    R = dist.get_world_size(group)
+    R = dist.get_world_size(resolve_groups(group)[0])
     for name, _, spec in found:
         if spec.num_experts % R:
             raise ValueError(f"expert_parallelize: {name} has {spec.num_experts} experts, which do not divide "
@@ -298,7 +300,7 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
     return model
 
 
-def _build_layer(spec: _BlockSpec, group: Optional[dist.ProcessGroup], layer_kwargs: dict) -> HFMoELayer:
+def _build_layer(spec: _BlockSpec, group: GroupLike, layer_kwargs: dict) -> HFMoELayer:
     E, F2, D = spec.gate_up.shape
     F_ = F2 // 2
     num_shared = spec.shared[0].size(0) // F_ if spec.shared is not None else 0
