@@ -14,11 +14,13 @@ failure in its rank's slot (the fault tests use this to read what the survivors 
 from __future__ import annotations
 
 import datetime
+import functools
 import multiprocessing as mp
 import io
 import os
 import queue
 import signal
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -94,6 +96,27 @@ def _worker(fn, args, kwargs, rank, world_size, port, backend, timeout_s, thread
             pass
 
 
+_IMPORT_FIX = ("define it with `def` at module level in a file (a module, or the script itself with the "
+               "spawn call under `if __name__ == \"__main__\":`) and pass it by name, as examples/dispatch_combine.py does")
+
+
+def _check_importable(fn: Callable[..., Any]) -> None:
+    """Each rank is a fresh process that imports ``fn`` by module and name: refuse at once what
+    it cannot find (a lambda, a nested function, a function of an interactive ``__main__``)."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if not callable(target):
+        raise TypeError(f"spawn: `fn` must be callable, got {type(fn).__name__}")
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    if module is None or qualname is None:  # a callable object: pickling decides
+        return
+    if "<lambda>" in qualname or "<locals>" in qualname:
+        kind = "a lambda" if "<lambda>" in qualname else "a function defined inside another function"
+        raise TypeError(f"spawn: `fn` ({qualname}) is {kind}, which the ranks cannot import; {_IMPORT_FIX}")
+    if module == "__main__" and getattr(sys.modules.get("__main__"), "__file__", None) is None:
+        raise TypeError(f"spawn: `fn` ({qualname}) is defined in the __main__ of `python -c`, a REPL or a notebook, "
+                        f"which the ranks cannot import; {_IMPORT_FIX}")
+
+
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
           timeout_s: float = 120.0, collective_timeout_s: float | None = None,
           threads_per_rank: int | None = None, kwargs: dict | None = None,
@@ -101,8 +124,10 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     """Run ``fn(*args, **kwargs)`` on ``world_size`` local ranks and return the results by rank.
 
     Args:
-        fn: a module-level (picklable) function; it runs after ``init_process_group`` and may
-            use the default group. Its return value must be picklable.
+        fn: a module-level function of an importable file (each rank imports it by name; a
+            lambda, a nested function or one defined under ``python -c`` or in a notebook is
+            refused with ``TypeError``); it runs after ``init_process_group`` and may use the
+            default group. Its return value must be picklable.
         world_size: number of ranks, >= 1.
         backend: ``"gloo"`` (CPU tensors) or ``"nccl"``.
         timeout_s: wall-clock limit for the whole run; past it every rank is killed and
@@ -115,12 +140,14 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
             run on to the end (or to ``timeout_s``).
 
     Raises:
+        TypeError: the ranks could not import ``fn`` (before any process starts).
         RankError: a rank raised (the message holds its traceback) or died (the message holds
             its exit code or signal; ``exitcode`` is set).
         TimeoutError: the run did not finish within ``timeout_s``.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"spawn: world_size must be a positive int, got {world_size!r}")
+    _check_importable(fn)
     import torch.distributed as dist
 
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
@@ -164,7 +191,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
                     rank, ok, val = results.get(timeout=1.0)
                 except queue.Empty:
                     code = procs[dead[0]].exitcode
-                    fail(RankError(dead[0], _describe_exit(code), code))
+                    hint = ""
+                    if getattr(fn, "__module__", None) == "__main__":  # the rank re-imported the script
+                        hint = ("; if the script calls spawn outside `if __name__ == \"__main__\":`, every rank "
+                                "re-runs it on import: put the call under that guard")
+                    fail(RankError(dead[0], _describe_exit(code) + hint, code))
                     continue
             if not ok:
                 fail(RankError(rank, val))
