@@ -513,13 +513,18 @@ def expert_parallelize(model: nn.Module, group: Optional[dist.ProcessGroup] = No
             raise TypeError(f"expert_parallelize: {name} ({spec.family.model_type}) routes with its own router, "
                             f"which moeflow's routing options {refused} do not reach")
 
-    for name, block, spec in found:
+    # One block at a time, each released before the next layer is built: the peak holds one
+    # block's expert tensors beside the layers, not all of them twice.
+    found.reverse()
+    while found:
+        name, block, spec = found.pop()
         layer = _build_layer(spec, group, layer_kwargs)
         layer.train(block.training)
         if not name:  # `model` is itself a block: there is no parent to put the layer in
             return layer
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, layer)
+        del block, spec, layer
     return model
 
 
