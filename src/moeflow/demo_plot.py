@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["plot_training", "CLIP_PERCENTILE"]
+__all__ = ["plot_training", "load_share", "colour_range", "title_text", "CLIP_PERCENTILE"]
 
 #: the colour scale of the load panel ends at this percentile of the load / mean values
 CLIP_PERCENTILE = 99.0
@@ -32,6 +32,29 @@ def _moving_average(values, window: int = 10) -> np.ndarray:
     kernel = np.ones(min(window, v.size)) / min(window, v.size)
     head = np.array([v[:i + 1].mean() for i in range(min(window, v.size) - 1)])  # shorter windows first
     return np.concatenate([head, np.convolve(v, kernel, mode="valid")])
+
+
+def load_share(expert_load) -> np.ndarray:
+    """``[steps, E]`` loads (summed over layers) -> each expert's load over the step's mean."""
+    load = np.asarray(expert_load, dtype=np.float64)
+    return load / np.clip(load.mean(1, keepdims=True), 1e-9, None)
+
+
+def colour_range(share: np.ndarray) -> tuple[float, float]:
+    """``(vmin, vmax)`` of the load panel: the smallest value, and the :data:`CLIP_PERCENTILE`-th
+    percentile (a few early spikes do not stretch the scale); 1 (balanced) always strictly inside."""
+    vmax = max(float(np.percentile(share, CLIP_PERCENTILE)), 1.0 + 1e-3)
+    vmin = min(float(share.min()), 1.0 - 1e-3)
+    return vmin, vmax
+
+
+def title_text(report: dict, flags: str = "") -> str:
+    """The command with the run's flags, then the model and the seed."""
+    cfg = report["config"]
+    top_k = cfg.get("num_topk", cfg.get("top_k"))
+    return (f"moeflow demo {flags}".rstrip() + f" | {report['ranks']} ranks, {cfg['num_layers']} layers, "
+            f"{cfg['num_experts']} experts top-{top_k}, {report['num_params'] / 1e6:.1f}M parameters, "
+            f"seed {cfg['seed']}")
 
 
 def plot_training(report: dict, path: str, flags: str = "", title: Optional[str] = None) -> str:
@@ -61,8 +84,9 @@ def plot_training(report: dict, path: str, flags: str = "", title: Optional[str]
     fig, (ax_loss, ax_load, ax_bal) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw=dict(width_ratios=[1, 1.25, 1]))
 
     def mark_events(ax, label: bool) -> None:
-        for i, s in enumerate(rebalances):
-            ax.axvline(s + 0.5, color="crimson", ls="--", lw=1, label="rebalance" if label and i == 0 else None)
+        for i, s in enumerate(rebalances):  # black on the red/blue load panel, crimson elsewhere
+            ax.axvline(s + 0.5, color="black" if ax is ax_load else "crimson", ls="--", lw=1.2,
+                       label="rebalance" if label and i == 0 else None)
         if window is not None and ax is not ax_load:
             ax.axvspan(window[0] - 0.5, window[1] + 0.5, color="gray", alpha=0.12,
                        label="last 10% (report window)" if label else None)
@@ -76,10 +100,8 @@ def plot_training(report: dict, path: str, flags: str = "", title: Optional[str]
     ax_loss.set_title(f"loss: validation {report['final_val_loss']:.3f}")
     ax_loss.legend(fontsize=8)
 
-    load = np.asarray(h["expert_load"], dtype=np.float64)          # [steps, E], summed over layers
-    share = load / np.clip(load.mean(1, keepdims=True), 1e-9, None)  # load / mean per step
-    vmax = max(float(np.percentile(share, CLIP_PERCENTILE)), 1.0 + 1e-3)
-    vmin = min(float(share.min()), 1.0 - 1e-3)
+    share = load_share(h["expert_load"])
+    vmin, vmax = colour_range(share)
     im = ax_load.imshow(share.T, aspect="auto", cmap="RdBu_r", interpolation="nearest",
                         norm=TwoSlopeNorm(vmin=vmin, vcenter=1.0, vmax=vmax),
                         extent=(steps[0] - 0.5, steps[-1] + 0.5, share.shape[1] - 0.5, -0.5))
@@ -101,12 +123,7 @@ def plot_training(report: dict, path: str, flags: str = "", title: Optional[str]
                      f"ranks {report['max_over_mean_rank_last']:.2f}", fontsize=10)
     ax_bal.legend(fontsize=8)
 
-    cfg = report["config"]
-    if title is None:
-        title = (f"moeflow demo {flags}".rstrip() + f" | {report['ranks']} ranks, {cfg['num_layers']} layers, "
-                 f"{cfg['num_experts']} experts top-{cfg['top_k']}, {report['num_params'] / 1e6:.1f}M parameters, "
-                 f"seed {cfg['seed']}")
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title if title is not None else title_text(report, flags), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
