@@ -9,7 +9,8 @@ Per family: one process saves a random bf16 model of that family (``hf_random.ra
 with ``save_pretrained``; then, in the same run, R fresh ranks load it the baseline way and R
 fresh ranks load it with ``from_pretrained``. Each rank resets its peak-RSS mark after importing
 torch and transformers and reports the peak during loading (``VmHWM``), in total and above
-what the imports hold; the table shows the largest rank of each. Linux only (``/proc``).
+what the imports hold (the ``imports`` column: the largest rank's RSS before loading); the table
+shows the largest rank of each. Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main() -> None:
     mib = 2**20
     print(f"{a.ranks} ranks; random bf16 models: hidden {a.hidden}, {a.layers} layers, {a.experts} experts of "
           f"ffn {a.ffn}; peak RSS per rank while loading (largest rank), total and above the imports")
-    print(f"{'family':<16}{'checkpoint':>11}{'experts':>8}  {'full load':>20}  {'from_pretrained':>20}  "
+    print(f"{'family':<16}{'checkpoint':>11}{'experts':>8}{'imports':>9}  {'full load':>20}  {'from_pretrained':>20}  "
           f"{'ratio':>6} {'above imports':>14}")
     for family in families:
         with tempfile.TemporaryDirectory() as path:
@@ -94,7 +95,8 @@ def main() -> None:
         f_peak, s_peak = max(r["peak"] for r in full), max(r["peak"] for r in sharded)
         f_above = max(r["peak"] - r["base"] for r in full)
         s_above = max(r["peak"] - r["base"] for r in sharded)
-        print(f"{family:<16}{size / mib:>8.0f}MiB{frac:>8.0%}  {f_peak / mib:>10.0f} MiB/rank  "
+        base = max(r["base"] for r in full + sharded)
+        print(f"{family:<16}{size / mib:>8.0f}MiB{frac:>8.0%}{base / mib:>6.0f}MiB  {f_peak / mib:>10.0f} MiB/rank  "
               f"{s_peak / mib:>10.0f} MiB/rank  {s_peak / f_peak:>5.2f}x {s_above / f_above:>13.2f}x", flush=True)
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"transformers {__import__('transformers').__version__}")

@@ -400,3 +400,20 @@ def test_moeflow_imports_without_transformers():
             "assert callable(moeflow.integrations.hf.expert_parallelize)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_docs_table_lists_every_supported_and_refused_block():
+    """docs/hf.md's two tables name exactly the registry's blocks and families."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "hf.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \| (Router|own router|[^|]+) \|", text, re.M)
+    supported = {block: fam for fam, block, kind in rows if kind in ("Router", "own router")}
+    refused = {block for fam, block, kind in rows if kind not in ("Router", "own router")}
+    assert supported == {block: f.model_type for block, f in SUPPORTED_BLOCKS.items()}
+    assert refused == set(REFUSED_BLOCKS)
+    for fam, block, kind in rows:
+        if block in SUPPORTED_BLOCKS:
+            assert (kind == "Router") == (SUPPORTED_BLOCKS[block].routing is not None), block
+    assert set(FAMILY_CONFIGS) == {f.model_type for f in SUPPORTED_BLOCKS.values()}  # each has a parity test
