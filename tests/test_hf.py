@@ -201,7 +201,7 @@ def _data_parallel_step_rank():
 def _load_rank(path):
     """from_pretrained: every rank reads only its experts, and the model is the one
     expert_parallelize makes of the full checkpoint (same logits). Rank 0 saved it."""
-    rank, R = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     out = {}
     for family in ("qwen3_moe", "mixtral", "deepseek_v3"):
         ref = _build(family).eval()
@@ -375,7 +375,8 @@ def test_refuses_bad_arguments_and_unknown_blocks():
             super().__init__()
             self.gate, self.experts = nn.Linear(4, 2), nn.Linear(4, 4)
 
-    with pytest.raises(TypeError, match=r"expert_parallelize: 1 is a FancyMoE, an MoE block of a family moeflow does not know"):
+    with pytest.raises(TypeError, match=r"expert_parallelize: 1 is a FancyMoE, an MoE block of a family moeflow "
+                                        r"does not know"):
         expert_parallelize(nn.Sequential(nn.Linear(4, 4), FancyMoE()))
     odd = _build("qwen3_moe")
     odd.model.layers[1].mlp.gate.top_k = None  # a layout that keeps top_k nowhere we look

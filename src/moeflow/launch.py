@@ -97,7 +97,8 @@ def _worker(fn, args, kwargs, rank, world_size, port, backend, timeout_s, thread
 
 
 _IMPORT_FIX = ("define it with `def` at module level in a file (a module, or the script itself with the "
-               "spawn call under `if __name__ == \"__main__\":`) and pass it by name, as examples/dispatch_combine.py does")
+               "spawn call under `if __name__ == \"__main__\":`) and pass it by name, as "
+               "examples/dispatch_combine.py does")
 
 
 def _check_importable(fn: Callable[..., Any]) -> None:

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, required=True,
                    help="physical expert slots per layer (>= experts; divisible by --gpus)")
     p.add_argument("--groups", type=int, default=1, help="expert groups (DeepSeek-V3: 8)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are on (each expert group stays on one node when --groups is a multiple of --nodes)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes the GPUs are on (each expert group stays on one node when --groups is a multiple of --nodes)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in all")
     p.add_argument("--previous", metavar="FILE",
                    help="placement in use (.json/.npz/.pt): move as few experts as balance allows")

@@ -34,17 +34,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=7168, help="hidden size")
     p.add_argument("--experts", type=int, default=256, help="routed experts")
     p.add_argument("--topk", type=int, default=8, help="experts per token")
-    p.add_argument("--fp8", action="store_true", help="FP8 dispatch (H bytes + H/128 float32 scales); combine is bf16")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 dispatch (H bytes + H/128 float32 scales); combine is bf16")
     p.add_argument("--hierarchical", action="store_true",
                    help="cross nodes once per destination node, forward over NVLink (DeepEP internode)")
     p.add_argument("--low-latency", action="store_true", help="one message per (token, expert), DeepEP decode kernels")
     routing = p.add_argument_group("routing (default: uniform top-k)")
-    routing.add_argument("--groups", type=int, default=1, help="expert groups for group-limited routing (DeepSeek-V3: 8)")
+    routing.add_argument("--groups", type=int, default=1,
+                         help="expert groups for group-limited routing (DeepSeek-V3: 8)")
     routing.add_argument("--topk-groups", type=int,
                          help="groups each token may use (DeepSeek-V3: 4; default: all --groups)")
-    routing.add_argument("--max-nodes", type=int, help="node-limited routing: at most M nodes per token (default: no limit)")
+    routing.add_argument("--max-nodes", type=int,
+                         help="node-limited routing: at most M nodes per token (default: no limit)")
     routing.add_argument("--loads", metavar="FILE",
-                         help="measured per-expert loads [layers, experts] (.npy, .csv, .json) instead of uniform routing")
+                         help="measured per-expert loads [layers, experts] (.npy, .csv, .json) instead of "
+                              "uniform routing")
     routing.add_argument("--layer", type=int, help="with --loads: model this layer only (default: every layer)")
     routing.add_argument("--samples", type=int, default=20000, help="Monte Carlo tokens")
     routing.add_argument("--seed", type=int, default=0, help="Monte Carlo seed")

@@ -44,7 +44,7 @@ and reads their tensors, so ``import moeflow`` works without the ``hf`` extra.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -104,7 +104,7 @@ class Family:
     router_args: tuple[str, ...] = ()
     router_input_3d: bool = False
     scales: Optional[Callable[[nn.Module], tuple[float, float]]] = None
-    check: Optional[Callable[[nn.Module, str], None]] = field(default=None)
+    check: Optional[Callable[[nn.Module, str], None]] = None
 
 
 def _setting(block: nn.Module, router: nn.Module, attr: str, name: str) -> Any:
