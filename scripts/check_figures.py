@@ -88,16 +88,41 @@ DEMO_RUNS = {"default (expert bias on)": [], "`--no-bias`": ["--no-bias"],
 DEMO_VALUES = ("final_val_loss", "max_over_mean_expert_last", "max_over_mean_expert_window", "max_over_mean_rank_last")
 
 
+PARTIAL = Path(tempfile.gettempdir()) / "moeflow_check_figures_partial.json"
+
+
+def _code_version() -> str:
+    """The checkout's commit and a digest of its uncommitted changes (what a cached run ran)."""
+    import hashlib
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout  # noqa: E731
+    return git("rev-parse", "HEAD").strip() + ":" + hashlib.sha1(git("diff", "HEAD", "--", "src").encode()).hexdigest()
+
+
+def _demo_report(flags: list[str], seed: int) -> dict:
+    """One demo run's report; kept in PARTIAL (keyed by flags, seed and versions) until the set is
+    recorded, so an interrupted --record or --check resumes where it stopped (a run takes minutes)."""
+    key = json.dumps([flags, seed, versions(), _code_version()])
+    cache = json.loads(PARTIAL.read_text()) if PARTIAL.exists() else {}
+    if key not in cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            _run(["-m", "moeflow.cli", "demo", "--ranks", "4", "--steps", "300", "--seed", str(seed), "--quiet",
+                  "--out", tmp, *flags], timeout=7200)
+            report = json.loads(Path(tmp, "report.json").read_text())
+        report.pop("history")
+        cache = json.loads(PARTIAL.read_text()) if PARTIAL.exists() else {}
+        cache[key] = report
+        PARTIAL.write_text(json.dumps(cache))
+    return cache[key]
+
+
 def measure_demo() -> dict:
     out: dict = {}
     for run, flags in DEMO_RUNS.items():
         out[run] = {}
         for seed in DEMO_SEEDS:
-            with tempfile.TemporaryDirectory() as tmp:
-                print(f"  demo {run} seed {seed}", flush=True)
-                _run(["-m", "moeflow.cli", "demo", "--ranks", "4", "--steps", "300", "--seed", str(seed), "--quiet",
-                      "--out", tmp, *flags], timeout=7200)
-                report = json.loads(Path(tmp, "report.json").read_text())
+            print(f"  demo {run} seed {seed}", flush=True)
+            report = _demo_report(flags, seed)
             values = {k: report[k] for k in DEMO_VALUES}
             values["unigram_val_loss"] = report["unigram_val_loss"]
             if report["rebalance"]:
@@ -317,6 +342,8 @@ def main() -> int:
                                 versions=versions(), values=new)
             RECORD.write_text(json.dumps(record, indent=1) + "\n")
             write_blocks(record, [name])
+            if name == "demo":
+                PARTIAL.unlink(missing_ok=True)
         elif name not in record:
             print(f"  not recorded yet: run --record {name}")
             ok = False
