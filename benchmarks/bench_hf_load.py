@@ -29,8 +29,17 @@ from moeflow.commands import reset_peak_rss, rss_bytes
 DEFAULT_FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe", "olmoe", "phimoe"]
 
 
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per rank would bury the table
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _save(family: str, sizes: dict, path: str) -> tuple[int, float]:
     from moeflow.integrations.hf_random import random_model
+
+    _quiet_transformers()
 
     model = random_model(family, dtype=torch.bfloat16, **sizes)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -46,6 +55,7 @@ def _load(path: str, mode: str) -> dict:
     from moeflow import MoELayer
     from moeflow.integrations import hf
 
+    _quiet_transformers()
     gc.collect()
     base = rss_bytes("VmRSS")
     if not reset_peak_rss():
