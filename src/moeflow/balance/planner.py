@@ -44,8 +44,9 @@ def plan(loads, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: in
         previous: the placement in use; the plan then moves as few expert weights as it can while
             keeping each layer's GPU max load within ``tolerance`` of a plan from scratch. Per
             layer, the result's GPU max load is never above that of keeping ``previous`` (an exact
-            bound, no tolerance), and a layer keeps ``previous`` unchanged (no moves) where that
-            is already within ``tolerance`` of a plan from scratch.
+            bound, no tolerance) where ``previous`` holds every expert, and a layer keeps
+            ``previous`` unchanged (no moves) where that is already within ``tolerance`` of a plan
+            from scratch.
         tolerance: allowed relative excess of a layer's GPU max load over the plan from scratch
             when re-planning from ``previous`` (0.02 = 2%).
         affinity: optional [L - 1, E, E] non-negative co-activation counts, ``affinity[l, i, j]``
@@ -86,9 +87,12 @@ def plan(loads, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: in
     new_LR = np.where((ok_L & fewer_L)[:, None], sticky_LR, aligned_LR)
     # Per layer, never worse than staying put, and no moves for a gain within the tolerance: a
     # layer keeps `previous` unchanged where that is already within `tolerance` of the plan from
-    # scratch, or where the plan above would not lower its GPU max load.
+    # scratch, or where the plan above would not lower its GPU max load. Only a `previous` that
+    # holds every expert can stay (after a GPU loss it may not: replan_after_loss).
+    complete_L = np.stack([np.bincount(row, minlength=E) for row in prev_LR]).min(1) >= 1
     keep_max_L = _gpu_max(w_LE, prev_LR, num_gpus)
-    stay_L = (keep_max_L <= target_L * (1 + 1e-9) + 1e-12) | (_gpu_max(w_LE, new_LR, num_gpus) >= keep_max_L)
+    stay_L = complete_L & ((keep_max_L <= target_L * (1 + 1e-9) + 1e-12)
+                           | (_gpu_max(w_LE, new_LR, num_gpus) >= keep_max_L))
     new_LR = np.where(stay_L[:, None], prev_LR, new_LR)
     return Placement.from_phy2log(new_LR, E, num_gpus, num_nodes, moves=int((new_LR != prev_LR).sum()))
 
