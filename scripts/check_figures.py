@@ -226,14 +226,20 @@ def measure_experts() -> dict:
 
 def render_experts(rec: dict) -> str:
     v = rec["values"]
-    fwd = min(v, key=lambda c: statistics.fmean(v[c]["fwd_vs_loop"]))
-    both = min(v, key=lambda c: statistics.fmean(v[c]["fwd_bwd_vs_loop"]))
+
+    def verdict(key: str) -> str:
+        ranked = sorted(v, key=lambda c: statistics.fmean(v[c][key]))
+        if ranked[0] != "padded_bmm":
+            return f"{ranked[0]} was fastest"
+        best, second = _mean_sd(v[ranked[0]][key]), _mean_sd(v[ranked[1]][key])
+        clear = best[0] + best[1] < second[0] - second[1]
+        return "the fastest" if clear else f"fastest on average, within the runs' spread of {ranked[1]}"
+
     pb = v["padded_bmm"]
-    text = (f"padded `bmm` took {_pm(pb['fwd_vs_loop'], '.2f')}x the per-expert loop's forward time and "
-            f"{_pm(pb['fwd_bwd_vs_loop'], '.2f')}x its forward+backward "
-            f"(fastest: {fwd} forward, {both} forward+backward; "
-            f"`python benchmarks/bench_experts.py`, {EXPERTS_REPS} runs; {_measured(rec).rstrip('.')})")
-    return text
+    return (f"padded `bmm` took {_pm(pb['fwd_bwd_vs_loop'], '.2f')}x the per-expert loop's forward+backward "
+            f"time ({verdict('fwd_bwd_vs_loop')}) and {_pm(pb['fwd_vs_loop'], '.2f')}x its forward time "
+            f"({verdict('fwd_vs_loop')}); `python benchmarks/bench_experts.py`, {EXPERTS_REPS} runs, "
+            f"{_measured(rec)[0].lower()}{_measured(rec)[1:].rstrip('.')}")
 
 
 def _measured(rec: dict) -> str:
