@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from moeflow import spawn
+from moeflow.commands import speed_words
 
 
 def _rank(tokens: int, hidden: int, experts: int, reps: int, seq: int):
@@ -73,8 +74,8 @@ def main() -> None:
     for name in ("unmodified", "expert-parallel"):
         ms = max(o[0][name] for o in outs) * 1e3
         print(f"{name:<16} {ms:>10.1f} {outs[0][1][name]:>14,}")
-    ratio = max(o[0]["expert-parallel"] for o in outs) / max(o[0]["unmodified"] for o in outs)
-    print(f"expert-parallel / unmodified time: {ratio:.2f}")
+    ep, plain = (max(o[0][k] for o in outs) for k in ("expert-parallel", "unmodified"))
+    print(f"expert-parallel step: {speed_words(ep, plain)} than unmodified")
 
 
 if __name__ == "__main__":

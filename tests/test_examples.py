@@ -45,7 +45,7 @@ def test_dispatch_combine_example_runs():
         assert float(m.group(1)) < 0.1  # bf16 rounding of the toy expert, not a routing error
 
 
-def test_bench_cli_small_run(tmp_path):
+def test_bench_cli_small_run(tmp_path, capsys):
     import json
 
     from moeflow.cli import main
@@ -53,6 +53,10 @@ def test_bench_cli_small_run(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--ranks", "2", "--tokens", "64", "--hidden", "256", "--experts", "8",
                  "--topk", "2", "--iters", "2", "--warmup", "1", "--fp8", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    # one ratio convention: how much faster or slower moeflow is than each baseline, in words
+    assert len(re.findall(r"moeflow is \d+\.\d\dx (faster|slower)", text)) == 6, text  # raw (wall, CPU), no-dedup x 2 modes
+    assert "ours / raw" not in text and "speed-up" not in text
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["bf16", "fp8"]
     for r in rows:

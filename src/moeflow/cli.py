@@ -1,6 +1,7 @@
 """The ``moeflow`` command: one sub-command per module under ``moeflow.commands``.
 
-Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Each command module exposes ``add_arguments(parser)``, ``run(args) -> int`` and ``DESCRIPTION``,
+what ``moeflow COMMAND --help`` says the command does (for users, not for the code's readers).
 """
 
 from __future__ import annotations
@@ -8,6 +9,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+DESCRIPTION = """\
+moeflow gives PyTorch Mixture-of-Experts models expert parallelism on any torch.distributed
+backend (NCCL on GPUs, Gloo on CPUs): tokens travel to the ranks that hold their experts and
+back, with load balancing and expert placement. The commands below train and time it on this
+machine (local processes as ranks, on the CPU), plan expert placement from measured loads, and
+model clusters you do not have; none needs a GPU."""
+
+EPILOG = """\
+start here:
+  moeflow demo                       train a small MoE language model on 4 local ranks (minutes)
+  moeflow bench                      time dispatch+combine against plain all-to-alls
+  moeflow simulate --nodes 4         model dispatch/combine on a 4-node GPU cluster
+  moeflow COMMAND --help             every option of a command, with its default"""
 
 # name -> (module, one-line help). Modules are imported only when their command runs or when
 # the parser is built, so `moeflow plan` never pays for what `moeflow demo` imports.
@@ -21,12 +36,41 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions' line breaks and appends each option's default to its help, except
+    where the default is None or False (the help then says what leaving it out means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS or "(default" in text
+                or not action.option_strings):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
+def _version() -> str:
+    from . import __version__
+
+    try:
+        import torch
+
+        return f"moeflow {__version__} (torch {torch.__version__})"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return f"moeflow {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeflow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="moeflow", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        mod = importlib.import_module(module)
+        description = getattr(mod, "DESCRIPTION", help_text)
+        p = sub.add_parser(name, help=help_text, description=description, formatter_class=HelpFormatter)
+        mod.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 

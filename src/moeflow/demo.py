@@ -334,33 +334,7 @@ def _evaluate(model, val_data, cfg, batch, device) -> float:
 
 
 def _write_outputs(report: dict, out_dir: str) -> None:
+    """report.json (the PNG is drawn from it by :mod:`moeflow.demo_plot`)."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("moeflow demo: matplotlib not installed; skipping the PNG (pip install matplotlib)")
-        return
-    h = report["history"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.plot(h["step"], h["loss"], label="train", lw=1)
-    ax1.plot(h["val_step"], h["val_loss"], "o-", label="validation")
-    ax1.axhline(report["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("loss (nats/byte)")
-    ax1.set_title(f"{report['ranks']} ranks, {report['num_params'] / 1e6:.1f}M parameters")
-    ax1.legend()
-    load = torch.tensor(h["expert_load"])  # [steps, E] summed over layers
-    share = load / load.sum(1, keepdim=True).clamp(min=1) * load.size(1)
-    im = ax2.imshow(share.t().numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("expert")
-    ax2.set_title("expert load / mean (all layers)")
-    fig.colorbar(im, ax=ax2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "training.png"), dpi=110)
-    plt.close(fig)

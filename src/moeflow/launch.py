@@ -14,6 +14,7 @@ failure in its rank's slot (the fault tests use this to read what the survivors 
 from __future__ import annotations
 
 import datetime
+import functools
 import multiprocessing as mp
 import multiprocessing.util
 import io
@@ -154,6 +155,28 @@ def _go_key(attempt: int) -> str:
     return f"moeflow/go{attempt}"
 
 
+_IMPORT_FIX = ("define it with `def` at module level in a file (a module, or the script itself with the "
+               "spawn call under `if __name__ == \"__main__\":`) and pass it by name, as "
+               "examples/dispatch_combine.py does")
+
+
+def _check_importable(fn: Callable[..., Any]) -> None:
+    """Each rank is a fresh process that imports ``fn`` by module and name: refuse at once what
+    it cannot find (a lambda, a nested function, a function of an interactive ``__main__``)."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if not callable(target):
+        raise TypeError(f"spawn: `fn` must be callable, got {type(fn).__name__}")
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    if module is None or qualname is None:  # a callable object: pickling decides
+        return
+    if "<lambda>" in qualname or "<locals>" in qualname:
+        kind = "a lambda" if "<lambda>" in qualname else "a function defined inside another function"
+        raise TypeError(f"spawn: `fn` ({qualname}) is {kind}, which the ranks cannot import; {_IMPORT_FIX}")
+    if module == "__main__" and getattr(sys.modules.get("__main__"), "__file__", None) is None:
+        raise TypeError(f"spawn: `fn` ({qualname}) is defined in the __main__ of `python -c`, a REPL or a notebook, "
+                        f"which the ranks cannot import; {_IMPORT_FIX}")
+
+
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
           timeout_s: float = 120.0, collective_timeout_s: float | None = None,
           threads_per_rank: int | None = None, kwargs: dict | None = None,
@@ -168,8 +191,10 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     Any other start-up failure is raised at once.
 
     Args:
-        fn: a module-level (picklable) function; it runs after ``init_process_group`` and may
-            use the default group. Its return value must be picklable.
+        fn: a module-level function of an importable file (each rank imports it by name; a
+            lambda, a nested function or one defined under ``python -c`` or in a notebook is
+            refused with ``TypeError``); it runs after ``init_process_group`` and may use the
+            default group. Its return value must be picklable.
         world_size: number of ranks, >= 1.
         backend: ``"gloo"`` (CPU tensors) or ``"nccl"``.
         timeout_s: wall-clock limit for the whole run; past it every rank is killed and
@@ -182,6 +207,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
             run on to the end (or to ``timeout_s``). Start-up failures are always raised.
 
     Raises:
+        TypeError: the ranks could not import ``fn`` (before any process starts).
         RankError: a rank raised (the message holds its traceback) or died (the message holds
             its exit code or signal; ``exitcode`` is set), or could not join the group.
         TimeoutError: the run did not finish within ``timeout_s``.
@@ -190,6 +216,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"spawn: world_size must be a positive int, got {world_size!r}")
+    _check_importable(fn)
     import torch.distributed as dist
 
     launched = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE") if k in os.environ}
@@ -233,7 +260,7 @@ class _Run:
 
     def __init__(self, fn, args, kwargs, world_size, backend, coll_timeout, threads, port, attempt, deadline,
                  timeout_s):
-        self.world_size, self.deadline, self.timeout_s = world_size, deadline, timeout_s
+        self.fn, self.world_size, self.deadline, self.timeout_s = fn, world_size, deadline, timeout_s
         ctx = _context()
         # A queue per start: a rank killed while writing may leave a queue's lock held.
         self.results = ctx.Queue()
@@ -277,10 +304,17 @@ class _Run:
             if kind == "started":
                 pending.discard(rank)
             elif kind == "died":
-                return RankError(rank, "could not join the process group: " + _describe_exit(val), val)
+                return self._died(rank, val, "could not join the process group: ")
             else:  # start_failed, or an error before init_process_group was reached
                 return RankError(rank, val)
         return None
+
+    def _died(self, rank: int, code: int, what: str = "") -> RankError:
+        hint = ""
+        if getattr(self.fn, "__module__", None) == "__main__":  # the rank re-imported the script
+            hint = ("; if the script calls spawn outside `if __name__ == \"__main__\":`, every rank re-runs it "
+                    "on import: put the call under that guard")
+        return RankError(rank, what + _describe_exit(code) + hint, code)
 
     def collect(self, return_failures: bool) -> list[Any]:
         outs: dict[int, Any] = {}
@@ -292,7 +326,7 @@ class _Run:
 
                 outs[rank] = torch.load(io.BytesIO(val), weights_only=False)
                 continue
-            err = RankError(rank, _describe_exit(val), val) if kind == "died" else RankError(rank, val)
+            err = self._died(rank, val) if kind == "died" else RankError(rank, val)
             if not return_failures:
                 raise err
             failures[rank] = err

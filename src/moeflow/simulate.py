@@ -450,7 +450,8 @@ def simulate_dispatch_combine(cluster: ClusterSpec, reach: Reach, *, num_tokens:
 
 @dataclass(frozen=True)
 class DeepEPRow:
-    """One published DeepEP H800 measurement (docs/legacy.md, V1 "Performance").
+    """One published DeepEP H800 measurement (DeepEP's repository, github.com/deepseek-ai/DeepEP:
+    docs/legacy.md there, section "Performance" of V1).
 
     ``unit`` is "GB/s" (DeepEP's bottleneck bandwidth: NVLink intranode, RDMA internode) or "us".
     Normal kernels: 4096 tokens, hidden 7168, top-8 of 256 experts, groups = nodes with top

@@ -9,7 +9,8 @@ one group on one node):
 With ``previous``: keep every replica that may stay, place only the rest, then swap (cheapest in
 weight copies first) until the GPU max is within ``tolerance`` of the plan from scratch; a layer
 where that fails takes the plan from scratch relabelled to match ``previous`` as closely as
-possible. With ``affinity``: relabel nodes layer by layer (balance unchanged) so that experts
+possible; a layer where neither beats keeping ``previous`` (or keeping it is already within
+``tolerance``) keeps it. With ``affinity``: relabel nodes layer by layer (balance unchanged) so that experts
 that are often used one after the other share a node.
 
 Shape letters: L layers, E logical experts, R replicas (slots), G groups, N nodes, P GPUs,
@@ -41,7 +42,11 @@ def plan(loads, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: in
         num_nodes: N nodes; ``num_gpus`` must be a multiple of it.
         num_gpus: P GPUs.
         previous: the placement in use; the plan then moves as few expert weights as it can while
-            keeping each layer's GPU max load within ``tolerance`` of a plan from scratch.
+            keeping each layer's GPU max load within ``tolerance`` of a plan from scratch. Per
+            layer, the result's GPU max load is never above that of keeping ``previous`` (an exact
+            bound, no tolerance) where ``previous`` holds every expert, and a layer keeps
+            ``previous`` unchanged (no moves) where that is already within ``tolerance`` of a plan
+            from scratch.
         tolerance: allowed relative excess of a layer's GPU max load over the plan from scratch
             when re-planning from ``previous`` (0.02 = 2%).
         affinity: optional [L - 1, E, E] non-negative co-activation counts, ``affinity[l, i, j]``
@@ -80,6 +85,15 @@ def plan(loads, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: in
     ok_L = _gpu_max(w_LE, sticky_LR, num_gpus) <= target_L * (1 + 1e-9) + 1e-12
     fewer_L = (sticky_LR != prev_LR).sum(1) <= (aligned_LR != prev_LR).sum(1)
     new_LR = np.where((ok_L & fewer_L)[:, None], sticky_LR, aligned_LR)
+    # Per layer, never worse than staying put, and no moves for a gain within the tolerance: a
+    # layer keeps `previous` unchanged where that is already within `tolerance` of the plan from
+    # scratch, or where the plan above would not lower its GPU max load. Only a `previous` that
+    # holds every expert can stay (after a GPU loss it may not: replan_after_loss).
+    complete_L = np.stack([np.bincount(row, minlength=E) for row in prev_LR]).min(1) >= 1
+    keep_max_L = _gpu_max(w_LE, prev_LR, num_gpus)
+    stay_L = complete_L & ((keep_max_L <= target_L * (1 + 1e-9) + 1e-12)
+                           | (_gpu_max(w_LE, new_LR, num_gpus) >= keep_max_L))
+    new_LR = np.where(stay_L[:, None], prev_LR, new_LR)
     return Placement.from_phy2log(new_LR, E, num_gpus, num_nodes, moves=int((new_LR != prev_LR).sum()))
 
 

@@ -14,22 +14,36 @@ import json
 import statistics
 from typing import Optional
 
-__all__ = ["add_workload_arguments", "check_workload", "slowest_median", "write_json"]
+__all__ = ["add_workload_arguments", "check_workload", "slowest_median", "write_json", "rss_bytes", "reset_peak_rss",
+           "speed_words", "target_words"]
 
 
 def add_workload_arguments(p: argparse.ArgumentParser, *, ranks: list[int], tokens: int, hidden: int,
                            experts: int = 64, topk: int = 8, iters: int, warmup: int,
                            tokens_help: str = "tokens per rank") -> None:
     """Add ``--ranks --tokens --hidden --experts --topk --iters --warmup --json`` with these defaults."""
-    shown = " ".join(str(r) for r in ranks)
-    p.add_argument("--ranks", type=int, nargs="+", default=ranks, help=f"world sizes to run (default: {shown})")
+    p.add_argument("--ranks", type=int, nargs="+", default=ranks, metavar="R",
+                   help="world sizes to run, one after the other (local processes)")
     p.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
-    p.add_argument("--hidden", type=int, default=hidden)
-    p.add_argument("--experts", type=int, default=experts)
-    p.add_argument("--topk", type=int, default=topk)
-    p.add_argument("--iters", type=int, default=iters)
-    p.add_argument("--warmup", type=int, default=warmup)
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--hidden", type=int, default=hidden, help="hidden size of a token")
+    p.add_argument("--experts", type=int, default=experts, help="routed experts in all, divisible by each R")
+    p.add_argument("--topk", type=int, default=topk, help="experts per token")
+    p.add_argument("--iters", type=int, default=iters, help="timed iterations (the table shows their median)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed iterations first")
+    p.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+
+
+def speed_words(ours_s: float, baseline_s: float) -> str:
+    """Our time against a baseline's, in words: ``"2.10x faster"`` or ``"1.43x slower"`` (the
+    one ratio convention of every benchmark's table)."""
+    if ours_s <= baseline_s:
+        return f"{baseline_s / ours_s:.2f}x faster"
+    return f"{ours_s / baseline_s:.2f}x slower"
+
+
+def target_words(target: float) -> str:
+    """A speed target as context beside a measured ratio, never as pass/fail: ``"(target: 1.5x faster)"``."""
+    return f"(target: {target:g}x faster)"
 
 
 def check_workload(args: argparse.Namespace, command: str, *, fp8: bool) -> None:
@@ -65,3 +79,26 @@ def write_json(path: Optional[str], rows: list) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's ``/proc/self/status`` memory field in bytes (``VmRSS`` now, ``VmHWM`` its
+    peak); 0 where the file does not exist (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

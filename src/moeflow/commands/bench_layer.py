@@ -30,6 +30,9 @@ R ranks, L = E / R local experts, S token-expert pairs sent, M rows received.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
 import time
 from typing import Optional
 
@@ -37,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import add_workload_arguments, check_workload, slowest_median, write_json
+from . import add_workload_arguments, check_workload, slowest_median, speed_words, target_words, write_json
 
 # Targets of issue 3, item 6: moeflow / baseline tokens/s, and overlap at the best chunk count.
 TARGET_VS_NO_DEDUP = 1.5
@@ -47,12 +50,21 @@ TARGET_OVERLAP = 1.2
 TARGET_AUTO = 0.97
 
 
+DESCRIPTION = """\
+Times one MoE layer's forward and backward (router, dispatch, experts, combine) on R local Gloo
+ranks: moeflow's MoELayer against, in the same run with the same weights and routing, a
+no-dedup layer (one row per token-expert pair on the wire, torchtitan-style) and DeepSpeed-MoE
+(dropless) when deepspeed is installed. Prints milliseconds and tokens/s per layer, how much
+faster or slower moeflow is than each (wall and CPU time), communication alone, and how well
+communication overlaps compute at each --chunks count. Targets are printed as context."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p, ranks=[2, 4], tokens=4096, hidden=512, experts=32, topk=6, iters=5, warmup=1,
                            tokens_help="tokens per rank (T)")
     p.add_argument("--ffn", type=int, default=256, help="intermediate size of one expert (F)")
     p.add_argument("--chunks", type=int, nargs="*", default=[1, 2, 4],
-                   help="MoELayer chunk counts for the overlap figure (none: skip it)")
+                   help="MoELayer chunk counts for the overlap figure (give none to skip it)")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE column")
 
 
@@ -83,11 +95,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _silenced():
+    """Send what a third-party library prints while it sets up to /dev/null, at the file
+    descriptors (C-level writes and logging handlers bound to the streams included): DeepSpeed
+    logs its accelerator, op builds and groups from every rank, which would land in our table.
+    Errors still arrive as exceptions."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def _deepspeed_missing() -> Optional[str]:
     try:
-        import deepspeed.moe.layer  # noqa: F401
+        with _silenced():
+            import deepspeed.moe.layer  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means no column, said why
-        return f"deepspeed is not importable ({type(e).__name__}: {e}); pip install 'moeflow[bench]'"
+        return (f"deepspeed is not importable ({type(e).__name__}: {e}); from the repository: "
+                f"pip install -e '.[bench]'")
     return None
 
 
@@ -254,7 +289,8 @@ def _bench_rank(cfg: dict) -> dict:
     _load(no_dedup, weights, rank, R)
     layers["no_dedup"] = no_dedup
     if cfg["deepspeed"]:
-        layers["deepspeed"] = _make_deepspeed(weights, D, F, E, K, rank, R)
+        with _silenced():
+            layers["deepspeed"] = _make_deepspeed(weights, D, F, E, K, rank, R)
     for C in cfg["chunks"]:
         if C != 1:
             layers[f"moeflow_C{C}"] = moe_layer(C, None)
@@ -398,9 +434,9 @@ _LABELS = {"moeflow": "moeflow MoELayer, fp32 wire", "moeflow_bf16": "moeflow Mo
            "moeflow_auto": "moeflow MoELayer, chunks auto"}
 
 
-def _mark(value: float, target: float, higher_is_better: bool) -> str:
-    ok = value >= target if higher_is_better else value <= target
-    return f"target {'>=' if higher_is_better else '<='} {target:g}: {'met' if ok else 'MISSED'}"
+def _vs(ratio: float) -> str:
+    """A baseline-time / moeflow-time ratio in words (speed_words takes the two times)."""
+    return speed_words(1.0, ratio)
 
 
 def _print(s: dict) -> None:
@@ -411,37 +447,36 @@ def _print(s: dict) -> None:
             note = f"   max |dy| {diff['y']:.1e}, |dgrad_x| {diff['grad_x']:.1e} vs moeflow" if diff else ""
             print(f"  {_LABELS[name]:30s}{cols[name]['ms']:9.1f} ms {cols[name]['tokens_per_s']:11,.0f} tokens/s{note}")
     r = s["ratios"]
-    print(f"  moeflow / no-dedup (fp32 wire both): {r['vs_no_dedup']:.2f}x   "
-          f"{_mark(r['vs_no_dedup'], TARGET_VS_NO_DEDUP, True)}   (bf16 wire: {r['bf16_vs_no_dedup']:.2f}x)")
+    print(f"  moeflow vs no-dedup (fp32 wire both): {_vs(r['vs_no_dedup'])} {target_words(TARGET_VS_NO_DEDUP)}; "
+          f"bf16 wire: {_vs(r['bf16_vs_no_dedup'])}")
     cpu_line = ", ".join(f"{label} {cols[name]['cpu_ms']:.0f} ms" for name, label in
                          (("moeflow", "moeflow"), ("no_dedup", "no-dedup"), ("deepspeed", "DeepSpeed")) if name in cols)
-    print(f"  CPU time per rank (less sensitive to load): {cpu_line} -> vs no-dedup {r['cpu_vs_no_dedup']:.2f}x"
-          + (f", vs DeepSpeed {r['cpu_vs_deepspeed']:.2f}x" if "cpu_vs_deepspeed" in r else ""))
+    print(f"  CPU time per rank (less sensitive to load): {cpu_line}; moeflow {_vs(r['cpu_vs_no_dedup'])} than "
+          f"no-dedup" + (f", {_vs(r['cpu_vs_deepspeed'])} than DeepSpeed" if "cpu_vs_deepspeed" in r else ""))
     if r.get("best_chunks_vs_no_dedup") is not None:
-        print(f"  moeflow at its fastest chunk count (C={s['best_chunks']}) / no-dedup: "
-              f"{r['best_chunks_vs_no_dedup']:.2f}x"
-              + (f", / DeepSpeed-MoE: {r['best_chunks_vs_deepspeed']:.2f}x" if "best_chunks_vs_deepspeed" in r else ""))
+        print(f"  moeflow at its fastest chunk count (C={s['best_chunks']}): {_vs(r['best_chunks_vs_no_dedup'])} "
+              f"than no-dedup"
+              + (f", {_vs(r['best_chunks_vs_deepspeed'])} than DeepSpeed-MoE" if "best_chunks_vs_deepspeed" in r else ""))
     if r["comm_vs_no_dedup"] is not None:
         print(f"  communication alone (fwd+bwd, no router/experts): no-dedup {s['comm_ms']['comm_no_dedup']:.1f} ms, "
-              f"moeflow {s['comm_ms']['comm_C1']:.1f} ms -> {r['comm_vs_no_dedup']:.2f}x")
+              f"moeflow {s['comm_ms']['comm_C1']:.1f} ms: moeflow {_vs(r['comm_vs_no_dedup'])}")
     if r["ceiling_vs_no_dedup"] is not None:
-        print(f"  ceiling here: no-dedup layer / moeflow compute alone = {r['ceiling_vs_no_dedup']:.2f}x "
+        print(f"  ceiling here: moeflow's compute alone is {_vs(r['ceiling_vs_no_dedup'])} than the no-dedup layer "
               f"(what free communication would give)")
     if "vs_deepspeed" in r:
-        print(f"  moeflow / DeepSpeed-MoE (fp32 wire both): {r['vs_deepspeed']:.2f}x   "
-              f"{_mark(r['vs_deepspeed'], TARGET_VS_DEEPSPEED, True)}   (bf16 wire: {r['bf16_vs_deepspeed']:.2f}x)")
+        print(f"  moeflow vs DeepSpeed-MoE (fp32 wire both): {_vs(r['vs_deepspeed'])} "
+              f"{target_words(TARGET_VS_DEEPSPEED)}; bf16 wire: {_vs(r['bf16_vs_deepspeed'])}")
     for o in s["overlap"]:
         print(f"  overlap C={o['chunks']}: layer {o['layer_ms']:8.1f} ms, comm {o['comm_ms']:7.1f} ms, "
-              f"compute {o['compute_ms']:8.1f} ms -> layer / max = {o['ratio']:.2f}")
+              f"compute {o['compute_ms']:8.1f} ms: the layer takes {o['ratio']:.2f}x the longer of the two")
     if r.get("auto_vs_best_chunks") is not None:
-        print(f"  num_chunks='auto' chose C={s['auto_chunks']}; its tokens/s / the fastest fixed "
-              f"C={s['best_chunks']}'s: "
-              f"{r['auto_vs_best_chunks']:.2f}   {_mark(r['auto_vs_best_chunks'], TARGET_AUTO, True)}   "
-              f"(CPU time per rank: {r['cpu_auto_vs_best_chunks']:.2f}; C=" + ", C=".join(
+        print(f"  num_chunks='auto' chose C={s['auto_chunks']}: {_vs(r['auto_vs_best_chunks'])} than the fastest "
+              f"fixed C={s['best_chunks']} (target: at most {1 / TARGET_AUTO - 1:.0%} slower); CPU time per rank: "
+              f"{_vs(r['cpu_auto_vs_best_chunks'])} (C=" + ", C=".join(
                   f"{c} {cols['moeflow' if c == 1 else f'moeflow_C{c}']['cpu_ms']:.0f} ms" for c in
                   [o["chunks"] for o in s["overlap"]]) + f", auto {cols['moeflow_auto']['cpu_ms']:.0f} ms)")
     if s["overlap"]:
         best = next(o for o in s["overlap"] if o["chunks"] == s["best_chunks"])
-        print(f"  overlap at the fastest chunk count (C={best['chunks']}): {best['ratio']:.2f}   "
-              f"{_mark(best['ratio'], TARGET_OVERLAP, False)}")
+        print(f"  overlap at the fastest chunk count (C={best['chunks']}): {best['ratio']:.2f}x the longer of "
+              f"communication and compute (1.00 = perfect overlap; target: at most {TARGET_OVERLAP:g}x)")
     print(flush=True)

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+DESCRIPTION = """\
+Trains a small DeepSeek-style MoE language model (bytes in, 3 layers, 16 fine-grained routed
+experts top-2 plus a shared expert, sigmoid router with expert bias) on R local Gloo ranks:
+each rank holds the dense weights and 1/R of the experts, and tokens travel to their experts
+through moeflow's dispatch and combine. The text is this Python's own standard library, so
+nothing is downloaded. Prints the validation loss beside a unigram baseline, throughput, the
+expert load balance and, with --rebalance-every, what each live re-placement of experts did;
+writes report.json and training.png (loss, expert load over time, balance) to --out.
+About 2 minutes with the defaults on an idle 2-core machine."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -10,23 +21,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = DemoConfig()
     p.add_argument("--ranks", type=int, default=4,
-                   help="local Gloo ranks (default: 4); under torchrun, its ranks are used instead")
+                   help="local Gloo ranks (processes); under torchrun, its ranks are used instead")
     p.add_argument("--dp", type=int, default=1,
-                   help="data-parallel size of the (dp, ep) mesh; experts are split over ranks / dp (default: 1)")
-    p.add_argument("--steps", type=int, default=d.steps)
+                   help="data-parallel size of the (dp, ep) mesh; the experts are split over ranks / dp")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps")
     p.add_argument("--out", default="out/demo", help="directory for report.json and training.png")
-    p.add_argument("--no-bias", action="store_true", help="turn the expert bias (aux-loss-free balancing) off")
+    p.add_argument("--no-bias", action="store_true",
+                   help="turn the expert bias (aux-loss-free balancing) off, to see the imbalance it removes")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per rank per step")
-    p.add_argument("--layers", type=int, default=d.num_layers)
-    p.add_argument("--experts", type=int, default=d.num_experts)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--layers", type=int, default=d.num_layers, help="transformer blocks (the first is dense)")
+    p.add_argument("--experts", type=int, default=d.num_experts, help="routed experts per MoE layer, over all ranks")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and the batches")
     p.add_argument("--rebalance-every", type=int, default=0, metavar="N",
                    help="every N steps, re-plan expert placement from the measured loads and migrate "
-                        "expert weights and optimizer state (default: never)")
+                        "expert weights and optimizer state (0: never)")
     p.add_argument("--replicas", type=int, default=None,
                    help="physical expert slots (default: experts + ranks with --rebalance-every, "
                         "i.e. one spare slot per rank for a replica of a busy expert; else experts)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def flags_text(args: argparse.Namespace) -> str:
+    """The flags of this run that differ from the defaults, as typed (for the figure's title)."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    base = vars(defaults.parse_args([]))
+    out = []
+    for action in defaults._actions:  # argparse keeps no public list of (flag, dest)
+        if not action.option_strings or action.dest in ("help", "out", "quiet"):
+            continue
+        value = getattr(args, action.dest, base[action.dest])
+        if value == base[action.dest]:
+            continue
+        flag = max(action.option_strings, key=len)
+        out.append(flag if isinstance(value, bool) else f"{flag} {value}")
+    return " ".join(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,5 +108,18 @@ def run(args: argparse.Namespace) -> int:
               f"{r['max_over_mean_rank_before']:.3f} over the {args.rebalance_every} steps before, "
               f"{r['max_over_mean_rank_after']:.3f} over the steps after "
               f"(planned from the load average: {r['predicted_max_over_mean_rank']:.3f})")
-    print(f"wrote {args.out}/report.json and {args.out}/training.png in {report['seconds']:.0f} s")
+    png = _plot(report, args)
+    print(f"wrote {args.out}/report.json{' and ' + png if png else ''} in {report['seconds']:.0f} s")
     return 0
+
+
+def _plot(report: dict, args: argparse.Namespace) -> str:
+    from ..demo_plot import plot_training
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("moeflow demo: matplotlib is not installed, so no training.png; from the repository: "
+              "pip install -e '.[demo]'")
+        return ""
+    return plot_training(report, os.path.join(args.out, "training.png"), flags=flags_text(args))

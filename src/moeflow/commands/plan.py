@@ -15,18 +15,30 @@ import sys
 import numpy as np
 
 
+DESCRIPTION = """\
+Plans where each MoE layer's experts live, from measured per-expert loads (LOADS, one row per
+layer): how many physical slots each expert gets (--replicas: redundant copies of busy experts),
+and which GPU (and node) holds each slot, so that the busiest GPU carries as little as possible.
+Prints the busiest GPU's load over the mean before (one copy each, contiguous split) and after.
+With --previous, starts from the placement in use and moves only the experts that buy balance;
+no layer ends worse than keeping that placement. Writes the placement with --out."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("loads", metavar="LOADS", help="per-expert loads [layers, experts]: .npy, .csv or .json")
-    p.add_argument("--replicas", type=int, required=True, help="physical expert slots per layer")
-    p.add_argument("--groups", type=int, default=1, help="expert groups (DeepSeek-V3: 8; default 1)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--replicas", type=int, required=True,
+                   help="physical expert slots per layer (>= experts; divisible by --gpus)")
+    p.add_argument("--groups", type=int, default=1, help="expert groups (DeepSeek-V3: 8)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes the GPUs are on (each expert group stays on one node when --groups is a multiple of --nodes)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in all")
-    p.add_argument("--previous", metavar="FILE", help="placement in use (.json/.npz/.pt): move as few experts as balance allows")
+    p.add_argument("--previous", metavar="FILE",
+                   help="placement in use (.json/.npz/.pt): move as few experts as balance allows")
     p.add_argument("--tolerance", type=float, default=0.02,
-                   help="with --previous: allowed GPU max-load excess over a plan from scratch (default 0.02)")
+                   help="with --previous: allowed GPU max-load excess over a plan from scratch")
     p.add_argument("--affinity", metavar="FILE", help="co-activation counts [layers-1, experts, experts] (.npy)")
     p.add_argument("--out", metavar="FILE", help="write the placement here (.json, .npz or .pt)")
-    p.add_argument("--layers", type=int, default=4, help="layers whose placement is printed in full (default 4)")
+    p.add_argument("--layers", type=int, default=4, help="layers whose placement is printed in full")
 
 
 def read_loads(path: str) -> np.ndarray:

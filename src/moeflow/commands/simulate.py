@@ -18,32 +18,51 @@ from .. import simulate as sim
 _DEFAULTS = sim.ClusterSpec(nodes=1, gpus_per_node=8)
 
 
+DESCRIPTION = """\
+Models the time of one MoE layer's dispatch and combine on a GPU cluster you do not have, from
+link bandwidths and latencies calibrated on DeepEP's published H800 figures. Without --nodes it
+prints the model beside those published figures. With --nodes it models that cluster: how many
+ranks and nodes a token reaches under the routing (uniform, group-limited --groups/--topk-groups,
+node-limited --max-nodes, or measured --loads), the bytes per GPU on NVLink and RDMA, and the
+time of dispatch and combine with the bottleneck named. Runs in seconds; no GPU needed."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, help="nodes; without it, print the DeepEP comparison")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank (default 4096)")
-    p.add_argument("--hidden", type=int, default=7168, help="hidden size (default 7168)")
-    p.add_argument("--experts", type=int, default=256, help="routed experts (default 256)")
-    p.add_argument("--topk", type=int, default=8, help="experts per token (default 8)")
-    p.add_argument("--fp8", action="store_true", help="FP8 dispatch (H bytes + H/128 float32 scales); combine is bf16")
+    p.add_argument("--nodes", type=int, help="nodes in the cluster (default: print the DeepEP comparison)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    p.add_argument("--hidden", type=int, default=7168, help="hidden size")
+    p.add_argument("--experts", type=int, default=256, help="routed experts")
+    p.add_argument("--topk", type=int, default=8, help="experts per token")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 dispatch (H bytes + H/128 float32 scales); combine is bf16")
     p.add_argument("--hierarchical", action="store_true",
                    help="cross nodes once per destination node, forward over NVLink (DeepEP internode)")
     p.add_argument("--low-latency", action="store_true", help="one message per (token, expert), DeepEP decode kernels")
     routing = p.add_argument_group("routing (default: uniform top-k)")
-    routing.add_argument("--groups", type=int, default=1, help="expert groups for group-limited routing (DeepSeek-V3: 8)")
-    routing.add_argument("--topk-groups", type=int, help="groups each token may use (DeepSeek-V3: 4)")
-    routing.add_argument("--max-nodes", type=int, help="node-limited routing: at most M nodes per token")
-    routing.add_argument("--loads", metavar="FILE", help="measured per-expert loads [layers, experts] (.npy, .csv, .json)")
+    routing.add_argument("--groups", type=int, default=1,
+                         help="expert groups for group-limited routing (DeepSeek-V3: 8)")
+    routing.add_argument("--topk-groups", type=int,
+                         help="groups each token may use (DeepSeek-V3: 4; default: all --groups)")
+    routing.add_argument("--max-nodes", type=int,
+                         help="node-limited routing: at most M nodes per token (default: no limit)")
+    routing.add_argument("--loads", metavar="FILE",
+                         help="measured per-expert loads [layers, experts] (.npy, .csv, .json) instead of "
+                              "uniform routing")
     routing.add_argument("--layer", type=int, help="with --loads: model this layer only (default: every layer)")
-    routing.add_argument("--samples", type=int, default=20000, help="Monte Carlo tokens (default 20000)")
-    routing.add_argument("--seed", type=int, default=0, help="Monte Carlo seed (default 0)")
+    routing.add_argument("--samples", type=int, default=20000, help="Monte Carlo tokens")
+    routing.add_argument("--seed", type=int, default=0, help="Monte Carlo seed")
     links = p.add_argument_group("links (defaults: calibrated on DeepEP's H800 figures)")
-    links.add_argument("--nvlink-GBps", type=float, default=_DEFAULTS.nvlink_GBps)
-    links.add_argument("--rdma-GBps", type=float, default=_DEFAULTS.rdma_GBps)
-    links.add_argument("--nvlink-latency-us", type=float, default=_DEFAULTS.nvlink_latency_us)
-    links.add_argument("--rdma-latency-us", type=float, default=_DEFAULTS.rdma_latency_us)
+    links.add_argument("--nvlink-GBps", type=float, default=_DEFAULTS.nvlink_GBps,
+                       help="NVLink bandwidth per GPU, GB/s, one direction")
+    links.add_argument("--rdma-GBps", type=float, default=_DEFAULTS.rdma_GBps,
+                       help="RDMA (inter-node) bandwidth per GPU, GB/s, one direction")
+    links.add_argument("--nvlink-latency-us", type=float, default=_DEFAULTS.nvlink_latency_us,
+                       help="fixed latency of an NVLink transfer, microseconds")
+    links.add_argument("--rdma-latency-us", type=float, default=_DEFAULTS.rdma_latency_us,
+                       help="fixed latency of an RDMA transfer, microseconds")
     links.add_argument("--kernel-us", type=float, default=_DEFAULTS.kernel_us,
-                       help="fixed cost per call: launch, arrival handshake, packing")
+                       help="fixed cost per call, microseconds: launch, arrival handshake, packing")
     p.add_argument("--compare-deepep", action="store_true", help="also print the model beside DeepEP's H800 figures")
 
 
@@ -55,7 +74,8 @@ def _links(args: argparse.Namespace, nodes: int, gpus_per_node: int) -> sim.Clus
 
 def print_comparison(cluster: sim.ClusterSpec) -> float:
     """Print the model beside every published row; returns the largest |relative error|."""
-    print("DeepEP published (H800, NVLink + CX7 400 Gb/s IB, docs/legacy.md) vs this model")
+    print("DeepEP's published figures (H800, NVLink + CX7 400 Gb/s IB; github.com/deepseek-ai/DeepEP, "
+          "docs/legacy.md) vs this model")
     print(f"links: NVLink {cluster.nvlink_GBps:g} GB/s + {cluster.nvlink_latency_us:g} us, "
           f"RDMA {cluster.rdma_GBps:g} GB/s + {cluster.rdma_latency_us:g} us, kernel {cluster.kernel_us:g} us")
     print("normal: 4096 tokens, hidden 7168, top-8 of 256, top-min(nodes,4) node groups, FP8 dispatch / bf16 combine,"

@@ -1,0 +1,130 @@
+"""The PNG of ``moeflow demo``: loss, expert load over time, and load balance, from its report.
+
+Three panels over the training steps, each with the run's events marked (rebalances as dashed
+lines, the window the report's balance figures average over shaded):
+
+- loss: training (per step) and validation (points), with the unigram baseline;
+- expert load / mean, per expert and step (summed over the MoE layers): a diverging colour scale
+  centred on 1 (balanced), clipped at the 99th percentile so that the early spikes do not turn
+  the balanced rest of the run into one flat colour (the colour bar says where it clips);
+- max / mean load over experts and over ranks, per step (a moving average over 10 steps), the
+  quantities the report and the README quote.
+
+The title carries the run's flags. Needs matplotlib (the ``demo`` extra).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["plot_training", "load_share", "colour_range", "title_text", "CLIP_PERCENTILE"]
+
+#: the colour scale of the load panel ends at this percentile of the load / mean values
+CLIP_PERCENTILE = 99.0
+
+
+def _moving_average(values, window: int = 10) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return v
+    kernel = np.ones(min(window, v.size)) / min(window, v.size)
+    head = np.array([v[:i + 1].mean() for i in range(min(window, v.size) - 1)])  # shorter windows first
+    return np.concatenate([head, np.convolve(v, kernel, mode="valid")])
+
+
+def load_share(expert_load) -> np.ndarray:
+    """``[steps, E]`` loads (summed over layers) -> each expert's load over the step's mean."""
+    load = np.asarray(expert_load, dtype=np.float64)
+    return load / np.clip(load.mean(1, keepdims=True), 1e-9, None)
+
+
+def colour_range(share: np.ndarray) -> tuple[float, float]:
+    """``(vmin, vmax)`` of the load panel: the smallest value, and the :data:`CLIP_PERCENTILE`-th
+    percentile (a few early spikes do not stretch the scale); 1 (balanced) always strictly inside."""
+    vmax = max(float(np.percentile(share, CLIP_PERCENTILE)), 1.0 + 1e-3)
+    vmin = min(float(share.min()), 1.0 - 1e-3)
+    return vmin, vmax
+
+
+def title_text(report: dict, flags: str = "") -> str:
+    """The command with the run's flags, then the model and the seed."""
+    cfg = report["config"]
+    top_k = cfg.get("num_topk", cfg.get("top_k"))
+    return (f"moeflow demo {flags}".rstrip() + f" | {report['ranks']} ranks, {cfg['num_layers']} layers, "
+            f"{cfg['num_experts']} experts top-{top_k}, {report['num_params'] / 1e6:.1f}M parameters, "
+            f"seed {cfg['seed']}")
+
+
+def plot_training(report: dict, path: str, flags: str = "", title: Optional[str] = None) -> str:
+    """Write the demo's figure for ``report`` (what :func:`moeflow.demo.train` returns) to ``path``.
+
+    Args:
+        report: the demo report (``history``, ``config``, ``ranks``, ``num_params``, ...).
+        path: where to write the PNG.
+        flags: the command line's flags, shown in the title (e.g. ``"--no-bias --steps 300"``).
+        title: replaces the whole title when given.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    h = report["history"]
+    steps = np.asarray(h["step"])
+    rebalances = [r["step"] for r in h.get("rebalance", [])]
+    tail = max(1, len(steps) // 10)  # the report's balance figures average over the last 10% of steps
+    window = (steps[-tail], steps[-1]) if len(steps) else None
+
+    fig, (ax_loss, ax_load, ax_bal) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw=dict(width_ratios=[1, 1.25, 1]))
+
+    def mark_events(ax, label: bool) -> None:
+        for i, s in enumerate(rebalances):  # black on the red/blue load panel, crimson elsewhere
+            ax.axvline(s + 0.5, color="black" if ax is ax_load else "crimson", ls="--", lw=1.2,
+                       label="rebalance" if label and i == 0 else None)
+        if window is not None and ax is not ax_load:
+            ax.axvspan(window[0] - 0.5, window[1] + 0.5, color="gray", alpha=0.12,
+                       label="last 10% (report window)" if label else None)
+
+    ax_loss.plot(steps, h["loss"], label="train", lw=1)
+    ax_loss.plot(h["val_step"], h["val_loss"], "o-", label="validation")
+    ax_loss.axhline(report["unigram_val_loss"], color="gray", ls=":", label="unigram baseline")
+    mark_events(ax_loss, label=True)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (nats/byte)")
+    ax_loss.set_title(f"loss: validation {report['final_val_loss']:.3f}")
+    ax_loss.legend(fontsize=8)
+
+    share = load_share(h["expert_load"])
+    vmin, vmax = colour_range(share)
+    im = ax_load.imshow(share.T, aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                        norm=TwoSlopeNorm(vmin=vmin, vcenter=1.0, vmax=vmax),
+                        extent=(steps[0] - 0.5, steps[-1] + 0.5, share.shape[1] - 0.5, -0.5))
+    mark_events(ax_load, label=False)
+    ax_load.set_xlabel("step")
+    ax_load.set_ylabel("expert")
+    ax_load.set_title(f"expert load / mean (all layers); colours clipped at {vmax:.2f} "
+                      f"(p{CLIP_PERCENTILE:g}; max {share.max():.2f})", fontsize=9)
+    bar = fig.colorbar(im, ax=ax_load, extend="max" if share.max() > vmax else "neither")
+    bar.set_label("load / mean (1 = balanced)")
+
+    ax_bal.plot(steps, _moving_average(h["max_over_mean_expert"]), label="over experts (mean of layers)")
+    ax_bal.plot(steps, _moving_average(h["max_over_mean_rank"]), label="over ranks")
+    ax_bal.axhline(1.0, color="gray", ls=":", lw=1)
+    mark_events(ax_bal, label=True)
+    ax_bal.set_xlabel("step")
+    ax_bal.set_ylabel("max / mean load (10-step average)")
+    ax_bal.set_title(f"balance, last 10%: experts {report['max_over_mean_expert_last']:.2f}, "
+                     f"ranks {report['max_over_mean_rank_last']:.2f}", fontsize=10)
+    ax_bal.legend(fontsize=8)
+
+    fig.suptitle(title if title is not None else title_text(report, flags), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
