@@ -11,6 +11,7 @@ from . import autograd, balance, layout, quant
 from .comm import Buffer, ByteCounters, DispatchHandle, EventOverlap, PeerFailureError
 from .experts import GroupedExperts, SwiGLU
 from .layer import MoELayer
+from .checkpoint import CheckpointError  # after .layer, which it builds on
 from .parallel.fsdp import parallelize
 from .routing import Router, RouterOutput
 from .launch import RankError, spawn
@@ -20,7 +21,7 @@ from .quant import per_token_cast_back, per_token_cast_to_fp8
 __version__ = "0.1.0"
 
 __all__ = [
-    "Buffer", "DispatchHandle", "EventOverlap", "ByteCounters", "PeerFailureError",
+    "Buffer", "DispatchHandle", "EventOverlap", "ByteCounters", "PeerFailureError", "CheckpointError",
     "autograd", "balance", "layout", "quant", "per_token_cast_to_fp8", "per_token_cast_back",
     "spawn", "RankError",
     "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer", "parallelize",
