@@ -9,6 +9,7 @@ are injected at fixed points (a rank calls ``os._exit`` inside the save), not by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import warnings
@@ -112,6 +113,23 @@ def test_round_trip_gives_identical_weights_and_optimizer_state(saved):
         assert _same(got, weights_a[rank]), f"rank {rank}: loaded weights differ from the saved ones"
 
 
+def _load_into_wider(path: str) -> str:
+    import _train
+    _train.CFG = dataclasses.replace(_train.CFG, dim=_train.CFG.dim + 16)
+    model, opt = build(1, 2)
+    try:
+        checkpoint.load(model, path, optimizer=opt)
+    except moeflow.CheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_raises_checkpoint_error_on_every_rank(saved):
+    a, _, _, _ = saved
+    for msg in spawn(_load_into_wider, 2, a, timeout_s=60):
+        assert f"moeflow.checkpoint.load: {a} does not fit the model (ranks 0, 1: ValueError: Size mismatch" in msg, msg
+
+
 # --------------------------------------------------------------------------- damaged checkpoints
 
 def _flip(path: str, at: float = 0.5, n: int = 8) -> None:
@@ -207,12 +225,17 @@ def test_damaged_checkpoint_raises_checkpoint_error_naming_the_file_on_every_ran
 # --------------------------------------------------------------------------- saves that die
 
 def _load_then_save(path: str) -> dict:
-    """Load ``path``; save the model again over it, and load that into a fresh model."""
-    got, notes = _load(path)
-    model, opt = _trained(STEPS_B)
+    """Load ``path``, train a step, save over it, and load that into a fresh model."""
+    model, opt = build(1, 2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        checkpoint.load(model, path, optimizer=opt)
+    loaded = _weights(model, opt)
+    train(model, opt, range(STEPS_A, STEPS_B))
     checkpoint.save(model, path, optimizer=opt)
     again, _ = _load(path)
-    return dict(loaded=got, notes=notes, resaved=_weights(model, opt), reloaded=again)
+    return dict(loaded=loaded, notes=[str(w.message) for w in seen if "moeflow" in str(w.message)],
+                resaved=_weights(model, opt), reloaded=again)
 
 
 @pytest.mark.faults
@@ -222,7 +245,7 @@ def test_a_save_that_dies_leaves_the_old_checkpoint_loadable(saved, tmp_path, cr
     target = str(tmp_path / "ckpt")
     shutil.copytree(a, target)
     # the survivor fails too (its peer's connection closed): each rank's outcome in its slot
-    died = spawn(_save, 2, target, STEPS_B, crash, timeout_s=60, collective_timeout_s=30, return_failures=True)
+    died = spawn(_save, 2, target, 1, crash, timeout_s=60, collective_timeout_s=30, return_failures=True)
     dead = died[CRASHES[crash][0]]
     assert isinstance(dead, RankError) and dead.exitcode == CRASH, dead
     left = sorted(os.listdir(tmp_path))
@@ -278,3 +301,32 @@ def test_save_replaces_a_checkpoint_whole_and_refuses_anything_else(saved, tmp_p
             errors["ranks disagree"]
     assert (mine / "notes.txt").read_text() == "keep me" and a_file.read_text() == "keep me too"
     assert sorted(os.listdir(tmp_path)) == ["a_file", "ckpt", "mine"]
+
+
+# --------------------------------------------------------------------------- checksums by chunk
+
+def test_chunked_checksums_are_split_over_ranks_and_name_the_damaged_bytes(tmp_path):
+    """Large files carry one CRC-32 per chunk (64 MiB; 1000 bytes here): on load the ranks split
+    the chunks, not the files, and a damaged chunk is named by its bytes. One process, no group."""
+    d = str(tmp_path / "ckpt")
+    os.mkdir(d)
+    sizes = {"__0_0.distcp": 2500, "__1_0.distcp": 2000, ".metadata": 300, "empty": 0}
+    for name, size in sizes.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes())
+    files = checkpoint._checksum(d, sorted(sizes), chunk=1000)
+    assert {k: len(v["crc32"]) for k, v in files.items()} == {"__0_0.distcp": 3, "__1_0.distcp": 2,
+                                                               ".metadata": 1, "empty": 1}
+    checkpoint._write_manifest(d, "0" * 32, files, chunk=1000)
+    assert checkpoint._verify(d, None) == d
+    manifest = checkpoint._read_manifest(d)
+    # two ranks: every chunk checked exactly once; 1000 + 1000 + 500 bytes on one, 1000 + 1000 + 300 on the other
+    shares = checkpoint._share([(f, s, n) for f in files for s, n in checkpoint._chunks(sizes[f], 1000)], 2)
+    units = [u for share in shares for u in share]
+    assert len(units) == len(set(units)) == 7
+    assert [sum(n for _, _, n in share) for share in shares] == [2500, 2300]
+    _flip(os.path.join(d, "__0_0.distcp"), at=0.6, n=1)  # byte 1500
+    found = [p for r in range(2) for p in checkpoint._check(d, manifest, r, 2)]
+    assert found == [("__0_0.distcp", found[0][1])] and "(bytes 1000-2000: CRC-32" in found[0][1], found
+    with pytest.raises(moeflow.CheckpointError, match=r"__0_0.distcp is damaged or from another save \(bytes 1000"):
+        checkpoint._verify(d, None)

@@ -21,19 +21,20 @@ after a failure (``placements=``, e.g. from :func:`moeflow.balance.replan_after_
 Every rank of the job calls :func:`save` / :func:`load` (they are collective).
 
 Saves are atomic and verified. A save writes into a fresh sibling directory, ``<dir>.tmp-<id>``;
-once every rank has written, each one checksums its own files (CRC-32) and rank 0 writes a
-manifest (``moeflow-manifest.json``: every file's name, size and CRC-32, and the manifest's own
-CRC-32), then publishes: renames an existing ``<dir>`` to ``<dir>.old-<id>``, renames the new
-directory to ``<dir>`` and removes the old one. Each rename is atomic, so ``<dir>`` is at any time
-the old checkpoint whole, the new one whole, or (a crash between the two renames) absent, and
-:func:`load` then reads ``<dir>.old-<id>``: the last checkpoint published. A save that dies
-earlier leaves ``<dir>`` untouched; the next save to ``<dir>`` removes what it left. Nothing of
-an earlier save (shards of a run with more ranks, say) survives in the new directory.
+once every rank has written, each one checksums its own files (a CRC-32 per 64 MiB) while it
+fsyncs them, and rank 0 writes a manifest (``moeflow-manifest.json``: every file's name, size
+and CRC-32s, and the manifest's own CRC-32), then publishes: renames an existing ``<dir>`` to
+``<dir>.old-<id>``, renames the new directory to ``<dir>`` and removes the old one. Each rename
+is atomic, so ``<dir>`` is at any time the old checkpoint whole, the new one whole, or (a crash
+between the two renames) absent, and :func:`load` then reads ``<dir>.old-<id>``: the last
+checkpoint published. A save that dies earlier leaves ``<dir>`` untouched; the next save to
+``<dir>`` removes what it left. Nothing of an earlier save (shards of a run with more ranks, say)
+survives in the new directory.
 
 :func:`load` checks the manifest before it touches a weight: every file it lists present with its
-size and CRC-32, no other file; the ranks split the checksumming. Any damaged, truncated, missing,
-extra or foreign file raises :class:`CheckpointError` on every rank, naming the file and what is
-wrong. One save to a directory at a time: concurrent saves to one ``<dir>`` are not supported.
+size and CRC-32s, no other file; the ranks split the checksumming. Any damaged, truncated,
+missing, extra or foreign file raises :class:`CheckpointError` on every rank, naming the file and
+what is wrong. One save to a directory at a time: concurrent saves to one ``<dir>`` are not supported.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import shutil
 import uuid
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional, Union
 
 import torch
@@ -67,13 +69,16 @@ _NOT_SAVED = ("slots.phy2log",)  # the placement belongs to the run, not to the 
 MANIFEST = "moeflow-manifest.json"  # in every checkpoint directory; written last
 _FORMAT = "moeflow.checkpoint/1"
 _DCP_METADATA = ".metadata"  # DCP's own index, written by rank 0
-_CHUNK = 8 << 20  # bytes read at a time while checksumming
+# One CRC-32 per 64 MiB of a file: the unit that a rank's threads (save) and the ranks (load)
+# split between them; a 10 GB shard has 150 of them in the manifest.
+_CHUNK = 64 << 20
+_READ = 8 << 20  # bytes read at a time
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it was saved (a file damaged, truncated, missing, left
-    by another save, or no manifest), or a save that could not be published. Raised on every rank
-    of the group with the same message.
+    by another save, or no manifest) or does not fit the model, or a save that could not be
+    written or published. Raised on every rank of the group with the same message.
 
     Attributes:
         path: the checkpoint directory.
@@ -165,8 +170,6 @@ def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], layers:
     return state, stand_ins
 
 
-
-
 # --------------------------------------------------------------------------- files on disk
 
 def _path(checkpoint_id, where: str) -> str:
@@ -189,32 +192,72 @@ def _gather(obj, group: Optional[dist.ProcessGroup]) -> list:
     return out
 
 
-def _crc32(path: str) -> dict:
-    """``{"size": bytes, "crc32": hex}`` of a file. CRC-32, not a cryptographic hash: it guards
-    against damage, not against forgery, and runs at ~2 GiB/s where sha256 ran at ~1.4 and
-    blake2b at ~0.7 (one core, zlib 1.2.13; benchmarks/bench_checkpoint.py times it in a save)."""
-    crc, size = 0, 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
+def _chunks(size: int, chunk: int) -> list[tuple[int, int]]:
+    """``[(start, length)]`` covering ``size`` bytes (one empty chunk for an empty file)."""
+    return [(start, min(chunk, size - start)) for start in range(0, size, chunk)] or [(0, 0)]
+
+
+def _crc_of(path: str, start: int, length: int) -> str:
+    crc, done = 0, 0
+    buf = memoryview(bytearray(min(_READ, length) or 1))
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-            size += n
-    return {"size": size, "crc32": f"{crc:08x}"}
+        f.seek(start)
+        while done < length and (n := f.readinto(buf[:min(_READ, length - done)])):
+            crc = zlib.crc32(buf[:n], crc)
+            done += n
+    return f"{crc:08x}"
+
+
+def _num_threads() -> int:
+    """Threads one rank checksums with: its share of the machine's cores (zlib releases the GIL),
+    at most 8. While a checkpoint is written or read the cores have little else to do."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    if cpus == os.cpu_count():  # not pinned to this rank's share: take it
+        cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cpus))
+
+
+def _crcs(jobs: list[tuple[str, int, int]]) -> list[str]:
+    """CRC-32 of each ``(path, start, length)``, on :func:`_num_threads` threads. CRC-32, not a
+    cryptographic hash: it guards against damage, not forgery, and ran at ~2.3 GB/s a thread
+    where sha256 ran at ~1.5 and blake2b at ~0.7 (zlib 1.2.13; benchmarks/bench_checkpoint.py
+    times it within a save)."""
+    threads = min(len(jobs), _num_threads())
+    if threads <= 1:
+        return [_crc_of(*job) for job in jobs]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda job: _crc_of(*job), jobs))
+
+
+def _checksum(directory: str, names: list[str], chunk: int = _CHUNK) -> dict[str, dict]:
+    """``{name: {"size": bytes, "crc32": [hex per chunk]}}`` of files in ``directory``."""
+    sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in names}
+    jobs = [(name, start, length) for name in names for start, length in _chunks(sizes[name], chunk)]
+    crcs = _crcs([(os.path.join(directory, name), start, length) for name, start, length in jobs])
+    out = {name: {"size": sizes[name], "crc32": []} for name in names}
+    for (name, _, _), crc in zip(jobs, crcs):
+        out[name]["crc32"].append(crc)
+    return out
+
+
+def _fsync(paths: list[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
     """Make a directory's entries (new files, renames) durable; a no-op where unsupported."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        _fsync([path])
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def _siblings(target: str) -> list[tuple[str, str]]:
@@ -249,8 +292,8 @@ def _manifest_crc(body: dict) -> str:
     return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()):08x}"
 
 
-def _write_manifest(directory: str, save_id: str, files: dict[str, dict]) -> None:
-    body = {"format": _FORMAT, "save_id": save_id, "files": files}
+def _write_manifest(directory: str, save_id: str, files: dict[str, dict], chunk: int = _CHUNK) -> None:
+    body = {"format": _FORMAT, "save_id": save_id, "chunk_bytes": chunk, "files": files}
     with open(os.path.join(directory, MANIFEST), "w") as f:
         json.dump({"manifest_crc32": _manifest_crc(body), **body}, f, indent=1, sort_keys=True)
         f.flush()
@@ -284,29 +327,41 @@ def _read_manifest(directory: str) -> dict:
     return doc
 
 
-def _check_file(path: str, want: dict) -> Optional[str]:
-    """What is wrong with a file the manifest lists (it exists), or None."""
-    size = os.path.getsize(path)
-    if size != want["size"]:
-        if size < want["size"]:
-            return f"is truncated ({size} of {want['size']} bytes)"
-        return f"has {size} bytes, the manifest says {want['size']}"
-    got = _crc32(path)["crc32"]
-    if got != want["crc32"]:
-        return f"is damaged or from another save (CRC-32 {got}, the manifest says {want['crc32']})"
-    return None
-
-
-def _share(files: Mapping[str, dict], num_ranks: int) -> list[list[str]]:
-    """The files each rank checksums on load: largest first, each to the rank with the fewest bytes
-    so far (every rank computes the same split from the same manifest)."""
+def _share(units: list[tuple[str, int, int]], num_ranks: int) -> list[list[tuple[str, int, int]]]:
+    """The ``(file, start, length)`` chunks each rank checksums on load: longest first, each to the
+    rank with the fewest bytes so far (every rank computes the same split from the same manifest)."""
     heap = [(0, r) for r in range(num_ranks)]
-    out: list[list[str]] = [[] for _ in range(num_ranks)]
-    for name in sorted(files, key=lambda n: (-files[n]["size"], n)):
+    out: list[list[tuple[str, int, int]]] = [[] for _ in range(num_ranks)]
+    for unit in sorted(units, key=lambda u: (-u[2], u)):
         load, r = heapq.heappop(heap)
-        out[r].append(name)
-        heapq.heappush(heap, (load + files[name]["size"], r))
+        out[r].append(unit)
+        heapq.heappush(heap, (load + unit[2], r))
     return out
+
+
+def _check(directory: str, manifest: dict, rank: int, num_ranks: int) -> list[tuple[str, str]]:
+    """This rank's findings: files missing, extra or of the wrong size (every rank looks), and
+    chunks whose CRC-32 differs (among this rank's share)."""
+    files, chunk = manifest["files"], manifest["chunk_bytes"]
+    present = set(os.listdir(directory)) - {MANIFEST}
+    problems = [(f, "is missing") for f in sorted(files.keys() - present)]
+    problems += [(f, "is not part of this checkpoint (left by another save?)") for f in sorted(present - files.keys())]
+    units = []
+    for f in sorted(files.keys() & present):
+        size, want = os.path.getsize(os.path.join(directory, f)), files[f]["size"]
+        if size < want:
+            problems.append((f, f"is truncated ({size} of {want} bytes)"))
+        elif size > want:
+            problems.append((f, f"has {size} bytes, the manifest says {want}"))
+        else:
+            units += [(f, start, length) for start, length in _chunks(size, chunk)]
+    mine = _share(units, num_ranks)[rank]
+    for (f, start, length), got in zip(mine, _crcs([(os.path.join(directory, f), s, n) for f, s, n in mine])):
+        want = files[f]["crc32"][start // chunk]
+        if got != want:
+            problems.append((f, f"is damaged or from another save (bytes {start}-{start + length}: CRC-32 {got}, "
+                                f"the manifest says {want})"))
+    return problems
 
 
 def _resolve(target: str) -> tuple[str, Optional[str]]:
@@ -317,10 +372,14 @@ def _resolve(target: str) -> tuple[str, Optional[str]]:
         return target, None
     if os.path.lexists(target):
         raise _Bad("", "is not a directory")
-    old = [p for kind, p in _siblings(target) if kind == "old"]
+    # whole ones only (a removal deletes the manifest first); the one whose save died publishing
+    # has its .tmp- sibling, of the same id, still there
+    siblings = _siblings(target)
+    old = [p for kind, p in siblings if kind == "old" and os.path.exists(os.path.join(p, MANIFEST))]
     if not old:
         raise _Bad("", "does not exist")
-    found = max(old, key=os.path.getmtime)
+    unpublished = {p.rsplit("-", 1)[1] for kind, p in siblings if kind == "tmp"}
+    found = max(old, key=lambda p: (p.rsplit("-", 1)[1] in unpublished, os.path.getmtime(p)))
     return found, (f"moeflow.checkpoint.load: {target} is missing: a save died while replacing it; loading the "
                    f"checkpoint it was replacing, {found}")
 
@@ -335,13 +394,8 @@ def _verify(target: str, group: Optional[dist.ProcessGroup]) -> str:
     try:
         directory, note = _resolve(target)
         manifest = _read_manifest(directory)
-        save_id, files = manifest["save_id"], manifest["files"]
-        present = set(os.listdir(directory)) - {MANIFEST}
-        problems += [(f, "is missing") for f in sorted(files.keys() - present)]
-        problems += [(f, "is not part of this checkpoint (left by another save?)") for f in sorted(present - files.keys())]
-        for f in _share(files, num_ranks)[rank]:
-            if f in present and (what := _check_file(os.path.join(directory, f), files[f])):
-                problems.append((f, what))
+        save_id = manifest["save_id"]
+        problems += _check(directory, manifest, rank, num_ranks)
     except _Bad as e:
         problems.append((e.file, e.what))
     except OSError as e:
@@ -389,12 +443,15 @@ def _finish_save(target: str, tmp: str, save_id: str, metadata, group: Optional[
         m = _WRITER.match(name)
         return int(m[1]) if m and int(m[1]) < num_ranks else 0  # anything else (.metadata): rank 0
 
-    # Each rank checksums the files it wrote (its page cache, its share of the time).
+    # Each rank checksums the files it wrote (its page cache, its share of the time) while
+    # another thread makes them durable: the CRCs take CPU, the fsyncs wait on the disk.
     mine, problem = {}, None
     try:
-        for name in sorted(os.listdir(tmp)):
-            if writer(name) == rank:
-                mine[name] = _crc32(os.path.join(tmp, name))
+        names = [name for name in sorted(os.listdir(tmp)) if writer(name) == rank]
+        with ThreadPoolExecutor(1) as pool:
+            synced = pool.submit(_fsync, [os.path.join(tmp, name) for name in names])
+            mine = _checksum(tmp, names)
+            synced.result()
     except OSError as e:
         problem = (os.path.basename(e.filename or ""), f"cannot be checksummed by rank {rank} ({e.strerror or e})")
     # Collective: rank 0 gets every rank's checksums; every rank has finished writing.
@@ -414,7 +471,7 @@ def _finish_save(target: str, tmp: str, save_id: str, metadata, group: Optional[
     problems = _gather(problems, group)[0]
     if problems:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
         raise CheckpointError("save", tmp, problems)
 
 
@@ -433,7 +490,16 @@ def _publish(tmp: str, target: str, save_id: str) -> None:
     _fsync_dir(os.path.dirname(target) or ".")
     # the replaced checkpoint, and whatever earlier saves that died left beside it
     for _, path in _siblings(target):
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
+
+
+def _remove(directory: str) -> None:
+    """Delete a checkpoint directory, its manifest first: a removal cut short leaves no checkpoint."""
+    try:
+        os.remove(os.path.join(directory, MANIFEST))
+    except OSError:
+        pass
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- save / load
@@ -455,23 +521,29 @@ def save(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
     Raises:
         ValueError: the ranks passed different paths, or ``checkpoint_id`` is a file or a
             directory that is not a checkpoint (nothing is written).
-        CheckpointError: the files written could not be checksummed or published (``checkpoint_id``
-            is left as it was).
+        CheckpointError: on every rank: the files could not be written, checksummed or published
+            (``checkpoint_id`` is left as it was).
     """
     layers = _moe_layers(model, "save")
     target = _path(checkpoint_id, "save")
-    state, _ = _state(model, optimizer, layers, for_load=False)
     tmp, save_id = _begin_save(target, process_group)
     try:
-        metadata = dcp.save(state, checkpoint_id=tmp, process_group=process_group)
-    except CheckpointException:
+        metadata = _write(model, optimizer, layers, tmp, process_group, sync_files=False)  # fsynced below
+    except CheckpointException as e:
         if _group_rank(process_group) == 0:  # DCP raises on every rank, once every rank stopped writing
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _remove(tmp)
+        raise CheckpointError("save", tmp, [("", f"could not be written ({_summary(e)})")]) from e
     _finish_save(target, tmp, save_id, metadata, process_group)
 
 
-@torch.no_grad()
+def _write(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], layers: Mapping[str, MoELayer],
+           directory: str, process_group: Optional[dist.ProcessGroup], sync_files: bool = True):
+    """What :func:`save` writes, into ``directory`` as it is; returns DCP's metadata."""
+    state, _ = _state(model, optimizer, layers, for_load=False)
+    writer = dcp.FileSystemWriter(directory, sync_files=sync_files)
+    return dcp.save(state, storage_writer=writer, process_group=process_group)
+
+
 def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
          optimizer: Optional[torch.optim.Optimizer] = None,
          process_group: Optional[dist.ProcessGroup] = None,
@@ -491,10 +563,11 @@ def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
             ``num_slots``), so a re-planned placement is applied with no weight transfer.
 
     Raises:
-        CheckpointError: on every rank: the checkpoint does not exist, or a file of it is damaged,
-            truncated, missing, or not its own (see :attr:`CheckpointError.problems`).
+        CheckpointError: on every rank: the checkpoint does not exist, a file of it is damaged,
+            truncated, missing, or not its own (see :attr:`CheckpointError.problems`; nothing
+            was touched), or it lacks keys or shapes of ``model`` (DCP's error, summarised).
         ValueError / TypeError: no MoELayer in ``model``, a placement for an unknown layer or
-            of the wrong size, or (from DCP) keys or shapes the checkpoint lacks.
+            of the wrong size (before any collective).
     """
     layers = _moe_layers(model, "load")
     target = _path(checkpoint_id, "load")
@@ -509,6 +582,26 @@ def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
         check_phy2log(phy2log, layer.num_experts, layer.slots.num_slots, f"moeflow.checkpoint.load: `placements[{name!r}]`",
                       layer.buffer.rank)
     directory = _verify(target, process_group)
+    try:
+        _read(model, optimizer, layers, directory, process_group, placements)
+    except CheckpointException as e:  # DCP raises it on every rank
+        raise CheckpointError("load", directory, [("", f"does not fit the model ({_summary(e)})")]) from e
+
+
+def _summary(e: CheckpointException) -> str:
+    """The first line of each rank's error in DCP's exception, ranks with the same one together."""
+    ranks: dict[str, list[int]] = {}
+    for r, (cause, _) in sorted(e.failures.items()):
+        lines = str(cause).strip().splitlines()
+        ranks.setdefault(f"{type(cause).__name__}: {lines[0] if lines else ''}", []).append(r)
+    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {what}" for what, rs in ranks.items())
+
+
+@torch.no_grad()
+def _read(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], layers: Mapping[str, MoELayer],
+          directory: str, process_group: Optional[dist.ProcessGroup],
+          placements: Optional[Mapping[str, torch.Tensor]]) -> None:
+    """:func:`load` once the files are verified: the placements, then the weights."""
     for name, phy2log in (placements or {}).items():
         # through load_state_dict: the slots check the placement and re-derive their tables
         layers[name].slots.load_state_dict({"phy2log": phy2log.to(layers[name].slots.phy2log)})
