@@ -47,33 +47,38 @@ def _trained(steps: int):
     return model, opt
 
 
-def _crash_when(rank: int, fn_name: str, hit) -> None:
-    """From now on, ``os.<fn_name>(*args)`` kills this process if it is ``rank`` and ``hit(*args)``."""
-    real = getattr(os, fn_name)
+def _nth_call(n: int):
+    calls = []
+    return lambda *args: calls.append(1) or len(calls) == n
+
+
+# Where a save dies: rank 1 in the middle of writing its shard (its 3rd tensor), rank 0 after the
+# manifest but before the old checkpoint moves aside, rank 0 between moving the old checkpoint
+# aside and renaming the new one into place. (module, function, rank, when: target -> hit(*args))
+CRASHES = {
+    "rank 1 dies writing its shard": (torch, "save", 1, lambda target: _nth_call(3)),
+    "rank 0 dies before publishing": (os, "rename", 0, lambda target: lambda src, dst: src == target),
+    "rank 0 dies between the renames": (os, "rename", 0, lambda target: lambda src, dst: dst == target),
+}
+
+
+def _crash_when(crash: str, target: str) -> None:
+    """From now on, the crash's function kills this process (if it is the crash's rank) when hit."""
+    module, name, rank, when = CRASHES[crash]
+    real, hit = getattr(module, name), when(target)
 
     def crashing(*args, **kwargs):
         if dist.get_rank() == rank and hit(*args):
             os._exit(CRASH)
         return real(*args, **kwargs)
 
-    setattr(os, fn_name, crashing)
-
-
-# Where a save dies: rank 1 while writing its shard (in DCP's fsync of it), rank 0 after the
-# manifest but before the old checkpoint moves aside, rank 0 between moving the old checkpoint
-# aside and renaming the new one into place.
-CRASHES = {
-    "rank 1 dies writing its shard": (1, "fsync", lambda target: lambda fd: True),
-    "rank 0 dies before publishing": (0, "rename", lambda target: lambda src, dst: src == target),
-    "rank 0 dies between the renames": (0, "rename", lambda target: lambda src, dst: dst == target),
-}
+    setattr(module, name, crashing)
 
 
 def _save(path: str, steps: int, crash: str | None = None) -> dict:
     model, opt = _trained(steps)
     if crash is not None:
-        rank, fn_name, hit = CRASHES[crash]
-        _crash_when(rank, fn_name, hit(path))
+        _crash_when(crash, path)
     checkpoint.save(model, path, optimizer=opt)
     return _weights(model, opt)
 
@@ -246,7 +251,7 @@ def test_a_save_that_dies_leaves_the_old_checkpoint_loadable(saved, tmp_path, cr
     shutil.copytree(a, target)
     # the survivor fails too (its peer's connection closed): each rank's outcome in its slot
     died = spawn(_save, 2, target, 1, crash, timeout_s=60, collective_timeout_s=30, return_failures=True)
-    dead = died[CRASHES[crash][0]]
+    dead = died[CRASHES[crash][2]]
     assert isinstance(dead, RankError) and dead.exitcode == CRASH, dead
     left = sorted(os.listdir(tmp_path))
     between = crash == "rank 0 dies between the renames"

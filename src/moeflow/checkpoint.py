@@ -495,6 +495,9 @@ def _publish(tmp: str, target: str, save_id: str) -> None:
 
 def _remove(directory: str) -> None:
     """Delete a checkpoint directory, its manifest first: a removal cut short leaves no checkpoint."""
+    if os.path.islink(directory):  # a link the user made to a checkpoint: the link goes, not what it names
+        os.remove(directory)
+        return
     try:
         os.remove(os.path.join(directory, MANIFEST))
     except OSError:
