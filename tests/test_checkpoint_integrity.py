@@ -300,7 +300,8 @@ def test_save_replaces_a_checkpoint_whole_and_refuses_anything_else(saved, tmp_p
         assert o["files"] == [".metadata", "__0_0.distcp", "__1_0.distcp", checkpoint.MANIFEST], o["files"]
         assert o["same"], f"rank {rank}: the checkpoint written over the old one did not load back"
         errors = o["errors"]
-        assert f"`checkpoint_id` '{mine}' is a directory of 1 files that is not a checkpoint" in errors["not a checkpoint"]
+        assert f"`checkpoint_id` '{mine}' is a directory of 1 files that is not a checkpoint" in \
+            errors["not a checkpoint"]
         assert f"`checkpoint_id` '{a_file}' is not a directory" in errors["a file"]
         assert f"ranks passed different `checkpoint_id`s: rank 0: '{target}', rank 1: '{other}'" in \
             errors["ranks disagree"]

@@ -260,16 +260,16 @@ def _fsync_dir(path: str) -> None:
         pass
 
 
-def _siblings(target: str) -> list[tuple[str, str]]:
-    """``[(kind, path)]`` of ``<target>.tmp-<id>`` (a save in progress or dead) and
+def _siblings(target: str) -> list[tuple[str, str, str]]:
+    """``[(kind, save id, path)]`` of ``<target>.tmp-<id>`` (a save in progress or dead) and
     ``<target>.old-<id>`` (a checkpoint being replaced) beside ``target``."""
     parent, name = os.path.split(target)
-    pattern = re.compile(re.escape(name) + r"\.(tmp|old)-[0-9a-f]{32}")
+    pattern = re.compile(re.escape(name) + r"\.(tmp|old)-([0-9a-f]{32})")
     try:
         entries = sorted(os.listdir(parent or "."))
     except OSError:
         return []
-    return [(m[1], os.path.join(parent, e)) for e in entries if (m := pattern.fullmatch(e))]
+    return [(m[1], m[2], os.path.join(parent, e)) for e in entries if (m := pattern.fullmatch(e))]
 
 
 def _replaceable(target: str) -> Optional[str]:
@@ -375,11 +375,11 @@ def _resolve(target: str) -> tuple[str, Optional[str]]:
     # whole ones only (a removal deletes the manifest first); the one whose save died publishing
     # has its .tmp- sibling, of the same id, still there
     siblings = _siblings(target)
-    old = [p for kind, p in siblings if kind == "old" and os.path.exists(os.path.join(p, MANIFEST))]
+    old = [(i, p) for kind, i, p in siblings if kind == "old" and os.path.exists(os.path.join(p, MANIFEST))]
     if not old:
         raise _Bad("", "does not exist")
-    unpublished = {p.rsplit("-", 1)[1] for kind, p in siblings if kind == "tmp"}
-    found = max(old, key=lambda p: (p.rsplit("-", 1)[1] in unpublished, os.path.getmtime(p)))
+    unpublished = {i for kind, i, _ in siblings if kind == "tmp"}
+    _, found = max(old, key=lambda ip: (ip[0] in unpublished, os.path.getmtime(ip[1])))
     return found, (f"moeflow.checkpoint.load: {target} is missing: a save died while replacing it; loading the "
                    f"checkpoint it was replacing, {found}")
 
@@ -489,17 +489,15 @@ def _publish(tmp: str, target: str, save_id: str) -> None:
         raise
     _fsync_dir(os.path.dirname(target) or ".")
     # the replaced checkpoint, and whatever earlier saves that died left beside it
-    for _, path in _siblings(target):
+    for _, _, path in _siblings(target):
         _remove(path)
 
 
 def _remove(directory: str) -> None:
-    """Delete a checkpoint directory, its manifest first: a removal cut short leaves no checkpoint."""
-    if os.path.islink(directory):  # a link the user made to a checkpoint: the link goes, not what it names
-        os.remove(directory)
-        return
+    """Delete a checkpoint directory if it can, its manifest first: a removal cut short leaves no
+    checkpoint. A link (to a checkpoint the user keeps elsewhere) goes, not what it names."""
     try:
-        os.remove(os.path.join(directory, MANIFEST))
+        os.remove(directory if os.path.islink(directory) else os.path.join(directory, MANIFEST))
     except OSError:
         pass
     shutil.rmtree(directory, ignore_errors=True)
@@ -582,8 +580,8 @@ def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
         if not isinstance(phy2log, torch.Tensor) or tuple(phy2log.shape) != (layer.slots.num_slots,):
             raise ValueError(f"moeflow.checkpoint.load: `placements[{name!r}]` must be a [{layer.slots.num_slots}] "
                              f"tensor (the layer's num_slots), got {phy2log!r}")
-        check_phy2log(phy2log, layer.num_experts, layer.slots.num_slots, f"moeflow.checkpoint.load: `placements[{name!r}]`",
-                      layer.buffer.rank)
+        check_phy2log(phy2log, layer.num_experts, layer.slots.num_slots,
+                      f"moeflow.checkpoint.load: `placements[{name!r}]`", layer.buffer.rank)
     directory = _verify(target, process_group)
     try:
         _read(model, optimizer, layers, directory, process_group, placements)
@@ -597,7 +595,8 @@ def _summary(e: CheckpointException) -> str:
     for r, (cause, _) in sorted(e.failures.items()):
         lines = str(cause).strip().splitlines()
         ranks.setdefault(f"{type(cause).__name__}: {lines[0] if lines else ''}", []).append(r)
-    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {what}" for what, rs in ranks.items())
+    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {what}"
+                     for what, rs in ranks.items())
 
 
 @torch.no_grad()
