@@ -15,6 +15,7 @@ from .comm import (Buffer, ByteCounters, Config, DispatchHandle, ElasticBuffer, 
                    PeerFailureError, topk_idx_t)
 from .experts import GroupedExperts, SwiGLU
 from .layer import MoELayer
+from .checkpoint import CheckpointError  # after .layer, which it builds on
 from .parallel.fsdp import parallelize
 from .routing import Router, RouterOutput
 from .launch import RankError, spawn
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Buffer", "Config", "DispatchHandle", "EventOverlap", "topk_idx_t", "ElasticBuffer", "EPHandle",
-    "ByteCounters", "PeerFailureError",
+    "ByteCounters", "PeerFailureError", "CheckpointError",
     "autograd", "balance", "layout", "quant", "per_token_cast_to_fp8", "per_token_cast_back",
     "spawn", "RankError",
     "Router", "RouterOutput", "GroupedExperts", "SwiGLU", "MoELayer", "parallelize",
