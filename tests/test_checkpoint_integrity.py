@@ -105,7 +105,7 @@ def saved(tmp_path_factory):
     """Checkpoints A and B of one run (B: one step later), and the weights each holds, by rank."""
     root = tmp_path_factory.mktemp("saved")
     a, b = str(root / "a"), str(root / "b")
-    out = spawn(_save_two, 2, a, b, timeout_s=60)
+    out = spawn(_save_two, 2, a, b, timeout_s=120)
     return a, b, [o[0] for o in out], [o[1] for o in out]
 
 
@@ -113,7 +113,7 @@ def test_round_trip_gives_identical_weights_and_optimizer_state(saved):
     a, _, weights_a, weights_b = saved
     assert sorted(os.listdir(a)) == [".metadata", "__0_0.distcp", "__1_0.distcp", checkpoint.MANIFEST]
     assert not any(_same(wa, wb) for wa, wb in zip(weights_a, weights_b)), "A and B should differ"
-    for rank, (got, _) in enumerate(spawn(_load, 2, a, timeout_s=60)):
+    for rank, (got, _) in enumerate(spawn(_load, 2, a, timeout_s=120)):
         assert any(k.startswith("optim.") and k.endswith("exp_avg") for k in got), "no optimizer state saved"
         assert _same(got, weights_a[rank]), f"rank {rank}: loaded weights differ from the saved ones"
 
@@ -131,7 +131,7 @@ def _load_into_wider(path: str) -> str:
 
 def test_a_checkpoint_that_does_not_fit_the_model_raises_checkpoint_error_on_every_rank(saved):
     a, _, _, _ = saved
-    for msg in spawn(_load_into_wider, 2, a, timeout_s=60):
+    for msg in spawn(_load_into_wider, 2, a, timeout_s=120):
         assert f"moeflow.checkpoint.load: {a} does not fit the model (ranks 0, 1: ValueError: Size mismatch" in msg, msg
 
 
@@ -208,7 +208,7 @@ def damaged(saved, tmp_path_factory):
         shutil.copytree(a, d)
         damage(d, b)
         paths.append(d)
-    out = spawn(_load_each, 2, paths, timeout_s=90)
+    out = spawn(_load_each, 2, paths, timeout_s=180)
     return {case: (path, [o[i] for o in out]) for i, (case, path) in enumerate(zip(DAMAGE, paths))}
 
 
@@ -250,7 +250,7 @@ def test_a_save_that_dies_leaves_the_old_checkpoint_loadable(saved, tmp_path, cr
     target = str(tmp_path / "ckpt")
     shutil.copytree(a, target)
     # the survivor fails too (its peer's connection closed): each rank's outcome in its slot
-    died = spawn(_save, 2, target, 1, crash, timeout_s=60, collective_timeout_s=30, return_failures=True)
+    died = spawn(_save, 2, target, 1, crash, timeout_s=120, collective_timeout_s=60, return_failures=True)
     dead = died[CRASHES[crash][2]]
     assert isinstance(dead, RankError) and dead.exitcode == CRASH, dead
     left = sorted(os.listdir(tmp_path))
@@ -258,7 +258,7 @@ def test_a_save_that_dies_leaves_the_old_checkpoint_loadable(saved, tmp_path, cr
     assert any(".tmp-" in name for name in left), left  # the dead save's files
     # A moved aside and not yet replaced, or still in place
     assert ("ckpt" in left) != between and any(".old-" in name for name in left) == between, left
-    out = spawn(_load_then_save, 2, target, timeout_s=60)
+    out = spawn(_load_then_save, 2, target, timeout_s=120)
     for rank, o in enumerate(out):
         assert _same(o["loaded"], weights_a[rank]), f"rank {rank}: did not load checkpoint A whole"
         assert _same(o["reloaded"], o["resaved"]), f"rank {rank}: the next save did not load back"
@@ -295,7 +295,7 @@ def test_save_replaces_a_checkpoint_whole_and_refuses_anything_else(saved, tmp_p
     (mine / "notes.txt").write_text("keep me")
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me too")
-    out = spawn(_save_over, 2, target, other, str(mine), str(a_file), timeout_s=60)
+    out = spawn(_save_over, 2, target, other, str(mine), str(a_file), timeout_s=120)
     for rank, o in enumerate(out):
         assert o["files"] == [".metadata", "__0_0.distcp", "__1_0.distcp", checkpoint.MANIFEST], o["files"]
         assert o["same"], f"rank {rank}: the checkpoint written over the old one did not load back"
