@@ -50,6 +50,7 @@ class DemoConfig:
     aux_loss_coeff: float = 1e-2   # sequence-wise aux loss (DeepSeek-V3 uses 1e-4 at scale)
     bias_decay: bool = True        # the bias rate follows the learning-rate schedule down to 0
     num_replicas: Optional[int] = None  # physical expert slots (None = num_experts: no redundancy)
+    tie_embeddings: bool = True    # the head reuses the embedding; a pipeline unties it (as DeepSeek-V3)
     rebalance_every: int = 0       # re-plan and migrate experts every N steps (0 = never)
     lr: float = 3e-3
     gate_lr_scale: float = 0.1
@@ -118,16 +119,57 @@ class TinyMoELM(nn.Module):
         self.norm = RMSNorm(cfg.dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
+        self.head = None
+        if not cfg.tie_embeddings:
+            self.head = nn.Linear(cfg.dim, 256, bias=False)
+            self.head.weight.data.copy_(self.embed.weight)  # starts as the tied model does
+
+    def embed_tokens(self, idx_BS):
+        return self.embed(idx_BS) + self.pos[:idx_BS.size(1)]
+
+    def logits(self, x_BSD):
+        x = self.norm(x_BSD)
+        return x @ self.embed.weight.t() if self.head is None else self.head(x)  # [B, S, V]
 
     def forward(self, idx_BS):
-        B, S = idx_BS.shape
-        x = self.embed(idx_BS) + self.pos[:S]
+        x = self.embed_tokens(idx_BS)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x) @ self.embed.weight.t()  # [B, S, V], tied head
+        return self.logits(x)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.moe for b in self.blocks if b.moe is not None]
+
+    def pipeline_parts(self):
+        """The model as :class:`moeflow.parallel.pipeline.ModelParts` (needs ``tie_embeddings=False``:
+        the embedding and the head live on different stages)."""
+        from .parallel.pipeline import ModelParts
+
+        if self.head is None:
+            raise ValueError("TinyMoELM.pipeline_parts: build with DemoConfig(tie_embeddings=False) to pipeline "
+                             "the model (the tied head would be on another stage than the embedding)")
+        return ModelParts(embed=_Embedding(self), layers=tuple(self.blocks), head=_Logits(self),
+                          hidden=self.embed.embedding_dim, output_size=256)
+
+
+class _Embedding(nn.Module):
+    """The model's input end as a module of its own (a pipeline's first stage holds it)."""
+
+    def __init__(self, model: TinyMoELM):
+        super().__init__()
+        self.embed, self.pos = model.embed, model.pos
+
+    forward = TinyMoELM.embed_tokens
+
+
+class _Logits(nn.Module):
+    """The model's output end (final norm and untied head) as a module of its own (last stage)."""
+
+    def __init__(self, model: TinyMoELM):
+        super().__init__()
+        self.norm, self.head = model.norm, model.head
+
+    forward = TinyMoELM.logits
 
 
 def load_corpus(max_bytes: int) -> bytes:

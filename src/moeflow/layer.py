@@ -10,8 +10,9 @@ Shape letters:
 Overlap: dispatch and combine are issued with ``async_finish`` and waited on only when their
 result is needed, so the shared experts run while chunk 0's tokens travel, and with C > 1 the
 experts work on chunk i while chunk i+1 is dispatched and chunk i-1 is combined. Backward runs
-the same communication without overlap (one combine per dispatch, one cached dispatch per
-combine).
+the same communication (one combine per dispatch, one cached dispatch per combine). Every wait,
+forward and backward, goes through :func:`moeflow.interleave.wait`: when two micro-batches run
+as lanes (:mod:`moeflow.parallel.overlap`), the one about to wait lets the other compute first.
 
 Placement: the router picks logical experts; each pair then goes to one physical slot holding a
 replica of its expert (``phy2log``), spread evenly over the replicas, and dispatch runs over the
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import interleave
 from .balance import Placement, plan
 from .balance.replicas import (check_phy2log, default_phy2log, off_node_slot, plan_migration, replica_tables,
                                slot_states, spread_over_replicas)
@@ -58,10 +60,11 @@ class _DispatchAsync(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_weights, buffer, topk_idx, num_experts, pending):
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-        recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=topk_idx, topk_weights=topk_weights, async_finish=True)
+        with interleave.issuing():
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+            recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
+                x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx, topk_weights=topk_weights, async_finish=True)
         pending.event, pending.handle, pending.counts = event, handle, counts
         # Kept as attributes, not saved tensors: the event fills recv_idx in place after this
         # returns, which would trip autograd's version check on a saved tensor.
@@ -77,7 +80,10 @@ class _DispatchAsync(torch.autograd.Function):
         if grad_recv_w is not None:
             # weights of experts on other ranks are constant zeros: no gradient flows back
             grad_recv_w = torch.where(ctx.recv_idx >= 0, grad_recv_w, 0.0).float()
-        grad_x, grad_w, _ = ctx.buffer.combine(grad_recv_x.contiguous(), handle, topk_weights=grad_recv_w)
+        with interleave.issuing():
+            grad_x, grad_w, event = ctx.buffer.combine(grad_recv_x.contiguous(), handle, topk_weights=grad_recv_w,
+                                                       async_finish=True)
+        interleave.wait(event)  # another lane may compute meanwhile
         return grad_x, grad_w, None, None, None, None
 
 
@@ -86,14 +92,17 @@ class _CombineAsync(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, buffer, handle, pending):
-        combined, _, event = buffer.combine(x, handle, async_finish=True)
+        with interleave.issuing():
+            combined, _, event = buffer.combine(x, handle, async_finish=True)
         pending.event = event
         ctx.buffer, ctx.handle = buffer, handle
         return combined
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x, *_ = ctx.buffer.dispatch(grad.contiguous(), handle=ctx.handle)
+        with interleave.issuing():
+            grad_x, *_, event = ctx.buffer.dispatch(grad.contiguous(), handle=ctx.handle, async_finish=True)
+        interleave.wait(event)  # another lane may compute meanwhile
         return grad_x, None, None, None
 
 
@@ -102,7 +111,7 @@ class _Wait(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pending, *tensors):
-        pending.event.current_stream_wait()
+        interleave.wait(pending.event)  # another lane may compute meanwhile
         outs = tuple(t.view_as(t) for t in tensors)
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
         return outs
@@ -224,13 +233,15 @@ class MoELayer(nn.Module):
         if D != self.hidden:
             raise ValueError(f"MoELayer: input hidden size {D} != layer hidden {self.hidden}")
         route = self.router(x)
-        self.last_router_output = route
+        if not interleave.in_backward():  # a checkpoint recompute leaves the forward's output in place
+            self.last_router_output = route
         x_TD = x.reshape(-1, D)
         topk_idx, topk_weights = route.topk_idx, route.topk_weights
         slot_idx = topk_idx                                    # [T, K] physical slots
         if not self._identity:
             slot_idx = self._to_slots(topk_idx)
-            if self.training:  # like the router's counts: pairs routed, before capacity drops
+            if self.training and not interleave.in_backward():  # like the router's counts (not twice
+                # under activation-checkpoint recompute): pairs routed, before capacity drops
                 with torch.no_grad():
                     flat = slot_idx.flatten()
                     self.num_tokens_per_replica_since_update.scatter_add_(0, flat, torch.ones_like(flat))

@@ -38,6 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import interleave
+
 __all__ = ["Router", "RouterOutput"]
 
 _SCORE_FUNCS = ("softmax", "sigmoid")
@@ -231,8 +233,9 @@ class Router(nn.Module):
         zero = logits_TE.new_zeros(())
         aux, seq_aux, glob, z = zero, zero, zero, zero
         if self.training:
-            with torch.no_grad():
-                self.num_tokens_per_expert_since_update += counts_E
+            if not interleave.in_backward():  # an activation-checkpoint recompute counts nothing twice
+                with torch.no_grad():
+                    self.num_tokens_per_expert_since_update += counts_E
             # P_e's per-token terms: scores normalised over the E experts (softmax already is)
             probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
             if self.aux_loss_coeff and T:
@@ -273,8 +276,9 @@ class Router(nn.Module):
         if self._group_size() > 1:
             # the global batch's expert frequencies need every rank's counts (not differentiable)
             self._sum(counts)
-        with torch.no_grad():
-            self.global_counts_since_update += counts
+        if not interleave.in_backward():  # not twice under activation-checkpoint recompute
+            with torch.no_grad():
+                self.global_counts_since_update += counts
         E, K = self.num_experts, self.top_k
         total = self.global_counts_since_update
         f_E = total[:E] * (E / K) / total[E].clamp(min=1)
