@@ -30,7 +30,7 @@ from torch import nn
 from .experts import GroupedExperts, SwiGLU
 from .layer import MoELayer
 
-__all__ = ["DemoConfig", "TinyMoELM", "load_corpus", "train"]
+__all__ = ["DemoConfig", "TinyMoELM", "build_model", "load_corpus", "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +172,17 @@ class _Logits(nn.Module):
     forward = TinyMoELM.logits
 
 
+def build_model(cfg: DemoConfig, group=None) -> TinyMoELM:
+    """The model with the same initial weights on every rank: dense weights, and the logical
+    experts of which each rank of ``group`` (the expert-parallel group) takes its slots."""
+    torch.manual_seed(cfg.seed)
+    model = TinyMoELM(cfg, group)
+    for layer in model.moe_layers():
+        full = GroupedExperts(cfg.num_experts, cfg.dim, cfg.ffn_hidden)
+        layer.load_global_weights(layer.router.gate.weight, full.w1, full.w2, full.w3)
+    return model
+
+
 def load_corpus(max_bytes: int) -> bytes:
     """The standard library's ``.py`` files, in a fixed order, up to ``max_bytes``."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -192,6 +203,40 @@ def load_corpus(max_bytes: int) -> bytes:
     return b"".join(out)[:max_bytes]
 
 
+def load_data(cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(train bytes, validation bytes, the unigram model's validation loss)``: 90% / 10% of the corpus."""
+    corpus = torch.frombuffer(bytearray(load_corpus(cfg.corpus_bytes)), dtype=torch.uint8).long()
+    split = int(len(corpus) * 0.9)
+    train_data, val_data = corpus[:split], corpus[split:]
+    unigram = torch.bincount(train_data, minlength=256).float() + 1
+    unigram_loss = float(-(unigram / unigram.sum()).log().mul(
+        torch.bincount(val_data, minlength=256).float() / len(val_data)).sum())
+    return train_data, val_data, unigram_loss
+
+
+def sample_batch(data: torch.Tensor, cfg: DemoConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.batch_size`` random windows of ``data``: inputs ``[B, S]`` and next-byte targets ``[B, S]``."""
+    starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=g)
+    chunk = torch.stack([data[s:s + cfg.seq_len + 1] for s in starts.tolist()])
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def make_optimizer(named_params, cfg: DemoConfig) -> torch.optim.Optimizer:
+    """AdamW; each group's ``lr_scale`` multiplies :func:`learning_rate`."""
+    named = list(named_params)
+    gates = [p for n, p in named if n.endswith("router.gate.weight")]
+    rest = [p for n, p in named if not n.endswith("router.gate.weight")]
+    # The gates learn 10x slower: with Adam at the full rate their logits outrun the expert
+    # bias (a fixed step per update) and the routing collapses onto a few experts early on.
+    return torch.optim.AdamW([dict(params=rest, lr_scale=1.0), dict(params=gates, lr_scale=cfg.gate_lr_scale)],
+                             lr=cfg.lr, weight_decay=0.0)
+
+
+def learning_rate(cfg: DemoConfig, step: int) -> float:
+    """Linear warm-up over 20 steps, then cosine down to 0 at ``cfg.steps``."""
+    return cfg.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+
 def _is_expert_param(name: str) -> bool:
     return ".moe.experts." in name
 
@@ -199,30 +244,13 @@ def _is_expert_param(name: str) -> bool:
 def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
     """Run on every rank (inside an initialised process group); returns the report on every rank."""
     rank, R = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(cfg.seed)  # the same init everywhere: dense weights, and the logical experts
-    model = TinyMoELM(cfg)        # of which each rank takes its slots (replicas must start equal)
-    for layer in model.moe_layers():
-        full = GroupedExperts(cfg.num_experts, cfg.dim, cfg.ffn_hidden)
-        layer.load_global_weights(layer.router.gate.weight, full.w1, full.w2, full.w3)
-    corpus = torch.frombuffer(bytearray(load_corpus(cfg.corpus_bytes)), dtype=torch.uint8).long()
-    split = int(len(corpus) * 0.9)
-    train_data, val_data = corpus[:split], corpus[split:]
-    unigram = torch.bincount(train_data, minlength=256).float() + 1
-    unigram_loss = float(-(unigram / unigram.sum()).log().mul(
-        torch.bincount(val_data, minlength=256).float() / len(val_data)).sum())
-
-    gates = [p for n, p in model.named_parameters() if n.endswith("router.gate.weight")]
-    rest = [p for n, p in model.named_parameters() if not n.endswith("router.gate.weight")]
-    # The gates learn 10x slower: with Adam at the full rate their logits outrun the expert
-    # bias (a fixed step per update) and the routing collapses onto a few experts early on.
-    opt = torch.optim.AdamW([dict(params=rest, lr_scale=1.0), dict(params=gates, lr_scale=cfg.gate_lr_scale)],
-                            lr=cfg.lr, weight_decay=0.0)
+    model = build_model(cfg)
+    train_data, val_data, unigram_loss = load_data(cfg)
+    opt = make_optimizer(model.named_parameters(), cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank its own batches
 
     def batch(data, g):
-        starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=g)
-        chunk = torch.stack([data[s:s + cfg.seq_len + 1] for s in starts.tolist()])
-        return chunk[:, :-1], chunk[:, 1:]
+        return sample_batch(data, cfg, g)
 
     dense = [p for n, p in model.named_parameters() if not _is_expert_param(n)]
     experts = [p for n, p in model.named_parameters() if _is_expert_param(n)]
@@ -242,7 +270,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         t0 = time.perf_counter()
         for layer in model.moe_layers():
             layer.buffer.counters.reset()
-        lr = cfg.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        lr = learning_rate(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         x, y = batch(train_data, gen)

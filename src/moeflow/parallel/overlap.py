@@ -175,6 +175,7 @@ def overlap_f_b(action, ctx) -> None:
     schedule._assert_unsharded(f_stage)
     schedule._assert_unsharded(b_stage)
     full = bwd.computation_type == FULL_BACKWARD
+    has_backward = b_stage.has_backward  # False under schedule.eval(): the forward alone
 
     def forward() -> None:
         out = f_stage.forward_one_chunk(f_mb, ctx.arg_mbs[f_mb], ctx.kwarg_mbs[f_mb])
@@ -193,6 +194,9 @@ def overlap_f_b(action, ctx) -> None:
             stages[b_idx - 1].set_local_bwd_input(b_stage.get_local_bwd_output(b_mb), b_mb)
 
     timeline = getattr(f_stage, "timeline", None)
+    if not has_backward:
+        forward()
+        return
     run_lanes([forward, backward], names=[f"s{f_idx} mb{f_mb}", f"s{b_idx} mb{b_mb}"], timeline=timeline,
               backward_lane=1)
 

@@ -40,7 +40,7 @@ from ..routing import Router
 from .timeline import SoloLane, Timeline, now
 
 __all__ = ["SCHEDULES", "ModelParts", "StageModule", "TimedStage", "Pipeline", "stage_indices", "split_layers",
-           "build_pipeline"]
+           "build_pipeline", "shard_dense_params"]
 
 # name -> (torch schedule class name, stages per rank, placement style)
 SCHEDULES: dict[str, tuple[str, int, str]] = {
@@ -265,9 +265,65 @@ class Pipeline:
                            losses=losses if self.has_last else None, return_outputs=False)
         return torch.stack([l.detach() for l in losses]).mean() if self.has_last else None
 
+    @torch.no_grad()
+    def evaluate(self, inputs: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None
+                 ) -> Optional[torch.Tensor]:
+        """Forward only, in eval mode (the routers count nothing); the mean loss as in :meth:`step`."""
+        for m in self.modules:
+            m.eval()
+        losses: list = []
+        custom = getattr(self.schedule, "_comp_type_to_function_map", None)
+        saved = dict(custom) if custom is not None else None
+        if custom is not None:
+            # torch's runtime still hands a V schedule's backward outputs between the two stages
+            # of a rank when there is no backward (it fails there): skip every backward action
+            from torch.distributed.pipelining.schedules import (BACKWARD_INPUT, BACKWARD_WEIGHT, FULL_BACKWARD,
+                                                                OVERLAP_F_B)
+
+            from .overlap import overlap_f_b
+
+            custom.update({t: _skip_backward for t in (FULL_BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)})
+            custom[OVERLAP_F_B] = overlap_f_b  # runs the forward alone without a backward
+        try:
+            self.schedule.eval(*(() if not self.has_first else (inputs,)), target=target if self.has_last else None,
+                               losses=losses if self.has_last else None, return_outputs=False)
+        finally:
+            if custom is not None:
+                custom.clear()
+                custom.update(saved)
+            for m in self.modules:
+                m.train()
+        return torch.stack(losses).mean() if self.has_last else None
+
+
+def shard_dense_params(module: nn.Module, mesh, reshard_after_forward: bool = False) -> nn.Module:
+    """FSDP2 over ``mesh`` (the ranks that hold the same dense weights: ``dp x ep``) for every
+    parameter of ``module`` except the routed experts' (each expert-parallel rank holds other
+    experts; their gradients already sum every rank's tokens through dispatch / combine).
+
+    Each layer is its own FSDP unit, then the whole module. ``reshard_after_forward=False``
+    keeps a stage's weights gathered across its micro-batches (one all-gather per step).
+    Returns ``module`` (sharded in place), so it can be passed as ``build_pipeline(wrap=...)``.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from ..experts import GroupedExperts
+
+    experts = {p for m in module.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    units = module.layers if isinstance(module, StageModule) else []
+    for layer in units:
+        fully_shard(layer, mesh=mesh, ignored_params=experts, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, ignored_params=experts, reshard_after_forward=reshard_after_forward)
+    return module
+
 
 def _nothing() -> None:
     pass
+
+
+def _skip_backward(action, ctx) -> None:
+    # the runtime posted this backward's (empty) receive; it must be consumed like a real one
+    ctx.schedule_ref.bwd_recv_ops.pop((action.stage_index, action.microbatch_index), None)
 
 
 def build_pipeline(parts: ModelParts, *, schedule: str, pp_group: Optional[dist.ProcessGroup],
