@@ -265,6 +265,19 @@ class Pipeline:
                            losses=losses if self.has_last else None, return_outputs=False)
         return torch.stack([l.detach() for l in losses]).mean() if self.has_last else None
 
+    def set_overlap(self, on: bool) -> None:
+        """Turn DualPipeV's forward/backward overlap on or off between steps (same stages,
+        same schedule: only how its ``OVERLAP_F_B`` actions run changes)."""
+        from torch.distributed.pipelining.schedules import OVERLAP_F_B
+
+        from .overlap import enable_overlap
+
+        if on:
+            enable_overlap(self.schedule)
+        else:
+            self.schedule._comp_type_to_function_map.pop(OVERLAP_F_B, None)
+        self.overlap = on
+
     @torch.no_grad()
     def evaluate(self, inputs: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None
                  ) -> Optional[torch.Tensor]:
