@@ -188,7 +188,7 @@ def _evaluate(pipe, val_data, cfg: DemoConfig, E: int) -> float:
     return float(total) / (cfg.eval_batches * E)
 
 
-_COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#8c8c3c", "issue": "#c44e52", "wait": "#dd8452"}
+_COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#b5bd68", "issue": "#c44e52", "wait": "#f0a030"}
 
 
 def _write_outputs(report: dict, out_dir: str) -> None:
@@ -229,7 +229,7 @@ def _write_outputs(report: dict, out_dir: str) -> None:
             else:
                 row = next((h for s0, e0, h in half.get(lane, []) if s0 <= start and end <= e0), 0)
                 ax2.broken_barh([(start * 1e3, (end - start) * 1e3)], (r - 0.3 + 0.4 * row, 0.18),
-                                facecolors=_COLORS[kind])
+                                facecolors=_COLORS[kind], zorder=3)
     s = report["step_seconds"]
     ax2.set_title(f"last step per rank (mean of the last 10% of steps: compute {s['compute'] * 1e3:.0f} ms, "
                   f"exposed communication {s['exposed_comm'] * 1e3:.0f} ms, bubble {s['bubble'] * 1e3:.0f} ms)")
