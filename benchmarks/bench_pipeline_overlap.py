@@ -2,8 +2,8 @@
 
     python3 benchmarks/bench_pipeline_overlap.py [--steps 12] [--dim 512] [--ffn 64] [--seq 128] [--batch 16]
 
-4 Gloo ranks, pp 2 x ep 2, the demo's model (4 blocks: 1 dense, 3 MoE of 8 experts, top-2, one
-shared expert), DualPipeV with ``--microbatches`` micro-batches. One pipeline; each pair of
+4 Gloo ranks, pp 2 x ep 2, the demo's model with ``--layers`` MoE blocks (8 experts, top-2, one
+shared expert), DualPipeV (4 stages) with ``--microbatches`` micro-batches. One pipeline; each pair of
 steps runs once without overlap and once with it (order alternating), so both modes see the
 same load and the same weights. Per mode it prints the median over steps of: the step's wall
 time (slowest rank), the CPU time the 4 ranks used (sum), and per rank the mean exposed
@@ -32,8 +32,8 @@ def _rank(a):
     from moeflow.parallel.timeline import Timeline, now
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
-    cfg = DemoConfig(num_layers=4, dim=a.dim, num_heads=4, ffn_hidden=a.ffn, num_experts=8, top_k=2,
-                     seq_len=a.seq, batch_size=a.batch, tie_embeddings=False)
+    cfg = DemoConfig(num_layers=a.layers, num_dense_layers=0, dim=a.dim, num_heads=4, ffn_hidden=a.ffn,
+                     num_experts=8, top_k=2, seq_len=a.seq, batch_size=a.batch, tie_embeddings=False)
     model = build_model(cfg, mesh["ep"].get_group())
     timeline = Timeline()
     pipe = build_pipeline(model.pipeline_parts(), schedule="dualpipev", pp_group=mesh["pp"].get_group(),
@@ -59,21 +59,71 @@ def _rank(a):
     return rows
 
 
+def _rank_pp1(a):
+    """No pipeline (2 ranks, ep 2): micro-batches one after the other vs F(i+1) with B(i)."""
+    from moeflow.demo import DemoConfig, build_model
+    from moeflow.parallel.overlap import train_micro_batches
+    from moeflow.parallel.timeline import Timeline, now
+
+    cfg = DemoConfig(num_layers=a.layers // 2, num_dense_layers=0, dim=a.dim, num_heads=4, ffn_hidden=a.ffn,
+                     num_experts=8, top_k=2, seq_len=a.seq, batch_size=a.batch)
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x = torch.randint(0, 256, (a.batch, a.seq), generator=g)
+    micro = list(x.split(a.batch // a.microbatches))
+
+    def loss_of(mb):
+        return F.cross_entropy(model(mb).flatten(0, 1), mb.flatten()) / len(micro)
+
+    timeline = Timeline()
+    rows = {False: [], True: []}
+    for step in range(a.warmup + a.steps):
+        for on in ((False, True) if step % 2 else (True, False)):
+            timeline.clear()
+            dist.barrier()
+            c0, t0 = time.process_time(), now()
+            if on:
+                train_micro_batches(loss_of, micro, timeline=timeline)
+            else:
+                for mb in micro:
+                    loss_of(mb).backward()
+            t1, c1 = now(), time.process_time()
+            for p in model.parameters():
+                p.grad = None
+            if step >= a.warmup:
+                rows[on].append([t1 - t0, c1 - c0])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12, help="measured steps per mode")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=8, help="MoE blocks (no dense block): 2 per stage")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--ffn", type=int, default=64, help="per routed expert")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16, help="sequences per expert-parallel rank per step")
-    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--checkpoint", choices=["full", "selective"], default=None)
+    ap.add_argument("--pp1", action="store_true",
+                    help="no pipeline: 2 ranks (ep 2), --layers / 2 blocks, F(i+1) with B(i) against one after the other")
     a = ap.parse_args()
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
+    if a.pp1:
+        per_rank = spawn(_rank_pp1, 2, a, timeout_s=3600, threads_per_rank=1)
+        print(f"no pipeline, 2 Gloo ranks (ep 2), {a.layers // 2} MoE layers, dim {a.dim}, expert ffn {a.ffn}, "
+              f"{a.batch} x {a.seq} tokens per rank in {a.microbatches} micro-batches; load average before: {' '.join(load)}")
+        n = len(per_rank[0][False])
+        for on in (False, True):
+            wall = statistics.median(max(r[on][i][0] for r in per_rank) for i in range(n))
+            cpu = statistics.median(sum(r[on][i][1] for r in per_rank) for i in range(n))
+            print(f"{'F(i+1) with B(i)' if on else 'one after other':<18} step wall {wall * 1e3:7.0f} ms, CPU (2 ranks) "
+                  f"{cpu * 1e3:7.0f} ms")
+        return
     per_rank = spawn(_rank, 4, a, timeout_s=3600, threads_per_rank=1)
-    print(f"DualPipeV, 4 Gloo ranks (pp 2 x ep 2), dim {a.dim}, expert ffn {a.ffn}, {a.batch} x {a.seq} tokens per "
+    print(f"DualPipeV, 4 Gloo ranks (pp 2 x ep 2), {a.layers} MoE layers, dim {a.dim}, expert ffn {a.ffn}, {a.batch} x {a.seq} tokens per "
           f"expert-parallel rank, {a.microbatches} micro-batches, checkpoint {a.checkpoint}; load average before: "
           f"{' '.join(load)}")
     print(f"{'':<14}{'step wall':>10}{'CPU (4 ranks)':>15}{'exposed comm':>14}{'compute':>9}{'bubble':>8}  "

@@ -389,7 +389,9 @@ def _evaluate(model, val_data, cfg, batch, R) -> float:
     return total.item() / (cfg.eval_batches * R)
 
 
-def _write_outputs(report: dict, out_dir: str) -> None:
+def write_report(report: dict, out_dir: str):
+    """Write ``report.json`` into ``out_dir``; return ``matplotlib.pyplot`` (Agg backend) for the
+    PNG, or None (with a note) when matplotlib is not installed."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -400,14 +402,27 @@ def _write_outputs(report: dict, out_dir: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("moeflow demo: matplotlib not installed; skipping the PNG (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_loss(ax, report: dict) -> None:
+    """Training and validation loss against the unigram baseline."""
+    h = report["history"]
+    ax.plot(h["step"], h["loss"], label="train", lw=1)
+    ax.plot(h["val_step"], h["val_loss"], "o-", label="validation")
+    ax.axhline(report["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+
+
+def _write_outputs(report: dict, out_dir: str) -> None:
+    plt = write_report(report, out_dir)
+    if plt is None:
         return
     h = report["history"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.plot(h["step"], h["loss"], label="train", lw=1)
-    ax1.plot(h["val_step"], h["val_loss"], "o-", label="validation")
-    ax1.axhline(report["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("loss (nats/byte)")
+    plot_loss(ax1, report)
     ax1.set_title(f"{report['ranks']} ranks, {report['num_params'] / 1e6:.1f}M parameters")
     ax1.legend()
     load = torch.tensor(h["expert_load"])  # [steps, E] summed over layers

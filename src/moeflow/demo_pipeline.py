@@ -18,18 +18,17 @@ Shape letters: B batch, S sequence, V vocabulary (256).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .demo import DemoConfig, build_model, learning_rate, load_data, make_optimizer, sample_batch
+from .demo import (DemoConfig, build_model, learning_rate, load_data, make_optimizer, plot_loss, sample_batch,
+                   write_report)
 from .experts import GroupedExperts
 from .parallel.pipeline import SCHEDULES, build_pipeline, shard_dense_params
 from .parallel.timeline import StepTimes, Timeline, now
@@ -192,27 +191,15 @@ _COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#b5bd68", "issue": "#c44e52", "
 
 
 def _write_outputs(report: dict, out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("moeflow demo: matplotlib not installed; skipping the PNG (pip install matplotlib)")
+    plt = write_report(report, out_dir)
+    if plt is None:
         return
-    h, R = report["history"], report["ranks"]
+    R = report["ranks"]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 3 + 0.6 * R + 3.5), gridspec_kw=dict(height_ratios=[3, 1 + 0.6 * R]))
-    ax1.plot(h["step"], h["loss"], label="train", lw=1)
-    ax1.plot(h["val_step"], h["val_loss"], "o-", label="validation")
-    ax1.axhline(report["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
+    plot_loss(ax1, report)
     p = report["pipeline"]
     ax1.set_title(f"{R} ranks: pp {report['pp']} x ep {report['ep']}, {p['schedule']}"
                   f"{' with overlap' if p['overlap'] else ''}, {p['num_microbatches']} micro-batches")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("loss (nats/byte)")
     ax1.legend()
     # the last step, one row per rank: forwards in its upper half, backwards in its lower half,
     # each action's communication drawn over it

@@ -27,16 +27,24 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.pipelining
 from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._utils import generate_rank_to_stage_mapping
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.pipelining.schedules import BACKWARD_INPUT, BACKWARD_WEIGHT, FULL_BACKWARD, OVERLAP_F_B
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .. import interleave
+from ..experts import GroupedExperts
 from ..routing import Router
+from .overlap import enable_overlap, overlap_f_b
 from .timeline import SoloLane, Timeline, now
 
 __all__ = ["SCHEDULES", "ModelParts", "StageModule", "TimedStage", "Pipeline", "stage_indices", "split_layers",
@@ -88,8 +96,6 @@ def split_layers(num_layers: int, num_stages: int) -> list[range]:
 
 def stage_indices(schedule: str, pp_rank: int, pp_size: int) -> list[int]:
     """The stages ``schedule`` places on pipeline rank ``pp_rank`` (torch's own mapping)."""
-    from torch.distributed.pipelining._utils import generate_rank_to_stage_mapping
-
     _, per_rank, style = _schedule_entry(schedule)
     return generate_rank_to_stage_mapping(pp_size, pp_size * per_rank, style)[pp_rank]
 
@@ -128,8 +134,6 @@ class _AddLosses(torch.autograd.Function):
 def _selective_policy(ctx, op, *args, **kwargs):
     """Op-level selective checkpointing: keep matmul and attention outputs, recompute the rest
     (norms, activations, routing math; a recompute also repeats the layer's dispatch/combine)."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
     name = str(op)
     keep = name.startswith(("aten.mm", "aten.bmm", "aten.addmm", "aten._grouped_mm", "aten._scaled_dot_product"))
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
@@ -144,8 +148,6 @@ class _Checkpointed(nn.Module):
         self.layer, self.mode = layer, mode
 
     def forward(self, x):
-        from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-
         kwargs = {}
         if self.mode == "selective":
             kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
@@ -184,44 +186,36 @@ class StageModule(nn.Module):
 
 
 # ------------------------------------------------------------------------------ timed stages
-def _pipeline_stage_class():
-    from torch.distributed.pipelining import PipelineStage
+class TimedStage(PipelineStage):
+    """A ``PipelineStage`` that records its forward / backward spans into ``self.timeline``
+    (None: nothing recorded) and, outside overlap lanes, the MoE layers' communication spans."""
 
-    class TimedStage(PipelineStage):
-        """A ``PipelineStage`` that records its forward / backward spans into ``self.timeline``
-        (None: nothing recorded) and, outside overlap lanes, the MoE layers' communication spans."""
+    timeline: Optional[Timeline] = None
 
-        timeline: Optional[Timeline] = None
+    @contextmanager
+    def _span(self, kind: str, mb: int) -> Iterator[None]:
+        if self.timeline is None:
+            yield
+            return
+        lane = interleave.current_lane()
+        name = getattr(lane, "name", None) or f"s{self.stage_index} mb{mb}"
+        start = now()
+        with interleave.use_lane(SoloLane(self.timeline, name)) if lane is None else nullcontext():
+            yield
+        self.timeline.add(name, kind, start, now())
 
-        @contextmanager
-        def _span(self, kind: str, mb: int) -> Iterator[None]:
-            if self.timeline is None:
-                yield
-                return
-            lane = interleave.current_lane()
-            name = getattr(lane, "name", None) or f"s{self.stage_index} mb{mb}"
-            start = now()
-            with interleave.use_lane(SoloLane(self.timeline, name)) if lane is None else nullcontext():
-                yield
-            self.timeline.add(name, kind, start, now())
+    def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, save_forward_output=True):
+        with self._span("F", fwd_chunk_id):
+            return super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
 
-        def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, save_forward_output=True):
-            with self._span("F", fwd_chunk_id):
-                return super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
+    def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+        with self._span("B", bwd_chunk_id):
+            return super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward,
+                                              last_backward=last_backward)
 
-        def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
-            with self._span("B", bwd_chunk_id):
-                return super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward,
-                                                  last_backward=last_backward)
-
-        def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
-            with self._span("W", bwd_chunk_id):
-                return super().backward_weight_one_chunk(bwd_chunk_id, last_backward=last_backward)
-
-    return TimedStage
-
-
-TimedStage = None  # set on first use (importing pipelining is deferred: it costs ~1 s)
+    def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
+        with self._span("W", bwd_chunk_id):
+            return super().backward_weight_one_chunk(bwd_chunk_id, last_backward=last_backward)
 
 
 @dataclass
@@ -268,13 +262,9 @@ class Pipeline:
     def set_overlap(self, on: bool) -> None:
         """Turn DualPipeV's forward/backward overlap on or off between steps (same stages,
         same schedule: only how its ``OVERLAP_F_B`` actions run changes)."""
-        from torch.distributed.pipelining.schedules import OVERLAP_F_B
-
-        from .overlap import enable_overlap
-
-        if on:
+        if on and not self.overlap:
             enable_overlap(self.schedule)
-        else:
+        elif not on:
             self.schedule._comp_type_to_function_map.pop(OVERLAP_F_B, None)
         self.overlap = on
 
@@ -290,11 +280,6 @@ class Pipeline:
         if custom is not None:
             # torch's runtime still hands a V schedule's backward outputs between the two stages
             # of a rank when there is no backward (it fails there): skip every backward action
-            from torch.distributed.pipelining.schedules import (BACKWARD_INPUT, BACKWARD_WEIGHT, FULL_BACKWARD,
-                                                                OVERLAP_F_B)
-
-            from .overlap import overlap_f_b
-
             custom.update({t: _skip_backward for t in (FULL_BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)})
             custom[OVERLAP_F_B] = overlap_f_b  # runs the forward alone without a backward
         try:
@@ -318,10 +303,6 @@ def shard_dense_params(module: nn.Module, mesh, reshard_after_forward: bool = Fa
     keeps a stage's weights gathered across its micro-batches (one all-gather per step).
     Returns ``module`` (sharded in place), so it can be passed as ``build_pipeline(wrap=...)``.
     """
-    from torch.distributed.fsdp import fully_shard
-
-    from ..experts import GroupedExperts
-
     experts = {p for m in module.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
     units = module.layers if isinstance(module, StageModule) else []
     for layer in units:
@@ -369,11 +350,6 @@ def build_pipeline(parts: ModelParts, *, schedule: str, pp_group: Optional[dist.
     Returns:
         :class:`Pipeline`.
     """
-    global TimedStage
-    import torch.distributed.pipelining as pipelining
-
-    if TimedStage is None:
-        TimedStage = _pipeline_stage_class()
     cls_name, per_rank, _ = _schedule_entry(schedule)
     pp_size = dist.get_world_size(pp_group)
     pp_rank = dist.get_rank(pp_group)
@@ -413,10 +389,8 @@ def build_pipeline(parts: ModelParts, *, schedule: str, pp_group: Optional[dist.
                            input_args=inp, output_args=out, group=pp_group, dw_builder=dw_builder)
         stage.timeline = timeline
         stages.append(stage)
-    cls = getattr(pipelining, cls_name)
+    cls = getattr(torch.distributed.pipelining, cls_name)
     sched = cls(stages if per_rank > 1 else stages[0], num_microbatches, loss_fn=loss_fn)
     if overlap:
-        from .overlap import enable_overlap
-
         enable_overlap(sched)
     return Pipeline(sched, stages, modules, ids, num_stages, timeline, overlap)
