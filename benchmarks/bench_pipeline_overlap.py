@@ -7,13 +7,16 @@ shared expert), DualPipeV (4 stages) with ``--microbatches`` micro-batches. One 
 steps runs once without overlap and once with it (order alternating), so both modes see the
 same load and the same weights. Per mode it prints the median over steps of: the step's wall
 time (slowest rank), the CPU time the 4 ranks used (sum), and per rank the mean exposed
-communication, compute and bubble (see moeflow.parallel.timeline). The model sizes are chosen
+communication (and within it the waits: what was left of a transfer after the hand-over),
+compute and bubble (see moeflow.parallel.timeline), and the CPU floor: the step's CPU time
+spread over every core of the machine, below which no overlap can bring the step. The model sizes are chosen
 so that dispatch/combine are a large share of a step on Gloo (wide hidden size, small experts).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -55,7 +58,9 @@ def _rank(a):
                 p.grad = None
             if step >= a.warmup:
                 tt = timeline.times(t0, t1)
-                rows[on].append([t1 - t0, c1 - c0, tt.exposed_comm, tt.compute, tt.bubble])
+                spans = timeline.window(t0, t1)
+                waits = sum(sp.end - sp.start for sp in spans if sp.kind == "wait")
+                rows[on].append([t1 - t0, c1 - c0, tt.exposed_comm, tt.compute, tt.bubble, waits])
     return rows
 
 
@@ -126,22 +131,24 @@ def main() -> None:
     print(f"DualPipeV, 4 Gloo ranks (pp 2 x ep 2), {a.layers} MoE layers, dim {a.dim}, expert ffn {a.ffn}, {a.batch} x {a.seq} tokens per "
           f"expert-parallel rank, {a.microbatches} micro-batches, checkpoint {a.checkpoint}; load average before: "
           f"{' '.join(load)}")
-    print(f"{'':<14}{'step wall':>10}{'CPU (4 ranks)':>15}{'exposed comm':>14}{'compute':>9}{'bubble':>8}  "
-          "(medians over steps; per-rank figures are the mean over ranks)")
+    print(f"{'':<14}{'step wall':>10}{'CPU (4 ranks)':>15}{'exposed comm':>14}{'(waits)':>9}{'compute':>9}"
+          f"{'bubble':>8}  (medians over steps; per-rank figures are the mean over ranks)")
     med = {}
     for on in (False, True):
         n = len(per_rank[0][on])
         wall = statistics.median(max(r[on][i][0] for r in per_rank) for i in range(n))
         cpu = statistics.median(sum(r[on][i][1] for r in per_rank) for i in range(n))
-        comm, comp, bub = (statistics.median(sum(r[on][i][k] for r in per_rank) / 4 for i in range(n))
-                           for k in (2, 3, 4))
+        comm, comp, bub, waits = (statistics.median(sum(r[on][i][k] for r in per_rank) / 4 for i in range(n))
+                                  for k in (2, 3, 4, 5))
         med[on] = (wall, cpu, comm)
         print(f"{'overlap' if on else 'no overlap':<14}{wall * 1e3:>8.0f}ms{cpu * 1e3:>13.0f}ms{comm * 1e3:>12.0f}ms"
-              f"{comp * 1e3:>7.0f}ms{bub * 1e3:>6.0f}ms")
+              f"{waits * 1e3:>7.0f}ms{comp * 1e3:>7.0f}ms{bub * 1e3:>6.0f}ms")
     base, over = med[False], med[True]
     print(f"communication share of the step without overlap: {base[2] / base[0]:.0%}")
     print(f"overlap / no overlap: step wall {over[0] / base[0]:.2f}x, CPU {over[1] / base[1]:.2f}x, "
           f"exposed communication {over[2] / base[2]:.2f}x")
+    print(f"CPU floor of a step on {os.cpu_count()} cores: {base[1] / os.cpu_count() * 1e3:.0f} ms "
+          f"(the 4 ranks' CPU time spread over every core; no overlap can go below it)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ what the layer calls at those points, so the layer knows nothing of lanes or sch
 
 - :func:`issuing`: a context around the call that starts a transfer (counts as communication);
 - :func:`wait`: hand over if a lane is running, then wait for the transfer (the part of the wait
-  that is left after the hand-over is *exposed* communication);
+  that is left after the hand-over is *exposed* communication); the transport calls it too for
+  the count exchange of a fresh dispatch, which sizes the payload and so is waited on inside
+  the dispatch call;
 - :func:`in_backward`: whether autograd is running a backward on this thread, i.e. a forward
   seen now is an activation-checkpoint recompute (its side effects, such as the router's load
   counts, must not happen twice).
@@ -35,7 +37,13 @@ __all__ = ["Lane", "issuing", "wait", "in_backward", "current_lane", "use_lane",
 
 
 class Lane(Protocol):
-    """What a lane offers the hand-over points (implemented in :mod:`moeflow.parallel.overlap`)."""
+    """What a lane offers the hand-over points (implemented in :mod:`moeflow.parallel.overlap`).
+
+    ``issue_start``: where the open ``"issue"`` span began (None: none open); a wait inside it
+    (the count exchange of a fresh dispatch) closes it before handing over and reopens it after.
+    """
+
+    issue_start: Optional[float]
 
     def hand_over(self) -> None:
         """Let the other lanes run until it is this lane's turn again."""
@@ -85,11 +93,12 @@ def issuing() -> Iterator[None]:
     if lane is None:
         yield
         return
-    start = time.perf_counter()
+    lane.issue_start = time.perf_counter()
     try:
         yield
     finally:
-        lane.record("issue", start, time.perf_counter())
+        lane.record("issue", lane.issue_start, time.perf_counter())
+        lane.issue_start = None
 
 
 def wait(event) -> None:
@@ -98,7 +107,12 @@ def wait(event) -> None:
     if lane is None:
         event.current_stream_wait()
         return
+    if lane.issue_start is not None:  # the time handed over is not this transfer's
+        lane.record("issue", lane.issue_start, time.perf_counter())
     lane.hand_over()
     start = time.perf_counter()
     event.current_stream_wait()
-    lane.record("wait", start, time.perf_counter())
+    end = time.perf_counter()
+    lane.record("wait", start, end)
+    if lane.issue_start is not None:
+        lane.issue_start = end

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .. import interleave
+
 if TYPE_CHECKING:
     from .health import Watchdog
 
@@ -298,7 +300,10 @@ class FlatTransport:
         on the host to size the next exchange.
         """
         recv_counts = torch.empty_like(send_counts)
-        self.all_to_all_rows(recv_counts, send_counts, [1] * self.num_ranks, [1] * self.num_ranks, kind)
+        work = self.all_to_all_rows(recv_counts, send_counts, [1] * self.num_ranks, [1] * self.num_ranks, kind,
+                                    async_op=True)
+        # a hand-over point: another micro-batch's lane may compute while the counts travel
+        interleave.wait(EventOverlap((work,)))
         return recv_counts
 
 

@@ -27,6 +27,7 @@ Three uses:
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -35,6 +36,22 @@ from .. import interleave
 from .timeline import Timeline
 
 __all__ = ["run_lanes", "overlap_f_b", "enable_overlap", "forward_two_halves", "train_micro_batches"]
+
+
+# Lane threads are kept and reused: a fresh thread's first autograd pass costs ~10 ms of CPU
+# here (per-thread state torch sets up lazily), which an OVERLAP_F_B per micro-batch would pay
+# every time. Lanes wait for their turn, so each running lane needs a thread of its own.
+_MAX_LANE_THREADS = 4
+_executor: Optional[ThreadPoolExecutor] = None
+_executor_lock = threading.Lock()
+
+
+def _lane_threads() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=_MAX_LANE_THREADS, thread_name_prefix="moeflow-lane")
+        return _executor
 
 
 class _Turns:
@@ -80,6 +97,7 @@ class _Lane:
 
     def __init__(self, turns: _Turns, index: int, name: str, timeline: Optional[Timeline]):
         self.turns, self.index, self.name, self.timeline = turns, index, name, timeline
+        self.issue_start: Optional[float] = None
 
     def hand_over(self) -> None:
         self.turns.hand_over(self.index)
@@ -93,8 +111,8 @@ def run_lanes(fns: Sequence[Callable[[], Any]], names: Optional[Sequence[str]] =
               timeline: Optional[Timeline] = None, backward_lane: Optional[int] = None) -> list:
     """Run ``fns`` as lanes that take turns at the MoE layer's waits; returns their results.
 
-    Lane 0 runs on the calling thread and starts; the others on their own threads. Grad mode and
-    inference mode are those of the caller in every lane.
+    Lane 0 runs on the calling thread and starts; the others on threads of their own (kept for
+    the next call). Grad mode and inference mode are those of the caller in every lane.
 
     Args:
         fns: callables without arguments.
@@ -125,16 +143,15 @@ def run_lanes(fns: Sequence[Callable[[], Any]], names: Optional[Sequence[str]] =
         finally:
             turns.finish(i)
 
+    if n - 1 > _MAX_LANE_THREADS:
+        raise ValueError(f"run_lanes: at most {_MAX_LANE_THREADS + 1} lanes, got {n}")
     if backward_lane is not None:
         interleave.set_backward_lane(lanes[backward_lane])
     try:
-        threads = [threading.Thread(target=body, args=(i,), name=f"moeflow-{names[i]}", daemon=True)
-                   for i in range(1, n)]
-        for t in threads:
-            t.start()
+        others = [_lane_threads().submit(body, i) for i in range(1, n)]
         body(0)
-        for t in threads:
-            t.join()
+        for f in others:
+            f.result()
     finally:
         if backward_lane is not None:
             interleave.set_backward_lane(None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 __all__ = ["Span", "Timeline", "StepTimes", "SoloLane"]
 
@@ -100,6 +101,7 @@ class SoloLane:
 
     def __init__(self, timeline: Timeline, name: str):
         self.timeline, self.name = timeline, name
+        self.issue_start: Optional[float] = None
 
     def hand_over(self) -> None:
         pass
