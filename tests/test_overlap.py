@@ -58,10 +58,14 @@ def test_a_failing_lane_lets_the_others_finish_then_raises():
     assert done == [True]
 
 
-def test_lanes_keep_the_callers_grad_mode():
-    with torch.no_grad():
-        modes = run_lanes([torch.is_grad_enabled, torch.is_grad_enabled])
-    assert modes == [False, False]
+def test_lanes_keep_the_callers_grad_mode_and_autocast():
+    def state():
+        return torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        states = run_lanes([state, state])
+    assert states == [(False, True, torch.float16)] * 2
+    assert run_lanes([state, state]) == [state()] * 2
 
 
 def test_checkpoint_recompute_counts_no_routed_token_twice():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -112,7 +113,8 @@ def run_lanes(fns: Sequence[Callable[[], Any]], names: Optional[Sequence[str]] =
     """Run ``fns`` as lanes that take turns at the MoE layer's waits; returns their results.
 
     Lane 0 runs on the calling thread and starts; the others on threads of their own (kept for
-    the next call). Grad mode and inference mode are those of the caller in every lane.
+    the next call). Every lane runs with the caller's grad and inference mode, autocast and
+    current CUDA stream.
 
     Args:
         fns: callables without arguments.
@@ -131,12 +133,12 @@ def run_lanes(fns: Sequence[Callable[[], Any]], names: Optional[Sequence[str]] =
     lanes = [_Lane(turns, i, names[i], timeline) for i in range(n)]
     results: list = [None] * n
     errors: list = [None] * n
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    context = _caller_context()
 
     def body(i: int) -> None:
         try:
             turns.wait_turn(i)
-            with interleave.use_lane(lanes[i]), torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            with interleave.use_lane(lanes[i]), context():
                 results[i] = fns[i]()
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread below
             errors[i] = e
@@ -159,6 +161,27 @@ def run_lanes(fns: Sequence[Callable[[], Any]], names: Optional[Sequence[str]] =
         if e is not None:
             raise RuntimeError(f"moeflow overlap: lane {names[i]!r} failed: {e}") from e
     return results
+
+
+def _caller_context() -> Callable[[], ExitStack]:
+    """The calling thread's thread-local torch state, to enter on a lane thread: grad and
+    inference mode, autocast (CPU and CUDA), and the current CUDA stream (a lane's kernels go
+    where the caller's would)."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    stream = torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def enter() -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(torch.inference_mode(inference))
+        stack.enter_context(torch.set_grad_enabled(grad))
+        for device, dtype in autocast:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        if stream is not None:
+            stack.enter_context(torch.cuda.stream(stream))
+        return stack
+
+    return enter
 
 
 # ------------------------------------------------------------------------------ in a pipeline
