@@ -8,7 +8,7 @@ steps runs once without overlap and once with it (order alternating), so both mo
 same load and the same weights. Per mode it prints the median over steps of: the step's wall
 time (slowest rank), the CPU time the 4 ranks used (sum), and per rank the mean exposed
 communication (and within it the waits: what was left of a transfer after the hand-over),
-compute and bubble (see moeflow.parallel.timeline), and the CPU floor: the step's CPU time
+compute, bubble, the hand-overs' wake-up latency (see moeflow.parallel.timeline), and the CPU floor: the step's CPU time
 spread over every core of the machine, below which no overlap can bring the step. The model sizes are chosen
 so that dispatch/combine are a large share of a step on Gloo (wide hidden size, small experts).
 """
@@ -60,7 +60,7 @@ def _rank(a):
                 tt = timeline.times(t0, t1)
                 spans = timeline.window(t0, t1)
                 waits = sum(sp.end - sp.start for sp in spans if sp.kind == "wait")
-                rows[on].append([t1 - t0, c1 - c0, tt.exposed_comm, tt.compute, tt.bubble, waits])
+                rows[on].append([t1 - t0, c1 - c0, tt.exposed_comm, tt.compute, tt.bubble, waits, tt.switching])
     return rows
 
 
@@ -132,17 +132,17 @@ def main() -> None:
           f"expert-parallel rank, {a.microbatches} micro-batches, checkpoint {a.checkpoint}; load average before: "
           f"{' '.join(load)}")
     print(f"{'':<14}{'step wall':>10}{'CPU (4 ranks)':>15}{'exposed comm':>14}{'(waits)':>9}{'compute':>9}"
-          f"{'bubble':>8}  (medians over steps; per-rank figures are the mean over ranks)")
+          f"{'bubble':>8}{'hand-overs':>12}  (medians over steps; per-rank figures: mean over ranks)")
     med = {}
     for on in (False, True):
         n = len(per_rank[0][on])
         wall = statistics.median(max(r[on][i][0] for r in per_rank) for i in range(n))
         cpu = statistics.median(sum(r[on][i][1] for r in per_rank) for i in range(n))
-        comm, comp, bub, waits = (statistics.median(sum(r[on][i][k] for r in per_rank) / 4 for i in range(n))
-                                  for k in (2, 3, 4, 5))
+        comm, comp, bub, waits, switch = (statistics.median(sum(r[on][i][k] for r in per_rank) / 4 for i in range(n))
+                                          for k in (2, 3, 4, 5, 6))
         med[on] = (wall, cpu, comm)
         print(f"{'overlap' if on else 'no overlap':<14}{wall * 1e3:>8.0f}ms{cpu * 1e3:>13.0f}ms{comm * 1e3:>12.0f}ms"
-              f"{waits * 1e3:>7.0f}ms{comp * 1e3:>7.0f}ms{bub * 1e3:>6.0f}ms")
+              f"{waits * 1e3:>7.0f}ms{comp * 1e3:>7.0f}ms{bub * 1e3:>6.0f}ms{switch * 1e3:>10.0f}ms")
     base, over = med[False], med[True]
     print(f"communication share of the step without overlap: {base[2] / base[0]:.0%}")
     print(f"overlap / no overlap: step wall {over[0] / base[0]:.2f}x, CPU {over[1] / base[1]:.2f}x, "

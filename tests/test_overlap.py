@@ -37,7 +37,10 @@ def test_lanes_take_turns_at_each_wait_and_the_longer_one_runs_on():
     # a issues, hands over; b issues, hands back; a waits (its transfer was covered by b's work) ...
     assert log == ["a0 issued", "b0 issued", "a0 waited", "a1 issued", "b0 waited",
                    "a1 waited", "a2 issued", "a2 waited"]  # b is done: a runs on without handing over
-    assert sorted({(s.lane, s.kind) for s in timeline.spans}) == [("a", "wait"), ("b", "wait")]
+    # each lane's waits, and its wake-ups after the turn came back (b's start included)
+    assert sorted({(s.lane, s.kind) for s in timeline.spans}) == [("a", "switch"), ("a", "wait"), ("b", "switch"),
+                                                                   ("b", "wait")]
+    assert sum(s.kind == "switch" for s in timeline.spans) == 4  # a: twice; b: at its start and once
     assert interleave.current_lane() is None  # nothing left behind on the calling thread
 
 
@@ -90,9 +93,10 @@ def test_timeline_accounting():
     t.add("b", "B", 3.0, 6.0)       # overlaps the forward: busy 0-6
     t.add("a", "issue", 1.0, 1.5)
     t.add("b", "wait", 5.0, 6.0)
+    t.add("b", "switch", 3.0, 3.5)  # b's wake-up after a passed the turn
     t.add("a", "F", 20.0, 30.0)     # outside the window
     times = t.times(0.0, 10.0)
-    assert times == StepTimes(wall=10.0, compute=4.5, exposed_comm=1.5, bubble=4.0)
+    assert times == StepTimes(wall=10.0, compute=4.0, exposed_comm=1.5, bubble=4.0, switching=0.5)
     assert times.comm_share == pytest.approx(0.15)
 
 

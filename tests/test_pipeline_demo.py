@@ -17,12 +17,12 @@ def test_pipelined_demo_trains_and_reports_its_timeline(tmp_path):
     h = report["history"]
     assert len(h["loss"]) == 6 and h["loss"][-1] < h["loss"][0]  # it learns (6 steps of warm-up)
     assert report["final_val_loss"] < 6.0
-    for k in ("wall", "compute", "exposed_comm", "bubble"):
+    for k in ("wall", "compute", "exposed_comm", "bubble", "switching"):
         assert len(h[k]) == 6 and all(len(per_rank) == 4 for per_rank in h[k])
-    for per_rank in zip(h["wall"], h["compute"], h["exposed_comm"], h["bubble"]):
-        for wall, compute, comm, bubble in zip(*per_rank):
-            assert compute > 0 and comm > 0 and bubble >= 0
-            assert compute + comm + bubble == pytest.approx(wall, rel=1e-6)
+    for per_rank in zip(h["wall"], h["compute"], h["exposed_comm"], h["bubble"], h["switching"]):
+        for wall, compute, comm, bubble, switching in zip(*per_rank):
+            assert compute > 0 and comm > 0 and bubble >= 0 and switching > 0  # overlap: lanes hand over
+            assert compute + comm + bubble + switching == pytest.approx(wall, rel=1e-6)
     # the last step's timeline, every rank: forwards, backwards, overlapped pairs' communication
     for spans in report["last_step_spans"]:
         kinds = {kind for _, kind, _, _ in spans}

@@ -10,7 +10,7 @@ last its targets).
 
 Each step records, per rank, where the time went (:mod:`moeflow.parallel.timeline`): compute,
 exposed communication (dispatch/combine that nothing covered), bubble (waiting for a pipeline
-neighbour). The report holds the per-step figures and the last step's spans; the PNG draws the
+neighbour), and with overlap the hand-overs' wake-up latency. The report holds the per-step figures and the last step's spans; the PNG draws the
 loss and that step as a timeline per rank.
 
 Shape letters: B batch, S sequence, V vocabulary (256).
@@ -71,6 +71,9 @@ def check_config(cfg: DemoConfig, pcfg: PipelineConfig, num_ranks: int) -> None:
         raise ValueError("redundant experts / rebalancing are not part of the pipelined demo")
 
 
+_TIMES = ("wall", "compute", "exposed_comm", "bubble", "switching")  # StepTimes' fields, in order
+
+
 def _loss(logits_BSV: torch.Tensor, target_BS: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.size(-1)), target_BS.reshape(-1))
 
@@ -107,7 +110,7 @@ def train(cfg: DemoConfig, pcfg: PipelineConfig, out_dir: Optional[str] = None, 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + ep_rank)  # one stream per expert-parallel rank
 
     history = dict(step=[], loss=[], val_step=[], val_loss=[], tokens_per_s=[], wall=[], compute=[],
-                   exposed_comm=[], bubble=[])
+                   exposed_comm=[], bubble=[], switching=[])
     bar = None
     if show_progress and rank == 0:
         try:
@@ -139,13 +142,13 @@ def train(cfg: DemoConfig, pcfg: PipelineConfig, out_dir: Optional[str] = None, 
             layer.router.bias_update_rate = cfg.bias_update_rate * (lr / cfg.lr if cfg.bias_decay else 1.0)
             layer.update_bias()
         stats = torch.tensor([float(loss) if loss is not None else 0.0, times.wall, times.compute,
-                              times.exposed_comm, times.bubble], dtype=torch.float64)
+                              times.exposed_comm, times.bubble, times.switching], dtype=torch.float64)
         per_rank = [torch.zeros_like(stats) for _ in range(R)]
         dist.all_gather(per_rank, stats)  # for the report only
         per_rank_t = torch.stack(per_rank)
         history["step"].append(step)
         history["loss"].append(float(per_rank_t[:, 0].sum()) / E)  # only the last stage's ranks have one
-        for i, k in enumerate(("wall", "compute", "exposed_comm", "bubble")):
+        for i, k in enumerate(_TIMES):
             history[k].append(per_rank_t[:, i + 1].tolist())
         history["tokens_per_s"].append(cfg.batch_size * cfg.seq_len * E / float(per_rank_t[:, 1].max()))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -159,7 +162,7 @@ def train(cfg: DemoConfig, pcfg: PipelineConfig, out_dir: Optional[str] = None, 
     all_spans: list = [None] * R
     dist.all_gather_object(all_spans, last_spans)  # the last step's timeline of every rank, for the PNG
     tail = max(1, cfg.steps // 10)
-    steps = [StepTimes(*(sum(history[k][s][r] for r in range(R)) / R for k in ("wall", "compute", "exposed_comm", "bubble")))
+    steps = [StepTimes(*(sum(history[k][s][r] for r in range(R)) / R for k in _TIMES))
              for s in range(cfg.steps - tail, cfg.steps)]
     mean = StepTimes.mean(steps)
     report = dict(
@@ -167,7 +170,7 @@ def train(cfg: DemoConfig, pcfg: PipelineConfig, out_dir: Optional[str] = None, 
         seconds=time.perf_counter() - t_start, unigram_val_loss=unigram_loss,
         final_val_loss=history["val_loss"][-1], final_train_loss=sum(history["loss"][-tail:]) / tail,
         tokens_per_s=sum(history["tokens_per_s"][-tail:]) / tail,
-        step_seconds=dict(wall=mean.wall, compute=mean.compute, exposed_comm=mean.exposed_comm, bubble=mean.bubble),
+        step_seconds={k: getattr(mean, k) for k in _TIMES},
         last_step_spans=all_spans, history=history,
     )
     if rank == 0 and out_dir:
@@ -219,7 +222,8 @@ def _write_outputs(report: dict, out_dir: str) -> None:
                                 facecolors=_COLORS[kind], zorder=3)
     s = report["step_seconds"]
     ax2.set_title(f"last step per rank (mean of the last 10% of steps: compute {s['compute'] * 1e3:.0f} ms, "
-                  f"exposed communication {s['exposed_comm'] * 1e3:.0f} ms, bubble {s['bubble'] * 1e3:.0f} ms)")
+                  f"exposed communication {s['exposed_comm'] * 1e3:.0f} ms, bubble {s['bubble'] * 1e3:.0f} ms, "
+                  f"hand-over latency {s['switching'] * 1e3:.0f} ms)")
     ax2.set_yticks(range(R), [f"rank {r}" for r in range(R)])
     ax2.invert_yaxis()
     ax2.set_xlabel("ms since the step started")

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .. import interleave
-from .timeline import Timeline
+from .timeline import Timeline, now
 
 __all__ = ["run_lanes", "overlap_f_b", "enable_overlap", "forward_two_halves", "train_micro_batches"]
 
@@ -62,6 +62,7 @@ class _Turns:
         self.cond = threading.Condition()
         self.turn = 0
         self.alive = [True] * n
+        self.passed_at = now()  # when the turn last changed hands (the woken lane's start is later)
 
     def _next(self, i: int) -> Optional[int]:
         n = len(self.alive)
@@ -71,26 +72,32 @@ class _Turns:
                 return j
         return None
 
-    def wait_turn(self, i: int) -> None:
+    def wait_turn(self, i: int) -> float:
+        """Block until it is lane i's turn; returns when the turn was passed to it."""
         with self.cond:
             self.cond.wait_for(lambda: self.turn == i)
+            return self.passed_at
 
-    def hand_over(self, i: int) -> None:
+    def hand_over(self, i: int) -> Optional[float]:
+        """Pass the turn on and wait for it to come back (None: nobody else left, keep running)."""
         with self.cond:
             j = self._next(i)
             if j is None:
-                return  # nobody else left: keep running
-            self.turn = j
-            self.cond.notify_all()
+                return None
+            self._pass(j)
             self.cond.wait_for(lambda: self.turn == i)
+            return self.passed_at
 
     def finish(self, i: int) -> None:
         with self.cond:
             self.alive[i] = False
             j = self._next(i)
             if j is not None:
-                self.turn = j
-                self.cond.notify_all()
+                self._pass(j)
+
+    def _pass(self, j: int) -> None:
+        self.turn, self.passed_at = j, now()
+        self.cond.notify_all()
 
 
 class _Lane:
@@ -101,7 +108,12 @@ class _Lane:
         self.issue_start: Optional[float] = None
 
     def hand_over(self) -> None:
-        self.turns.hand_over(self.index)
+        self.resumed(self.turns.hand_over(self.index))
+
+    def resumed(self, passed_at: Optional[float]) -> None:
+        """Note the lane's wake-up latency: from the turn passing to it until it runs."""
+        if passed_at is not None:
+            self.record("switch", passed_at, now())
 
     def record(self, kind: str, start: float, end: float) -> None:
         if self.timeline is not None:
@@ -137,7 +149,9 @@ def run_lanes(fns: Sequence[Callable[[], Any]], names: Optional[Sequence[str]] =
 
     def body(i: int) -> None:
         try:
-            turns.wait_turn(i)
+            passed_at = turns.wait_turn(i)
+            if i:
+                lanes[i].resumed(passed_at)
             with interleave.use_lane(lanes[i]), context():
                 results[i] = fns[i]()
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread below

@@ -12,7 +12,9 @@ Definitions (per rank, over a window such as one step):
     exposed comm   the union of the communication spans: issuing a dispatch/combine (packing,
                    the count exchange) or blocked on one with no other lane left to run. With
                    overlap, the time a lane spends handed over is *not* in it: the other lane ran.
-    compute        busy - exposed comm.
+    switching      with overlap: the union of the hand-overs' wake-up latencies (from a lane
+                   passing the turn until the other lane's thread runs; the OS scheduler's).
+    compute        busy - exposed comm - switching.
     bubble         wall - busy: waiting for a pipeline neighbour (activations, gradients) or idle.
 """
 
@@ -27,12 +29,13 @@ __all__ = ["Span", "Timeline", "StepTimes", "SoloLane"]
 
 ACTIONS = ("F", "B", "W")   # forward, backward (full or input), backward weight
 COMM = ("issue", "wait")
+SWITCH = "switch"           # a lane's wake-up latency after the turn passed to it
 
 
 @dataclass(frozen=True)
 class Span:
     lane: str      # who: e.g. "s1 mb3" (stage 1, micro-batch 3)
-    kind: str      # "F", "B", "W", "issue" or "wait"
+    kind: str      # "F", "B", "W", "issue", "wait" or "switch"
     start: float
     end: float
 
@@ -45,6 +48,7 @@ class StepTimes:
     compute: float
     exposed_comm: float
     bubble: float
+    switching: float = 0.0
 
     @property
     def comm_share(self) -> float:
@@ -55,7 +59,7 @@ class StepTimes:
     def mean(steps: list["StepTimes"]) -> "StepTimes":
         n = max(1, len(steps))
         return StepTimes(*(sum(getattr(s, f) for s in steps) / n
-                           for f in ("wall", "compute", "exposed_comm", "bubble")))
+                           for f in ("wall", "compute", "exposed_comm", "bubble", "switching")))
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -92,8 +96,10 @@ class Timeline:
         spans = self.window(start, end)
         busy = _union([(s.start, s.end) for s in spans if s.kind in ACTIONS])
         comm = _union([(s.start, s.end) for s in spans if s.kind in COMM])
+        switching = _union([(s.start, s.end) for s in spans if s.kind == SWITCH])
         wall = end - start
-        return StepTimes(wall=wall, compute=max(0.0, busy - comm), exposed_comm=comm, bubble=max(0.0, wall - busy))
+        return StepTimes(wall=wall, compute=max(0.0, busy - comm - switching), exposed_comm=comm,
+                         bubble=max(0.0, wall - busy), switching=switching)
 
 
 class SoloLane:
