@@ -190,7 +190,7 @@ def _evaluate(pipe, val_data, cfg: DemoConfig, E: int) -> float:
     return float(total) / (cfg.eval_batches * E)
 
 
-_COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#b5bd68", "issue": "#c44e52", "wait": "#f0a030"}
+_COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#b5bd68", "issue": "#c44e52", "wait": "#f0a030", "switch": "#222222"}
 
 
 def _write_outputs(report: dict, out_dir: str) -> None:
@@ -228,8 +228,8 @@ def _write_outputs(report: dict, out_dir: str) -> None:
     ax2.invert_yaxis()
     ax2.set_xlabel("ms since the step started")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
-    ax2.legend(handles, ["forward", "backward", "weight grad", "comm issue", "comm wait"], loc="upper right",
-               fontsize=8, ncol=5)
+    ax2.legend(handles, ["forward", "backward", "weight grad", "comm issue", "comm wait", "hand-over"],
+               loc="upper right", fontsize=8, ncol=6)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "training.png"), dpi=110)
     plt.close(fig)
