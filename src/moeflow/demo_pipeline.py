@@ -221,9 +221,9 @@ def _write_outputs(report: dict, out_dir: str) -> None:
                 ax2.broken_barh([(start * 1e3, (end - start) * 1e3)], (r - 0.3 + 0.4 * row, 0.18),
                                 facecolors=_COLORS[kind], zorder=3)
     s = report["step_seconds"]
-    ax2.set_title(f"last step per rank (mean of the last 10% of steps: compute {s['compute'] * 1e3:.0f} ms, "
-                  f"exposed communication {s['exposed_comm'] * 1e3:.0f} ms, bubble {s['bubble'] * 1e3:.0f} ms, "
-                  f"hand-over latency {s['switching'] * 1e3:.0f} ms)")
+    ax2.set_title(f"last step per rank; per step (last 10%): compute {s['compute'] * 1e3:.0f} ms, exposed comm "
+                  f"{s['exposed_comm'] * 1e3:.0f} ms, bubble {s['bubble'] * 1e3:.0f} ms, hand-overs "
+                  f"{s['switching'] * 1e3:.0f} ms", fontsize=10)
     ax2.set_yticks(range(R), [f"rank {r}" for r in range(R)])
     ax2.invert_yaxis()
     ax2.set_xlabel("ms since the step started")
