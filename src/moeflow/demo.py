@@ -35,7 +35,8 @@ from .experts import SwiGLU
 from .layer import MoELayer
 from .parallel.fsdp import parallelize
 
-__all__ = ["DemoConfig", "TinyMoELM", "load_corpus", "train"]
+__all__ = ["DemoConfig", "TinyMoELM", "load_corpus", "load_data", "sample_batch", "make_optimizer", "learning_rate",
+           "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +57,7 @@ class DemoConfig:
     bias_decay: bool = True        # the bias rate follows the learning-rate schedule down to 0
     num_slots: Optional[int] = None  # physical expert slots (None = num_experts: no redundancy)
     dp: int = 1                    # data-parallel size of the mesh; ep = ranks / dp
+    tie_embeddings: bool = True    # the head reuses the embedding; a pipeline unties it (as DeepSeek-V3)
     rebalance_every: int = 0       # re-plan and migrate experts every N steps (0 = never)
     lr: float = 3e-3
     gate_lr_scale: float = 0.1
@@ -124,16 +126,58 @@ class TinyMoELM(nn.Module):
         self.norm = RMSNorm(cfg.dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
+        self.head = None
+        if not cfg.tie_embeddings:
+            self.head = nn.Linear(cfg.dim, 256, bias=False)
+            with torch.no_grad():
+                self.head.weight.copy_(self.embed.weight)  # starts as the tied model does
+
+    def embed_tokens(self, idx_BS):
+        return self.embed(idx_BS) + self.pos[:idx_BS.size(1)]
+
+    def logits(self, x_BSD):
+        x = self.norm(x_BSD)
+        return x @ self.embed.weight.t() if self.head is None else self.head(x)  # [B, S, V]
 
     def forward(self, idx_BS):
-        B, S = idx_BS.shape
-        x = self.embed(idx_BS) + self.pos[:S]
+        x = self.embed_tokens(idx_BS)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x) @ self.embed.weight.t()  # [B, S, V], tied head
+        return self.logits(x)
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def pipeline_parts(self):
+        """The model as :class:`moeflow.parallel.pipeline.ModelParts` (needs ``tie_embeddings=False``:
+        the embedding and the head live on different stages)."""
+        from .parallel.pipeline import ModelParts
+
+        if self.head is None:
+            raise ValueError("TinyMoELM.pipeline_parts: build with DemoConfig(tie_embeddings=False) to pipeline "
+                             "the model (the tied head would be on another stage than the embedding)")
+        return ModelParts(embed=_Embedding(self), layers=tuple(self.blocks), head=_Logits(self),
+                          hidden=self.embed.embedding_dim, output_size=256)
+
+
+class _Embedding(nn.Module):
+    """The model's input end as a module of its own (a pipeline's first stage holds it)."""
+
+    def __init__(self, model: TinyMoELM):
+        super().__init__()
+        self.embed, self.pos = model.embed, model.pos
+
+    forward = TinyMoELM.embed_tokens
+
+
+class _Logits(nn.Module):
+    """The model's output end (final norm and untied head) as a module of its own (last stage)."""
+
+    def __init__(self, model: TinyMoELM):
+        super().__init__()
+        self.norm, self.head = model.norm, model.head
+
+    forward = TinyMoELM.logits
 
 
 def load_corpus(max_bytes: int) -> bytes:
@@ -185,31 +229,53 @@ def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
     return parallelize(model, mesh, **DEMO_FSDP), device
 
 
-def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
-    """Run on every rank (inside an initialised process group); returns the report on every rank."""
-    rank, W = dist.get_rank(), dist.get_world_size()
-    model, device = build(cfg)
+def load_data(cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(train bytes, validation bytes, the unigram model's validation loss)``: 90% / 10% of the corpus."""
     corpus = torch.frombuffer(bytearray(load_corpus(cfg.corpus_bytes)), dtype=torch.uint8).long()
     split = int(len(corpus) * 0.9)
     train_data, val_data = corpus[:split], corpus[split:]
     unigram = torch.bincount(train_data, minlength=256).float() + 1
     unigram_loss = float(-(unigram / unigram.sum()).log().mul(
         torch.bincount(val_data, minlength=256).float() / len(val_data)).sum())
+    return train_data, val_data, unigram_loss
 
-    gates = [p for n, p in model.named_parameters() if n.endswith("router.gate.weight")]
-    rest = [p for n, p in model.named_parameters() if not n.endswith("router.gate.weight")]
+
+def sample_batch(data: torch.Tensor, cfg: DemoConfig, g: torch.Generator,
+                 device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.batch_size`` random windows of ``data``: inputs ``[B, S]`` and next-byte targets ``[B, S]``."""
+    starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=g)
+    chunk = torch.stack([data[s:s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def make_optimizer(named_params, cfg: DemoConfig) -> torch.optim.Optimizer:
+    """AdamW; each group's ``lr_scale`` multiplies :func:`learning_rate`."""
+    named = list(named_params)
+    gates = [p for n, p in named if n.endswith("router.gate.weight")]
+    rest = [p for n, p in named if not n.endswith("router.gate.weight")]
     # The gates learn 10x slower: with Adam at the full rate their logits outrun the expert
     # bias (a fixed step per update) and the routing collapses onto a few experts early on.
     # fused: one kernel per parameter group; the per-tensor loop's every op goes through
     # DTensor's Python dispatch under FSDP2 and took 6x as long (benchmarks/bench_fsdp.py)
-    opt = torch.optim.AdamW([dict(params=rest, lr_scale=1.0), dict(params=gates, lr_scale=cfg.gate_lr_scale)],
-                            lr=cfg.lr, weight_decay=0.0, fused=True)
+    return torch.optim.AdamW([dict(params=rest, lr_scale=1.0), dict(params=gates, lr_scale=cfg.gate_lr_scale)],
+                             lr=cfg.lr, weight_decay=0.0, fused=True)
+
+
+def learning_rate(cfg: DemoConfig, step: int) -> float:
+    """Linear warm-up over 20 steps, then cosine down to 0 at ``cfg.steps``."""
+    return cfg.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+
+def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
+    """Run on every rank (inside an initialised process group); returns the report on every rank."""
+    rank, W = dist.get_rank(), dist.get_world_size()
+    model, device = build(cfg)
+    train_data, val_data, unigram_loss = load_data(cfg)
+    opt = make_optimizer(model.named_parameters(), cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank its own batches
 
     def batch(data, g):
-        starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=g)
-        chunk = torch.stack([data[s:s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)
-        return chunk[:, :-1], chunk[:, 1:]
+        return sample_batch(data, cfg, g, device)
 
     history = dict(step=[], loss=[], val_step=[], val_loss=[], tokens_per_s=[], expert_load=[],
                    expert_load_per_layer=[],
@@ -227,7 +293,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         t0 = time.perf_counter()
         for layer in model.moe_layers():
             layer.buffer.counters.reset()
-        lr = cfg.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        lr = learning_rate(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         x, y = batch(train_data, gen)

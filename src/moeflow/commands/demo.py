@@ -39,6 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="physical expert slots (default: experts + ranks with --rebalance-every, "
                         "i.e. one spare slot per rank for a replica of a busy expert; else experts)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    pipe = p.add_argument_group("pipeline parallelism (--pp P: ranks form pp x ep; see moeflow.demo_pipeline)")
+    pipe.add_argument("--pp", type=int, default=1, help="pipeline positions (default 1: no pipeline)")
+    pipe.add_argument("--schedule", default="dualpipev",
+                      choices=["gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"], help="default: dualpipev")
+    pipe.add_argument("--microbatches", type=int, default=None,
+                      help="per step (default: 2 x stages, at least 4); must divide --batch-size")
+    pipe.add_argument("--no-overlap", action="store_true",
+                      help="DualPipeV: run each overlapped pair's forward and backward one after the other")
+    pipe.add_argument("--checkpoint", choices=["full", "selective"], default=None, help="activation checkpointing")
+
 
 
 def flags_text(args: argparse.Namespace) -> str:
@@ -66,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     if under_launcher():  # torchrun's ranks, not --ranks local ones
         args.ranks = int(os.environ["WORLD_SIZE"])
+    if args.pp != 1:
+        return _run_pipeline(args)
     if args.dp < 1 or args.ranks % args.dp:
         raise SystemExit(f"moeflow demo: --dp {args.dp} must divide the {args.ranks} ranks")
     ep = args.ranks // args.dp
@@ -123,3 +135,41 @@ def _plot(report: dict, args: argparse.Namespace) -> str:
               "pip install -e '.[demo]'")
         return ""
     return plot_training(report, os.path.join(args.out, "training.png"), flags=flags_text(args))
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from ..demo import DemoConfig
+    from ..demo_pipeline import PipelineConfig, check_config, train
+    from ..launch import spawn
+
+    if args.rebalance_every or args.replicas:
+        raise SystemExit("moeflow demo: --rebalance-every / --replicas are not part of the pipelined demo (--pp)")
+    stages = args.pp * (2 if args.schedule in ("interleaved1f1b", "zbv", "dualpipev") else 1)
+    micro = args.microbatches or max(4, 2 * stages)
+    batch = args.batch_size if args.batch_size % micro == 0 else micro * max(1, args.batch_size // micro)
+    layers = max(args.layers, stages)
+    cfg = DemoConfig(steps=args.steps, batch_size=batch, num_layers=layers, num_experts=args.experts, seed=args.seed,
+                     bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
+                     eval_every=max(1, min(DemoConfig().eval_every, args.steps)))
+    pcfg = PipelineConfig(pp=args.pp, schedule=args.schedule, num_microbatches=micro,
+                          overlap=args.schedule == "dualpipev" and not args.no_overlap, checkpoint=args.checkpoint)
+    if args.steps < 1:
+        raise SystemExit(f"moeflow demo: --steps must be >= 1, got {args.steps}")
+    try:
+        check_config(cfg, pcfg, args.ranks)
+    except ValueError as e:
+        raise SystemExit(f"moeflow demo: {e}") from None
+    ep = args.ranks // args.pp
+    print(f"moeflow demo: {args.ranks} ranks as pp {args.pp} x ep {ep}, {pcfg.schedule}"
+          f"{' with overlap' if pcfg.overlap else ''}, {micro} micro-batches of {batch // micro} sequences, "
+          f"{layers} layers, {cfg.num_experts} routed experts (top-{cfg.top_k}) + {cfg.num_shared_experts} shared, "
+          f"{cfg.steps} steps", flush=True)
+    report = spawn(train, args.ranks, cfg, pcfg, args.out, not args.quiet, timeout_s=3600, threads_per_rank=1)[0]
+    s = report["step_seconds"]
+    print(f"validation loss {report['final_val_loss']:.3f} nats/byte (unigram baseline {report['unigram_val_loss']:.3f})")
+    print(f"throughput {report['tokens_per_s']:,.0f} tokens/s; per step and rank (mean of the last 10% of steps): "
+          f"{s['wall'] * 1e3:.0f} ms = compute {s['compute'] * 1e3:.0f} ms + exposed communication "
+          f"{s['exposed_comm'] * 1e3:.0f} ms + bubble {s['bubble'] * 1e3:.0f} ms + hand-over latency "
+          f"{s['switching'] * 1e3:.0f} ms")
+    print(f"wrote {args.out}/report.json and {args.out}/training.png in {report['seconds']:.0f} s")
+    return 0
