@@ -6,19 +6,25 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moeflow import interleave, spawn
+from moeflow import EventOverlap, spawn
+from moeflow.comm import interleave
 from moeflow.parallel.overlap import forward_two_halves, run_lanes, train_micro_batches
 from moeflow.parallel.timeline import StepTimes, Timeline
 
 
-class _Event:
-    """An EventOverlap stand-in that notes when it is waited on."""
+class _Work:
+    """A transfer's work stand-in that notes when it is waited on."""
 
     def __init__(self, log, name):
         self.log, self.name = log, name
 
-    def current_stream_wait(self):
+    def wait(self):
         self.log.append(f"{self.name} waited")
+
+
+def _event(log, name):
+    """An in-flight transfer as the Buffer and the Transport return it."""
+    return EventOverlap([_Work(log, name)])
 
 
 def test_lanes_take_turns_at_each_wait_and_the_longer_one_runs_on():
@@ -28,7 +34,7 @@ def test_lanes_take_turns_at_each_wait_and_the_longer_one_runs_on():
         def run():
             for i in range(waits):
                 log.append(f"{name}{i} issued")
-                interleave.wait(_Event(log, f"{name}{i}"))
+                _event(log, f"{name}{i}").current_stream_wait()
             return name
         return run
 
@@ -48,12 +54,12 @@ def test_a_failing_lane_lets_the_others_finish_then_raises():
     done = []
 
     def bad():
-        interleave.wait(_Event([], "x"))
+        _event([], "x").current_stream_wait()
         raise KeyError("boom")
 
     def good():
         for _ in range(3):
-            interleave.wait(_Event([], "y"))
+            _event([], "y").current_stream_wait()
         done.append(True)
 
     with pytest.raises(RuntimeError, match="lane 'bad' failed: 'boom'"):

@@ -1,7 +1,7 @@
 """Overlap one micro-batch's expert traffic with another's compute, in a pipeline or without one.
 
 Two micro-batches run on one rank as *lanes* that take turns: exactly one lane runs at a time,
-and a lane hands the rank over at each of the MoE layer's waits (:func:`moeflow.interleave.wait`),
+and a lane hands the rank over at each wait on a transfer (:mod:`moeflow.comm.interleave`),
 right after it issued a dispatch or combine. While its bytes travel (a Gloo / NCCL background
 transfer), the other lane computes until its own next wait, then hands back::
 
@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .. import interleave
+from ..comm import interleave
 from .timeline import Timeline, now
 
 __all__ = ["run_lanes", "overlap_f_b", "enable_overlap", "forward_two_halves", "train_micro_batches"]

@@ -3,7 +3,7 @@
 Spans are recorded by the pipeline stages (each forward / backward action, see
 :class:`moeflow.parallel.pipeline.TimedStage`) and by the MoE layer's hand-over points (each
 transfer's issue and the part of its wait that nothing else covered, see
-:mod:`moeflow.interleave`). Times are host ``time.perf_counter`` seconds: on CPU that is when
+:mod:`moeflow.comm.interleave`). Times are host ``time.perf_counter`` seconds: on CPU that is when
 the work ran; on CUDA it is when the host queued it or waited for it (use the profiler there).
 
 Definitions (per rank, over a window such as one step):
