@@ -31,16 +31,17 @@ def _loss(y, t):
     return F.cross_entropy(y.reshape(-1, y.size(-1)), t.reshape(-1))
 
 
-def _demo_model(group):
-    from moeflow.demo import DemoConfig, build_model
+def _demo_model(mesh):
+    from moeflow.demo import DemoConfig, TinyMoELM
 
     cfg = DemoConfig(num_layers=4, dim=32, num_heads=2, ffn_hidden=32, num_experts=8, seq_len=16, batch_size=BATCH,
                      aux_loss_coeff=1e-2, bias_update_rate=1e-2, tie_embeddings=False)
-    model = build_model(cfg, group)
+    torch.manual_seed(cfg.seed)  # the same weights on every rank, whatever the layout (see MoELayer)
+    model = TinyMoELM(cfg, mesh)
     return model, model.pipeline_parts(), model.moe_layers(), 256
 
 
-def _hf_model(group):
+def _hf_model(mesh):
     import transformers as tf
 
     from moeflow.integrations.hf import expert_parallelize
@@ -55,31 +56,33 @@ def _hf_model(group):
         for m in model.modules():
             if type(m).__name__ == "Qwen3MoeSparseMoeBlock":
                 m.gate.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-    expert_parallelize(model, group, seq_aux_loss_coeff=1e-2)
+    expert_parallelize(model, mesh, seq_aux_loss_coeff=1e-2)
     layers = [m for m in model.modules() if type(m).__name__ == "HFMoELayer"]
     return model, pipeline_parts(model), layers, 96
+
+
+def _param_owners(model, parts) -> dict:
+    """``(id(module), name) -> the model's name of that parameter``, for every module of the model
+    and of its pipeline parts (FSDP2 swaps in new parameters, but keeps the modules)."""
+    names = {id(p): n for n, p in model.named_parameters()}  # a shared parameter: its first name
+    return {(id(m), n): names[id(p)] for root in (model, parts.embed, parts.head) for m in root.modules()
+            for n, p in m.named_parameters(recurse=False)}
 
 
 def _case(mesh, build, schedule, overlap, checkpoint, fsdp):
     """One configuration for STEPS steps: worst relative gradient and loss errors, whether every
     counted load matched, and how many parameters were compared."""
-    from moeflow.parallel.pipeline import shard_dense_params
-
     ep = mesh["ep"].get_group()
-    ref, _, ref_layers, V = build(ep)
-    model, parts, layers, _ = build(ep)
-    model_names = {id(p): n for n, p in model.named_parameters()}
+    ref, _, ref_layers, V = build(mesh)
+    model, parts, layers, _ = build(mesh)
+    owners = _param_owners(model, parts)
     layer_names = {id(m): n for n, m in model.named_modules()}
-    stage_names: list[dict[str, str]] = []
-
-    def wrap(module):  # names first: FSDP2 swaps in its own parameters
-        stage_names.append({n: model_names[id(p)] for n, p in module.named_parameters()})
-        return shard_dense_params(module, mesh["ep"]) if fsdp else module
-
-    pipe = build_pipeline(parts, schedule=schedule, pp_group=mesh["pp"].get_group(), num_microbatches=MICRO,
-                          microbatch_size=BATCH // MICRO, seq_len=16, loss_fn=_loss, overlap=overlap,
-                          checkpoint=checkpoint, wrap=wrap)
-    mine = {stage_names[i][n]: p for i, m in enumerate(pipe.modules) for n, p in m.named_parameters()}
+    # FSDP2 as moeflow.parallelize applies it, each stage one unit kept gathered across micro-batches
+    pipe = build_pipeline(parts, schedule=schedule, mesh=mesh, num_microbatches=MICRO, microbatch_size=BATCH // MICRO,
+                          seq_len=16, loss_fn=_loss, overlap=overlap, checkpoint=checkpoint,
+                          fsdp=dict(blocks=[], reshard_after_forward=False) if fsdp else None)
+    mine = {owners[id(m), n]: p for module in pipe.modules for m in module.modules()
+            for n, p in m.named_parameters(recurse=False)}
     in_stages = {id(mm) for module in pipe.modules for mm in module.modules()}
     ref_modules = dict(ref.named_modules())
     ref_of = {id(m): ref_modules[layer_names[id(m)]] for m in layers if id(m) in in_stages}
@@ -94,10 +97,13 @@ def _case(mesh, build, schedule, overlap, checkpoint, fsdp):
         loss_ref = _loss(getattr(out, "logits", out), y)
         aux = sum(m.last_router_output.loss for m in ref_layers)
         (loss_ref + aux).backward()
-        if fsdp:  # FSDP2 averages the dense gradients over the expert-parallel ranks
+        if fsdp:  # parallelize's gradients are those of the mean loss over the routing ranks (here ep):
+            # dense gradients averaged over them, expert gradients (which already sum every rank's
+            # tokens through dispatch / combine) divided by their number
             for n, p in ref.named_parameters():
-                if p.grad is not None and ".experts." not in n:
-                    dist.all_reduce(p.grad, group=ep)
+                if p.grad is not None:
+                    if ".experts." not in n:
+                        dist.all_reduce(p.grad, group=ep)
                     p.grad /= dist.get_world_size(ep)
         loss = pipe.step(x, y)
         if loss is not None:
@@ -109,6 +115,13 @@ def _case(mesh, build, schedule, overlap, checkpoint, fsdp):
                 assert a is None or float(a.norm()) == 0, n
                 continue
             worst_grad = max(worst_grad, float((a - b).norm() / b.norm()))
+        if not fsdp:  # data parallelism by hand: the replicated weights stay equal over the ep ranks
+            # (Router.update_bias checks that the gates do)
+            for named in (ref_params, mine):
+                for n, p in named.items():
+                    if p.grad is not None and ".experts." not in n:
+                        dist.all_reduce(p.grad, group=ep)
+                        p.grad /= dist.get_world_size(ep)
         with torch.no_grad():
             for params in (ref_params.values(), mine.values()):
                 for p in params:
@@ -118,10 +131,10 @@ def _case(mesh, build, schedule, overlap, checkpoint, fsdp):
         # update_bias sums over the expert-parallel group: both ranks of a stage call the same ones
         for m in layers:
             if id(m) in ref_of:
-                loads_equal &= torch.equal(m.update_bias(), ref_of[id(m)].update_bias())
+                loads_equal &= torch.equal(m.router.update_bias(), ref_of[id(m)].router.update_bias())
         for m in ref_layers:
             if all(m is not r for r in ref_of.values()):
-                m.update_bias()
+                m.router.update_bias()
     return worst_grad, worst_loss, loads_equal, len(mine)
 
 
@@ -181,7 +194,7 @@ def _bad_arguments_rank():
     errors = []
     for kwargs in (dict(schedule="1f1b", overlap=True), dict(schedule="dualpipev", num_microbatches=2),
                    dict(schedule="interleaved1f1b", num_microbatches=3), dict(schedule="gpipe", checkpoint="some")):
-        args = dict(pp_group=None, num_microbatches=4, microbatch_size=1, seq_len=2, loss_fn=_loss) | kwargs
+        args = dict(mesh=None, num_microbatches=4, microbatch_size=1, seq_len=2, loss_fn=_loss) | kwargs
         try:
             build_pipeline(parts, **args)
         except ValueError as e:

@@ -7,10 +7,12 @@ DualPipeV), wraps each in a ``PipelineStage`` and builds torch's schedule. Nothi
 schedule of its own: torch's engine does, including DualPipeV, whose ``OVERLAP_F_B`` actions
 :func:`moeflow.parallel.overlap.overlap_f_b` fills with real overlap when ``overlap=True``.
 
-Mesh: ranks form ``pp x dp x ep``. A stage lives on the ``dp x ep`` ranks of one pipeline
-position; its MoE layers were built with the expert-parallel group (a ``DeviceMesh`` dimension's
-group or a plain group), so tokens travel among the ranks of that stage only. Every rank of a
-stage runs the same schedule, hence the same sequence of dispatches and combines.
+Mesh: ranks form ``pp x dp x ep``, one ``DeviceMesh`` with those dims. The model's MoE layers
+are built on it (``group=mesh``): :class:`moeflow.parallel.MoEMesh` leaves ``pp`` out, so a
+stage lives on the ``dp x ep`` ranks of one pipeline position and tokens travel among the
+``ep`` ranks of that stage only; FSDP2 (``fsdp=``) is :func:`moeflow.parallelize` on each stage
+over the same mesh. Every rank of a stage runs the same schedule, hence the same sequence of
+dispatches and combines.
 
 Losses: the schedule computes ``loss_fn(output, target)`` per micro-batch on the last stage and
 divides the gradients by the number of micro-batches (``scale_grads``). The routers' balance
@@ -29,26 +31,26 @@ import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.pipelining
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._utils import generate_rank_to_stage_mapping
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining.schedules import BACKWARD_INPUT, BACKWARD_WEIGHT, FULL_BACKWARD, OVERLAP_F_B
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..comm import interleave
-from ..experts import GroupedExperts
 from ..routing import Router
+from .mesh import PIPELINE_DIM
 from .overlap import enable_overlap, overlap_f_b
 from .timeline import SoloLane, Timeline, now
 
 __all__ = ["SCHEDULES", "ModelParts", "StageModule", "TimedStage", "Pipeline", "stage_indices", "split_layers",
-           "build_pipeline", "shard_dense_params"]
+           "build_pipeline"]
 
 # name -> (torch schedule class name, stages per rank, placement style)
 SCHEDULES: dict[str, tuple[str, int, str]] = {
@@ -294,23 +296,6 @@ class Pipeline:
         return torch.stack(losses).mean() if self.has_last else None
 
 
-def shard_dense_params(module: nn.Module, mesh, reshard_after_forward: bool = False) -> nn.Module:
-    """FSDP2 over ``mesh`` (the ranks that hold the same dense weights: ``dp x ep``) for every
-    parameter of ``module`` except the routed experts' (each expert-parallel rank holds other
-    experts; their gradients already sum every rank's tokens through dispatch / combine).
-
-    Each layer is its own FSDP unit, then the whole module. ``reshard_after_forward=False``
-    keeps a stage's weights gathered across its micro-batches (one all-gather per step).
-    Returns ``module`` (sharded in place), so it can be passed as ``build_pipeline(wrap=...)``.
-    """
-    experts = {p for m in module.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
-    units = module.layers if isinstance(module, StageModule) else []
-    for layer in units:
-        fully_shard(layer, mesh=mesh, ignored_params=experts, reshard_after_forward=reshard_after_forward)
-    fully_shard(module, mesh=mesh, ignored_params=experts, reshard_after_forward=reshard_after_forward)
-    return module
-
-
 def _nothing() -> None:
     pass
 
@@ -320,19 +305,22 @@ def _skip_backward(action, ctx) -> None:
     ctx.schedule_ref.bwd_recv_ops.pop((action.stage_index, action.microbatch_index), None)
 
 
-def build_pipeline(parts: ModelParts, *, schedule: str, pp_group: Optional[dist.ProcessGroup],
+def build_pipeline(parts: ModelParts, *, schedule: str, mesh: Union[DeviceMesh, dist.ProcessGroup, None],
                    num_microbatches: int, microbatch_size: int, seq_len: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], overlap: bool = False,
-                   checkpoint: Optional[str] = None, input_dtype: torch.dtype = torch.int64,
-                   device: Optional[torch.device] = None, timeline: Optional[Timeline] = None,
-                   wrap: Optional[Callable[[StageModule], nn.Module]] = None) -> Pipeline:
+                   checkpoint: Optional[str] = None, fsdp: Optional[dict] = None,
+                   input_dtype: torch.dtype = torch.int64, device: Optional[torch.device] = None,
+                   timeline: Optional[Timeline] = None) -> Pipeline:
     """Cut ``parts`` into stages for ``schedule`` and build this rank's stages and schedule.
 
     Args:
-        parts: the model (see :class:`ModelParts`), built on every rank with its MoE layers in
-            this rank's expert-parallel group. Only this rank's stages are kept in use.
+        parts: the model (see :class:`ModelParts`), built on every rank with its MoE layers on
+            ``mesh`` (``group=mesh``). Only this rank's stages are kept in use.
         schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved1f1b"``, ``"zbv"`` or ``"dualpipev"``.
-        pp_group: the pipeline group (this rank's ``pp`` dimension; None = the world).
+        mesh: a ``DeviceMesh`` with a ``"pp"`` dim, the stages' pipeline; its ``"ep"`` dim is the
+            MoE layers' expert parallelism and its other dims data parallel
+            (:class:`moeflow.parallel.MoEMesh`). Or the pipeline's process group itself (None:
+            the world), the layers then built on their own groups.
         num_microbatches: micro-batches per step (DualPipeV needs at least 2 x pipeline size,
             interleaved 1F1B a multiple of it).
         microbatch_size, seq_len: B and Q of one micro-batch (static stage shapes).
@@ -340,16 +328,29 @@ def build_pipeline(parts: ModelParts, *, schedule: str, pp_group: Optional[dist.
         overlap: DualPipeV only: run each ``OVERLAP_F_B`` action's forward and backward as
             overlapping lanes (:func:`moeflow.parallel.overlap.overlap_f_b`).
         checkpoint: None, ``"full"`` or ``"selective"`` activation checkpointing of each layer.
+        fsdp: None (no FSDP2), or keyword arguments of :func:`moeflow.parallelize` (``{}``: its
+            defaults), which then shards each stage over ``mesh`` (a ``DeviceMesh``) as it
+            shards a whole model: experts over the data-parallel ranks of their shard, the rest
+            over data x expert parallel. Each stage is an FSDP root: torch's schedule gathers
+            and reduces it.
         input_dtype: dtype of the first stage's input (token ids: int64).
         device: where the stages compute (default: CPU, or the current CUDA device under NCCL).
         timeline: record each stage action and communication span here (see
             :mod:`moeflow.parallel.timeline`).
-        wrap: applied to each :class:`StageModule` before it becomes a stage (e.g. FSDP2's
-            ``fully_shard``); returns the module to use.
 
     Returns:
         :class:`Pipeline`.
     """
+    if isinstance(mesh, DeviceMesh):
+        if PIPELINE_DIM not in (mesh.mesh_dim_names or ()):
+            raise ValueError(f"build_pipeline: `mesh` has dims {list(mesh.mesh_dim_names or ())}, none named "
+                             f"{PIPELINE_DIM!r} (rank {dist.get_rank()})")
+        pp_group = mesh[PIPELINE_DIM].get_group()
+    elif fsdp is not None:
+        raise ValueError(f"build_pipeline: `fsdp` needs `mesh` to be a DeviceMesh, got {type(mesh).__name__} "
+                         f"(rank {dist.get_rank()})")
+    else:
+        pp_group = mesh
     cls_name, per_rank, _ = _schedule_entry(schedule)
     pp_size = dist.get_world_size(pp_group)
     pp_rank = dist.get_rank(pp_group)
@@ -385,8 +386,12 @@ def build_pipeline(parts: ModelParts, *, schedule: str, pp_group: Optional[dist.
         inp = (torch.empty(B, Q, dtype=input_dtype, device="meta") if first
                else torch.empty(B, Q, H, dtype=parts.dtype, device="meta", requires_grad=True))
         out = torch.empty(B, Q, V if last else H, dtype=parts.dtype, device="meta", requires_grad=True)
-        stage = TimedStage(wrap(module) if wrap is not None else module, s, num_stages, device,
-                           input_args=inp, output_args=out, group=pp_group, dw_builder=dw_builder)
+        if fsdp is not None:
+            from .fsdp import parallelize  # imported here: FSDP takes seconds to import
+
+            parallelize(module, mesh, **fsdp)
+        stage = TimedStage(module, s, num_stages, device, input_args=inp, output_args=out, group=pp_group,
+                           dw_builder=dw_builder)
         stage.timeline = timeline
         stages.append(stage)
     cls = getattr(torch.distributed.pipelining, cls_name)
