@@ -29,14 +29,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .experts import SwiGLU
 from .layer import MoELayer
 from .parallel.fsdp import parallelize
 
-__all__ = ["DemoConfig", "TinyMoELM", "load_corpus", "load_data", "sample_batch", "make_optimizer", "learning_rate",
-           "train"]
+__all__ = ["DemoConfig", "TinyMoELM", "DEMO_FSDP", "make_mesh", "build", "load_corpus", "load_data", "sample_batch",
+           "make_optimizer", "learning_rate", "count_params", "write_report", "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,18 +211,26 @@ def _is_expert_param(name: str) -> bool:
 DEMO_FSDP = dict(blocks=[], reshard_after_forward=False)
 
 
-def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
-    """The model on this job's ``(dp, ep)`` mesh with FSDP2 applied, and its device (CUDA
-    device ``LOCAL_RANK`` under NCCL, else the CPU). Every rank of the job calls it."""
+def make_mesh(cfg: DemoConfig, pp: int = 1) -> tuple[DeviceMesh, torch.device]:
+    """This job's ``(dp, ep)`` mesh, or ``(pp, dp, ep)`` for a pipeline (``pp > 1``), and its
+    device (CUDA device ``LOCAL_RANK`` under NCCL, else the CPU). Every rank of the job calls it."""
     W = dist.get_world_size()
-    if cfg.dp < 1 or W % cfg.dp or cfg.num_experts % (W // cfg.dp):
-        raise ValueError(f"moeflow demo: dp={cfg.dp} must divide the {W} ranks, and num_experts={cfg.num_experts} "
-                         f"the ep = ranks / dp ranks (rank {dist.get_rank()})")
+    if pp < 1 or cfg.dp < 1 or W % (pp * cfg.dp) or cfg.num_experts % (W // (pp * cfg.dp)):
+        raise ValueError(f"moeflow demo: pp={pp} x dp={cfg.dp} must divide the {W} ranks, and num_experts="
+                         f"{cfg.num_experts} the ep = ranks / (pp x dp) ranks (rank {dist.get_rank()})")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
         device = torch.device("cpu")
-    mesh = init_device_mesh(device.type, (cfg.dp, W // cfg.dp), mesh_dim_names=("dp", "ep"))
+    shape, names = (cfg.dp, W // (pp * cfg.dp)), ("dp", "ep")
+    if pp > 1:
+        shape, names = (pp, *shape), ("pp", *names)
+    return init_device_mesh(device.type, shape, mesh_dim_names=names), device
+
+
+def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
+    """The model on this job's ``(dp, ep)`` mesh with FSDP2 applied, and its device."""
+    mesh, device = make_mesh(cfg)
     torch.manual_seed(cfg.seed)  # the same global weights for any number of ranks (see MoELayer)
     with device:
         model = TinyMoELM(cfg, mesh)
@@ -358,13 +366,11 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         max_over_mean_expert_window=_max_over_mean(torch.tensor(history["expert_load_per_layer"][-tail:]).sum(0)),
         bytes_per_step=sum(history["bytes_per_step"][-tail:]) / tail,
         rebalance=_rebalance_effect(history, cfg.rebalance_every),
-        # logical parameters (DTensor numel is the global one); replica slots hold copies, counted once
-        num_params=sum(p.numel() for n, p in model.named_parameters() if not _is_expert_param(n))
-        + len(model.moe_layers()) * cfg.num_experts * 3 * cfg.dim * cfg.ffn_hidden,
+        num_params=count_params(model, cfg),
         history=history,
     )
     if rank == 0 and out_dir:
-        _write_outputs(report, out_dir)
+        write_report(report, out_dir)
     return report
 
 
@@ -399,7 +405,14 @@ def _evaluate(model, val_data, cfg, batch, device) -> float:
     return total.item() / (cfg.eval_batches * dist.get_world_size())
 
 
-def _write_outputs(report: dict, out_dir: str) -> None:
+def count_params(model: TinyMoELM, cfg: DemoConfig) -> int:
+    """The model's logical parameters (a DTensor's numel is the global one; replica slots hold
+    copies, counted once)."""
+    return (sum(p.numel() for n, p in model.named_parameters() if not _is_expert_param(n))
+            + len(model.moe_layers()) * cfg.num_experts * 3 * cfg.dim * cfg.ffn_hidden)
+
+
+def write_report(report: dict, out_dir: str) -> None:
     """report.json (the PNG is drawn from it by :mod:`moeflow.demo_plot`)."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:

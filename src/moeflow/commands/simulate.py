@@ -27,7 +27,10 @@ link bandwidths and latencies calibrated on DeepEP's published H800 figures. Wit
 prints the model beside those published figures. With --nodes it models that cluster: how many
 ranks and nodes a token reaches under the routing (uniform, group-limited --groups/--topk-groups,
 node-limited --max-nodes, or measured --loads), the bytes per GPU on NVLink and RDMA, and the
-time of dispatch and combine with the bottleneck named. Runs in seconds; no GPU needed."""
+time of dispatch and combine with the bottleneck named. With --pipeline it models a training
+step of DeepSeek-V3's shape on a pipeline whose every stage is such a cluster: 1F1B against
+DualPipeV without and with overlap, played on torch's own schedules, beside the DualPipe README's
+bubble formulas. Runs in seconds; no GPU needed."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,17 +70,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     links.add_argument("--kernel-us", type=float, default=_DEFAULTS.kernel_us,
                        help="fixed cost per call, microseconds: launch, arrival handshake, packing")
     p.add_argument("--compare-deepep", action="store_true", help="also print the model beside DeepEP's H800 figures")
-    pipe = p.add_argument_group("pipeline (--pipeline: DeepSeek-V3's training step; --nodes/--gpus-per-node give one "
-                                "stage's expert-parallel group, default 8 x 8; --tokens per micro-batch per GPU)")
-    pipe.add_argument("--pipeline", action="store_true", help="model 1F1B vs DualPipeV (with and without overlap)")
-    pipe.add_argument("--pp", type=int, default=16, help="pipeline ranks (default 16, DeepSeek-V3's)")
+    pipe = p.add_argument_group("pipeline (--pipeline: DeepSeek-V3's training step; --nodes and --gpus-per-node give "
+                                "one stage's expert-parallel group, 8 x 8 without --nodes; --tokens counts a "
+                                "micro-batch's tokens per GPU)")
+    pipe.add_argument("--pipeline", action="store_true",
+                      help="model a training step on a pipeline: 1F1B against DualPipeV without and with overlap")
+    pipe.add_argument("--pp", type=int, default=16, help="pipeline ranks (DeepSeek-V3 used 16)")
     pipe.add_argument("--microbatches", type=int, default=120,
-                      help="micro-batches per step (default 120: 15360 sequences over 128 data-parallel pipelines)")
+                      help="micro-batches per step (DeepSeek-V3's 15360 sequences over 128 data-parallel pipelines "
+                           "are 120)")
     pipe.add_argument("--compute-tflops", type=float, default=800.0,
-                      help="effective compute rate per GPU (default 800: FP8 GEMMs at ~40%% of an H800's peak)")
+                      help="effective compute rate per GPU, TFLOPS (FP8 GEMMs at ~40%% of an H800's peak are 800)")
     pipe.add_argument("--comm-sms", type=int, default=20,
-                      help="SMs communication holds while it overlaps compute, of 132 (default 20, DeepSeek-V3's)")
-
+                      help="streaming multiprocessors (of an H800's 132) communication holds while it overlaps "
+                           "compute (DeepSeek-V3: 20)")
 
 def _links(args: argparse.Namespace, nodes: int, gpus_per_node: int) -> sim.ClusterSpec:
     return sim.ClusterSpec(nodes=nodes, gpus_per_node=gpus_per_node, nvlink_GBps=args.nvlink_GBps,
