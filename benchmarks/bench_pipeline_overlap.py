@@ -25,21 +25,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moeflow import spawn
+from moeflow.commands import speed_words, target_words
 
 
 def _rank(a):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from moeflow.demo import DemoConfig, build_model
+    from moeflow.demo import DemoConfig, TinyMoELM
     from moeflow.parallel.pipeline import build_pipeline
     from moeflow.parallel.timeline import Timeline, now
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     cfg = DemoConfig(num_layers=a.layers, num_dense_layers=0, dim=a.dim, num_heads=4, ffn_hidden=a.ffn,
-                     num_experts=8, top_k=2, seq_len=a.seq, batch_size=a.batch, tie_embeddings=False)
-    model = build_model(cfg, mesh["ep"].get_group())
+                     num_experts=8, num_topk=2, seq_len=a.seq, batch_size=a.batch, tie_embeddings=False)
+    torch.manual_seed(cfg.seed)
+    model = TinyMoELM(cfg, mesh)
     timeline = Timeline()
-    pipe = build_pipeline(model.pipeline_parts(), schedule="dualpipev", pp_group=mesh["pp"].get_group(),
+    pipe = build_pipeline(model.pipeline_parts(), schedule="dualpipev", mesh=mesh,
                           num_microbatches=a.microbatches, microbatch_size=a.batch // a.microbatches, seq_len=a.seq,
                           loss_fn=lambda y, t: F.cross_entropy(y.flatten(0, 1), t.flatten()), overlap=True,
                           checkpoint=a.checkpoint, timeline=timeline)
@@ -66,13 +68,14 @@ def _rank(a):
 
 def _rank_pp1(a):
     """No pipeline (2 ranks, ep 2): micro-batches one after the other vs F(i+1) with B(i)."""
-    from moeflow.demo import DemoConfig, build_model
+    from moeflow.demo import DemoConfig, TinyMoELM
     from moeflow.parallel.overlap import train_micro_batches
     from moeflow.parallel.timeline import Timeline, now
 
     cfg = DemoConfig(num_layers=a.layers // 2, num_dense_layers=0, dim=a.dim, num_heads=4, ffn_hidden=a.ffn,
-                     num_experts=8, top_k=2, seq_len=a.seq, batch_size=a.batch)
-    model = build_model(cfg)
+                     num_experts=8, num_topk=2, seq_len=a.seq, batch_size=a.batch)
+    torch.manual_seed(cfg.seed)
+    model = TinyMoELM(cfg)
     g = torch.Generator().manual_seed(dist.get_rank())
     x = torch.randint(0, 256, (a.batch, a.seq), generator=g)
     micro = list(x.split(a.batch // a.microbatches))
@@ -103,7 +106,7 @@ def _rank_pp1(a):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12, help="measured steps per mode")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per mode first")
     ap.add_argument("--layers", type=int, default=8, help="MoE blocks (no dense block): 2 per stage")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--ffn", type=int, default=64, help="per routed expert")
@@ -121,11 +124,15 @@ def main() -> None:
         print(f"no pipeline, 2 Gloo ranks (ep 2), {a.layers // 2} MoE layers, dim {a.dim}, expert ffn {a.ffn}, "
               f"{a.batch} x {a.seq} tokens per rank in {a.microbatches} micro-batches; load average before: {' '.join(load)}")
         n = len(per_rank[0][False])
+        med = {}
         for on in (False, True):
             wall = statistics.median(max(r[on][i][0] for r in per_rank) for i in range(n))
             cpu = statistics.median(sum(r[on][i][1] for r in per_rank) for i in range(n))
+            med[on] = (wall, cpu)
             print(f"{'F(i+1) with B(i)' if on else 'one after other':<18} step wall {wall * 1e3:7.0f} ms, CPU (2 ranks) "
                   f"{cpu * 1e3:7.0f} ms")
+        print(f"F(i+1) with B(i) against one after the other: step wall {speed_words(med[True][0], med[False][0])}, "
+              f"CPU {speed_words(med[True][1], med[False][1])}")
         return
     per_rank = spawn(_rank, 4, a, timeout_s=3600, threads_per_rank=1)
     print(f"DualPipeV, 4 Gloo ranks (pp 2 x ep 2), {a.layers} MoE layers, dim {a.dim}, expert ffn {a.ffn}, {a.batch} x {a.seq} tokens per "
@@ -145,8 +152,9 @@ def main() -> None:
               f"{waits * 1e3:>7.0f}ms{comp * 1e3:>7.0f}ms{bub * 1e3:>6.0f}ms{switch * 1e3:>10.0f}ms")
     base, over = med[False], med[True]
     print(f"communication share of the step without overlap: {base[2] / base[0]:.0%}")
-    print(f"overlap / no overlap: step wall {over[0] / base[0]:.2f}x, CPU {over[1] / base[1]:.2f}x, "
-          f"exposed communication {over[2] / base[2]:.2f}x")
+    print(f"overlap against no overlap: step wall {speed_words(over[0], base[0])} {target_words(1 / 0.85)}, "
+          f"i.e. {over[0] / base[0]:.2f}x the step; CPU {speed_words(over[1], base[1])}; exposed communication "
+          f"{over[2] / base[2]:.2f}x")
     print(f"CPU floor of a step on {os.cpu_count()} cores: {base[1] / os.cpu_count() * 1e3:.0f} ms "
           f"(the 4 ranks' CPU time spread over every core; no overlap can go below it)")
 

@@ -147,6 +147,11 @@ def _rank_fn(which):
     return [_case(mesh, _hf_model, *case) for case in (("1f1b", False, None, False), ("dualpipev", True, "full", False))]
 
 
+def _print_worst(case, per_rank) -> None:
+    print(f"\n{case}: largest relative gradient error {max(r[0] for r in per_rank):.1e}, "
+          f"loss error {max(r[1] for r in per_rank):.1e}")
+
+
 @pytest.fixture(scope="module")
 def demo_results():
     return spawn(_rank_fn, 4, "demo", timeout_s=600)
@@ -157,6 +162,7 @@ def demo_results():
 def test_pipelined_demo_model_trains_like_the_unpipelined_one(demo_results, index):
     # every parameter of the model (44) is in a stage on both ranks of its pipeline position
     assert sum(results[index][3] for results in demo_results) == 2 * 44
+    _print_worst(CASES[index], [results[index] for results in demo_results])  # docs/pipeline.md quotes it (-s)
     for rank, results in enumerate(demo_results):
         worst_grad, worst_loss, loads_equal, _ = results[index]
         assert worst_grad < 1e-5, (rank, CASES[index], worst_grad)
@@ -166,7 +172,10 @@ def test_pipelined_demo_model_trains_like_the_unpipelined_one(demo_results, inde
 
 def test_pipelined_hf_model_trains_like_the_unpipelined_one():
     pytest.importorskip("transformers")
-    for rank, results in enumerate(spawn(_rank_fn, 4, "hf", timeout_s=600)):
+    per_rank = spawn(_rank_fn, 4, "hf", timeout_s=600)
+    for i, case in enumerate((("1f1b", False, None, False), ("dualpipev", True, "full", False))):
+        _print_worst(("Qwen3-MoE",) + case, [results[i] for results in per_rank])
+    for rank, results in enumerate(per_rank):
         for worst_grad, worst_loss, loads_equal, num_params in results:
             assert num_params > 0
             assert worst_grad < 1e-5 and worst_loss < 1e-5 and loads_equal, (rank, results)

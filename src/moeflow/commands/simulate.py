@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from .. import simulate as sim
+from . import speed_words
 
 _DEFAULTS = sim.ClusterSpec(nodes=1, gpus_per_node=8)
 
@@ -180,7 +181,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(f"{label:<24}{r.num_stages:>7}{c.F * ms:>8.1f}{c.B * ms:>8.1f}{c.W * ms:>8.1f}{c.FB * ms:>8.1f}"
               f"{r.step_us * 1e-6:>9.2f}{r.bubble_us * 1e-6:>9.2f}{readme * 1e-6:>15.2f}{r.exposed_comm_us * 1e-6:>14.2f}")
     base, best = results[0], results[-1]
-    print(f"expected DualPipeV (overlap) gain over 1F1B: {base.step_us / best.step_us:.2f}x step time "
+    print(f"expected DualPipeV (overlap) gain over 1F1B: a step {speed_words(best.step_us, base.step_us)} "
           f"({base.step_us * 1e-6:.2f} -> {best.step_us * 1e-6:.2f} s); bubble {base.bubble_us * 1e-6:.2f} -> "
           f"{best.bubble_us * 1e-6:.2f} s, exposed communication {base.exposed_comm_us * 1e-6:.2f} -> "
           f"{best.exposed_comm_us * 1e-6:.2f} s per rank")
