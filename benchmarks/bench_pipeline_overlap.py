@@ -152,7 +152,7 @@ def main() -> None:
               f"{waits * 1e3:>7.0f}ms{comp * 1e3:>7.0f}ms{bub * 1e3:>6.0f}ms{switch * 1e3:>10.0f}ms")
     base, over = med[False], med[True]
     print(f"communication share of the step without overlap: {base[2] / base[0]:.0%}")
-    print(f"overlap against no overlap: step wall {speed_words(over[0], base[0])} {target_words(1 / 0.85)}, "
+    print(f"overlap against no overlap: step wall {speed_words(over[0], base[0])} {target_words(round(1 / 0.85, 2))}, "
           f"i.e. {over[0] / base[0]:.2f}x the step; CPU {speed_words(over[1], base[1])}; exposed communication "
           f"{over[2] / base[2]:.2f}x")
     print(f"CPU floor of a step on {os.cpu_count()} cores: {base[1] / os.cpu_count() * 1e3:.0f} ms "

@@ -50,6 +50,24 @@ def test_lanes_take_turns_at_each_wait_and_the_longer_one_runs_on():
     assert interleave.current_lane() is None  # nothing left behind on the calling thread
 
 
+def test_an_event_hands_over_at_its_first_wait_only():
+    log = []
+
+    def a():
+        event = _event(log, "a")
+        event.current_stream_wait()
+        event.current_stream_wait()  # already waited: no transfer left, no second hand-over
+        log.append("a done")
+
+    def b():
+        log.append("b ran")
+        _event(log, "b").current_stream_wait()
+        log.append("b done")
+
+    run_lanes([a, b])
+    assert log == ["b ran", "a waited", "a done", "b waited", "b done"]
+
+
 def test_a_failing_lane_lets_the_others_finish_then_raises():
     done = []
 

@@ -2,14 +2,17 @@
 
 The model reads bytes (vocabulary 256): embedding, ``num_layers`` blocks of RMSNorm -> causal
 attention -> RMSNorm -> :class:`moeflow.MoELayer` (fine-grained routed experts split over the
-ranks, one shared expert, sigmoid router with expert bias), and a tied output head. The text is
-the Python standard library's own source, which every Python installation carries: no download.
+ranks, one shared expert, sigmoid router with expert bias), and a tied output head (untied for a
+pipeline, where the embedding and the head sit on different stages). The text is the Python
+standard library's own source, which every Python installation carries: no download.
 
 Parallelism: a ``(dp, ep)`` device mesh over the job's ranks (``moeflow.parallel.mesh``): the
 routed experts are split over the ``ep`` ranks (tokens travel to them through dispatch /
 combine), and :func:`moeflow.parallelize` applies FSDP2 to the rest over every rank and to the
 experts over the ``dp`` ranks of their shard. Every rank trains on its own batches. Runs on the
 ranks of any process group: local Gloo ranks from ``moeflow demo``, or torchrun's (NCCL on GPUs).
+``moeflow demo --pp`` (:mod:`moeflow.demo_pipeline`) trains the same model pipeline-parallel on a
+``(pp, dp, ep)`` mesh with the mesh, data, optimizer and FSDP2 setting defined here.
 
 Shape letters: B batch, S sequence, D model width, V vocabulary (256).
 """

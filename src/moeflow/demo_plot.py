@@ -1,8 +1,8 @@
 """The PNGs of ``moeflow demo``: loss, expert load over time, and load balance, from its report;
 with ``--pp``, the loss and the last step's timeline per rank (:func:`plot_pipeline`).
 
-:func:`plot_training` draws three panels over the training steps, each with the run's events marked (rebalances as dashed
-lines, the window the report's balance figures average over shaded):
+:func:`plot_training` draws three panels over the training steps, each with the run's events
+marked (rebalances as dashed lines, the window the report's balance figures average over shaded):
 
 - loss: training (per step) and validation (points), with the unigram baseline;
 - expert load / mean, per expert and step (summed over the MoE layers): a diverging colour scale
@@ -174,7 +174,8 @@ def plot_pipeline(report: dict, path: str, flags: str = "", title: Optional[str]
     s = report["step_seconds"]
     p = report["pipeline"]
     ax_time.set_title(f"last step per rank ({p['schedule']}{' with overlap' if p['overlap'] else ''}, "
-                      f"{p['num_microbatches']} micro-batches); per step, last 10%: compute {s['compute'] * 1e3:.0f} ms, "
+                      f"{p['num_microbatches']} micro-batches); per step, last 10%: "
+                      f"compute {s['compute'] * 1e3:.0f} ms, "
                       f"exposed comm {s['exposed_comm'] * 1e3:.0f} ms, bubble {s['bubble'] * 1e3:.0f} ms, "
                       f"hand-overs {s['switching'] * 1e3:.0f} ms", fontsize=10)
     ax_time.set_yticks(range(R), [f"rank {r}" for r in range(R)])

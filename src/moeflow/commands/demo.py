@@ -181,7 +181,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if report["rank"] != 0:
         return 0
     s = report["step_seconds"]
-    print(f"validation loss {report['final_val_loss']:.3f} nats/byte (unigram baseline {report['unigram_val_loss']:.3f})")
+    print(f"validation loss {report['final_val_loss']:.3f} nats/byte "
+          f"(unigram baseline {report['unigram_val_loss']:.3f})")
     print(f"throughput {report['tokens_per_s']:,.0f} tokens/s; per step and rank (mean of the last 10% of steps): "
           f"{s['wall'] * 1e3:.0f} ms = compute {s['compute'] * 1e3:.0f} ms + exposed communication "
           f"{s['exposed_comm'] * 1e3:.0f} ms + bubble {s['bubble'] * 1e3:.0f} ms + hand-over latency "

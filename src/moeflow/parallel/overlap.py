@@ -122,7 +122,8 @@ class _Lane:
 
 def run_lanes(fns: Sequence[Callable[[], Any]], names: Optional[Sequence[str]] = None,
               timeline: Optional[Timeline] = None, backward_lane: Optional[int] = None) -> list:
-    """Run ``fns`` as lanes that take turns at the MoE layer's waits; returns their results.
+    """Run ``fns`` as lanes that take turns at their waits on transfers (:mod:`moeflow.comm.interleave`);
+    returns their results.
 
     Lane 0 runs on the calling thread and starts; the others on threads of their own (kept for
     the next call). Every lane runs with the caller's grad and inference mode, autocast and
@@ -205,7 +206,7 @@ def overlap_f_b(action, ctx) -> None:
     The signature of ``_PipelineScheduleRuntime.register_custom_function``'s functions. Does
     what the runtime does for each sub-action on its own (wait for the pipeline receives, run
     the stage, compute the loss on the last stage, hand outputs to a neighbouring stage on this
-    rank), except that the forward and the backward take turns at the MoE layer's waits.
+    rank), except that the forward and the backward take turns at their waits on transfers.
     Loss functions that need ``loss_kwargs`` are not supported here (the runtime does not pass
     them to custom functions).
     """

@@ -1,8 +1,8 @@
 """Where a rank's time went in one training step: compute, exposed communication, bubble.
 
 Spans are recorded by the pipeline stages (each forward / backward action, see
-:class:`moeflow.parallel.pipeline.TimedStage`) and by the MoE layer's hand-over points (each
-transfer's issue and the part of its wait that nothing else covered, see
+:class:`moeflow.parallel.pipeline.TimedStage`) and by the hand-over points at the waits on
+transfers (each transfer's issue and the part of its wait that nothing else covered, see
 :mod:`moeflow.comm.interleave`). Times are host ``time.perf_counter`` seconds: on CPU that is when
 the work ran; on CUDA it is when the host queued it or waited for it (use the profiler there).
 
