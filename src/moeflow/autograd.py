@@ -9,6 +9,10 @@ way; ``wait()`` returns the result (an autograd identity, so gradients flow thro
 layer overlaps work with the transfer this way (shared experts, the previous chunk's experts).
 Backward runs synchronously.
 
+Micro-batches run as lanes (:mod:`moeflow.parallel.overlap`) overlap across these calls: every
+wait, forward and backward, is a hand-over point of the Transport's events
+(:mod:`moeflow.comm.interleave`), and each call here is timed as an ``issuing`` span.
+
 Shape letters (docs/architecture.md): T tokens on this rank, M rows received, H hidden, K top-k,
 L local experts.
 """
@@ -21,6 +25,7 @@ from typing import Callable, Generic, TypeVar, Union
 import torch
 
 from .comm.buffer import Buffer, DispatchHandle
+from .comm.interleave import issuing
 from .comm.transport import EventOverlap
 
 __all__ = ["DispatchOutput", "Pending", "dispatch", "combine"]
@@ -72,11 +77,12 @@ class _Wait(torch.autograd.Function):
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, buffer, topk_idx, num_experts, expert_alignment, async_finish, holder):
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-        recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=expert_alignment,
-            async_finish=async_finish)
+        with issuing():
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+            recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
+                x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=expert_alignment,
+                async_finish=async_finish)
         holder.extend([counts, handle, event])
         # Attributes, not saved tensors: an async dispatch fills recv_idx in place after this
         # returns, which would trip autograd's version check on a saved tensor.
@@ -94,7 +100,8 @@ class _Dispatch(torch.autograd.Function):
             # recv_topk_weights is 0 (a constant) where the expert lives elsewhere, so those
             # entries pass no gradient back to the source's weights.
             grad_recv_w = torch.where(ctx.recv_idx >= 0, grad_recv_w, 0.0).float()
-        grad_x, grad_w, _ = ctx.buffer.combine(grad_recv_x.contiguous(), handle, topk_weights=grad_recv_w)
+        with issuing():
+            grad_x, grad_w, _ = ctx.buffer.combine(grad_recv_x.contiguous(), handle, topk_weights=grad_recv_w)
         return grad_x, grad_w, None, None, None, None, None, None
 
 
@@ -102,13 +109,15 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, buffer, handle, async_finish, holder):
         ctx.buffer, ctx.handle = buffer, handle
-        combined_x, _, event = buffer.combine(x, handle, async_finish=async_finish)
+        with issuing():
+            combined_x, _, event = buffer.combine(x, handle, async_finish=async_finish)
         holder.append(event)
         return combined_x
 
     @staticmethod
     def backward(ctx, grad_combined):
-        grad_x, *_ = ctx.buffer.dispatch(grad_combined.contiguous(), handle=ctx.handle)
+        with issuing():
+            grad_x, *_ = ctx.buffer.dispatch(grad_combined.contiguous(), handle=ctx.handle)
         return grad_x, None, None, None, None
 
 

@@ -2,14 +2,17 @@
 
 The model reads bytes (vocabulary 256): embedding, ``num_layers`` blocks of RMSNorm -> causal
 attention -> RMSNorm -> :class:`moeflow.MoELayer` (fine-grained routed experts split over the
-ranks, one shared expert, sigmoid router with expert bias), and a tied output head. The text is
-the Python standard library's own source, which every Python installation carries: no download.
+ranks, one shared expert, sigmoid router with expert bias), and a tied output head (untied for a
+pipeline, where the embedding and the head sit on different stages). The text is the Python
+standard library's own source, which every Python installation carries: no download.
 
 Parallelism: a ``(dp, ep)`` device mesh over the job's ranks (``moeflow.parallel.mesh``): the
 routed experts are split over the ``ep`` ranks (tokens travel to them through dispatch /
 combine), and :func:`moeflow.parallelize` applies FSDP2 to the rest over every rank and to the
 experts over the ``dp`` ranks of their shard. Every rank trains on its own batches. Runs on the
 ranks of any process group: local Gloo ranks from ``moeflow demo``, or torchrun's (NCCL on GPUs).
+``moeflow demo --pp`` (:mod:`moeflow.demo_pipeline`) trains the same model pipeline-parallel on a
+``(pp, dp, ep)`` mesh with the mesh, data, optimizer and FSDP2 setting defined here.
 
 Shape letters: B batch, S sequence, D model width, V vocabulary (256).
 """
@@ -29,13 +32,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .experts import SwiGLU
 from .layer import MoELayer
 from .parallel.fsdp import parallelize
 
-__all__ = ["DemoConfig", "TinyMoELM", "load_corpus", "train"]
+__all__ = ["DemoConfig", "TinyMoELM", "DEMO_FSDP", "make_mesh", "build", "load_corpus", "load_data", "sample_batch",
+           "make_optimizer", "learning_rate", "count_params", "write_report", "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +60,7 @@ class DemoConfig:
     bias_decay: bool = True        # the bias rate follows the learning-rate schedule down to 0
     num_slots: Optional[int] = None  # physical expert slots (None = num_experts: no redundancy)
     dp: int = 1                    # data-parallel size of the mesh; ep = ranks / dp
+    tie_embeddings: bool = True    # the head reuses the embedding; a pipeline unties it (as DeepSeek-V3)
     rebalance_every: int = 0       # re-plan and migrate experts every N steps (0 = never)
     lr: float = 3e-3
     gate_lr_scale: float = 0.1
@@ -124,16 +129,58 @@ class TinyMoELM(nn.Module):
         self.norm = RMSNorm(cfg.dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
+        self.head = None
+        if not cfg.tie_embeddings:
+            self.head = nn.Linear(cfg.dim, 256, bias=False)
+            with torch.no_grad():
+                self.head.weight.copy_(self.embed.weight)  # starts as the tied model does
+
+    def embed_tokens(self, idx_BS):
+        return self.embed(idx_BS) + self.pos[:idx_BS.size(1)]
+
+    def logits(self, x_BSD):
+        x = self.norm(x_BSD)
+        return x @ self.embed.weight.t() if self.head is None else self.head(x)  # [B, S, V]
 
     def forward(self, idx_BS):
-        B, S = idx_BS.shape
-        x = self.embed(idx_BS) + self.pos[:S]
+        x = self.embed_tokens(idx_BS)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x) @ self.embed.weight.t()  # [B, S, V], tied head
+        return self.logits(x)
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def pipeline_parts(self):
+        """The model as :class:`moeflow.parallel.pipeline.ModelParts` (needs ``tie_embeddings=False``:
+        the embedding and the head live on different stages)."""
+        from .parallel.pipeline import ModelParts
+
+        if self.head is None:
+            raise ValueError("TinyMoELM.pipeline_parts: build with DemoConfig(tie_embeddings=False) to pipeline "
+                             "the model (the tied head would be on another stage than the embedding)")
+        return ModelParts(embed=_Embedding(self), layers=tuple(self.blocks), head=_Logits(self),
+                          hidden=self.embed.embedding_dim, output_size=256)
+
+
+class _Embedding(nn.Module):
+    """The model's input end as a module of its own (a pipeline's first stage holds it)."""
+
+    def __init__(self, model: TinyMoELM):
+        super().__init__()
+        self.embed, self.pos = model.embed, model.pos
+
+    forward = TinyMoELM.embed_tokens
+
+
+class _Logits(nn.Module):
+    """The model's output end (final norm and untied head) as a module of its own (last stage)."""
+
+    def __init__(self, model: TinyMoELM):
+        super().__init__()
+        self.norm, self.head = model.norm, model.head
+
+    forward = TinyMoELM.logits
 
 
 def load_corpus(max_bytes: int) -> bytes:
@@ -167,49 +214,79 @@ def _is_expert_param(name: str) -> bool:
 DEMO_FSDP = dict(blocks=[], reshard_after_forward=False)
 
 
-def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
-    """The model on this job's ``(dp, ep)`` mesh with FSDP2 applied, and its device (CUDA
-    device ``LOCAL_RANK`` under NCCL, else the CPU). Every rank of the job calls it."""
+def make_mesh(cfg: DemoConfig, pp: int = 1) -> tuple[DeviceMesh, torch.device]:
+    """This job's ``(dp, ep)`` mesh, or ``(pp, dp, ep)`` for a pipeline (``pp > 1``), and its
+    device (CUDA device ``LOCAL_RANK`` under NCCL, else the CPU). Every rank of the job calls it."""
     W = dist.get_world_size()
-    if cfg.dp < 1 or W % cfg.dp or cfg.num_experts % (W // cfg.dp):
-        raise ValueError(f"moeflow demo: dp={cfg.dp} must divide the {W} ranks, and num_experts={cfg.num_experts} "
-                         f"the ep = ranks / dp ranks (rank {dist.get_rank()})")
+    if pp < 1 or cfg.dp < 1 or W % (pp * cfg.dp) or cfg.num_experts % (W // (pp * cfg.dp)):
+        raise ValueError(f"moeflow demo: pp={pp} x dp={cfg.dp} must divide the {W} ranks, and num_experts="
+                         f"{cfg.num_experts} the ep = ranks / (pp x dp) ranks (rank {dist.get_rank()})")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
         device = torch.device("cpu")
-    mesh = init_device_mesh(device.type, (cfg.dp, W // cfg.dp), mesh_dim_names=("dp", "ep"))
+    shape, names = (cfg.dp, W // (pp * cfg.dp)), ("dp", "ep")
+    if pp > 1:
+        shape, names = (pp, *shape), ("pp", *names)
+    return init_device_mesh(device.type, shape, mesh_dim_names=names), device
+
+
+def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
+    """The model on this job's ``(dp, ep)`` mesh with FSDP2 applied, and its device."""
+    mesh, device = make_mesh(cfg)
     torch.manual_seed(cfg.seed)  # the same global weights for any number of ranks (see MoELayer)
     with device:
         model = TinyMoELM(cfg, mesh)
     return parallelize(model, mesh, **DEMO_FSDP), device
 
 
-def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
-    """Run on every rank (inside an initialised process group); returns the report on every rank."""
-    rank, W = dist.get_rank(), dist.get_world_size()
-    model, device = build(cfg)
+def load_data(cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(train bytes, validation bytes, the unigram model's validation loss)``: 90% / 10% of the corpus."""
     corpus = torch.frombuffer(bytearray(load_corpus(cfg.corpus_bytes)), dtype=torch.uint8).long()
     split = int(len(corpus) * 0.9)
     train_data, val_data = corpus[:split], corpus[split:]
     unigram = torch.bincount(train_data, minlength=256).float() + 1
     unigram_loss = float(-(unigram / unigram.sum()).log().mul(
         torch.bincount(val_data, minlength=256).float() / len(val_data)).sum())
+    return train_data, val_data, unigram_loss
 
-    gates = [p for n, p in model.named_parameters() if n.endswith("router.gate.weight")]
-    rest = [p for n, p in model.named_parameters() if not n.endswith("router.gate.weight")]
+
+def sample_batch(data: torch.Tensor, cfg: DemoConfig, g: torch.Generator,
+                 device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.batch_size`` random windows of ``data``: inputs ``[B, S]`` and next-byte targets ``[B, S]``."""
+    starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=g)
+    chunk = torch.stack([data[s:s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def make_optimizer(named_params, cfg: DemoConfig) -> torch.optim.Optimizer:
+    """AdamW; each group's ``lr_scale`` multiplies :func:`learning_rate`."""
+    named = list(named_params)
+    gates = [p for n, p in named if n.endswith("router.gate.weight")]
+    rest = [p for n, p in named if not n.endswith("router.gate.weight")]
     # The gates learn 10x slower: with Adam at the full rate their logits outrun the expert
     # bias (a fixed step per update) and the routing collapses onto a few experts early on.
     # fused: one kernel per parameter group; the per-tensor loop's every op goes through
     # DTensor's Python dispatch under FSDP2 and took 6x as long (benchmarks/bench_fsdp.py)
-    opt = torch.optim.AdamW([dict(params=rest, lr_scale=1.0), dict(params=gates, lr_scale=cfg.gate_lr_scale)],
-                            lr=cfg.lr, weight_decay=0.0, fused=True)
+    return torch.optim.AdamW([dict(params=rest, lr_scale=1.0), dict(params=gates, lr_scale=cfg.gate_lr_scale)],
+                             lr=cfg.lr, weight_decay=0.0, fused=True)
+
+
+def learning_rate(cfg: DemoConfig, step: int) -> float:
+    """Linear warm-up over 20 steps, then cosine down to 0 at ``cfg.steps``."""
+    return cfg.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+
+def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
+    """Run on every rank (inside an initialised process group); returns the report on every rank."""
+    rank, W = dist.get_rank(), dist.get_world_size()
+    model, device = build(cfg)
+    train_data, val_data, unigram_loss = load_data(cfg)
+    opt = make_optimizer(model.named_parameters(), cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank its own batches
 
     def batch(data, g):
-        starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=g)
-        chunk = torch.stack([data[s:s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)
-        return chunk[:, :-1], chunk[:, 1:]
+        return sample_batch(data, cfg, g, device)
 
     history = dict(step=[], loss=[], val_step=[], val_loss=[], tokens_per_s=[], expert_load=[],
                    expert_load_per_layer=[],
@@ -227,7 +304,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         t0 = time.perf_counter()
         for layer in model.moe_layers():
             layer.buffer.counters.reset()
-        lr = cfg.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        lr = learning_rate(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         x, y = batch(train_data, gen)
@@ -292,13 +369,11 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         max_over_mean_expert_window=_max_over_mean(torch.tensor(history["expert_load_per_layer"][-tail:]).sum(0)),
         bytes_per_step=sum(history["bytes_per_step"][-tail:]) / tail,
         rebalance=_rebalance_effect(history, cfg.rebalance_every),
-        # logical parameters (DTensor numel is the global one); replica slots hold copies, counted once
-        num_params=sum(p.numel() for n, p in model.named_parameters() if not _is_expert_param(n))
-        + len(model.moe_layers()) * cfg.num_experts * 3 * cfg.dim * cfg.ffn_hidden,
+        num_params=count_params(model, cfg),
         history=history,
     )
     if rank == 0 and out_dir:
-        _write_outputs(report, out_dir)
+        write_report(report, out_dir)
     return report
 
 
@@ -333,7 +408,14 @@ def _evaluate(model, val_data, cfg, batch, device) -> float:
     return total.item() / (cfg.eval_batches * dist.get_world_size())
 
 
-def _write_outputs(report: dict, out_dir: str) -> None:
+def count_params(model: TinyMoELM, cfg: DemoConfig) -> int:
+    """The model's logical parameters (a DTensor's numel is the global one; replica slots hold
+    copies, counted once)."""
+    return (sum(p.numel() for n, p in model.named_parameters() if not _is_expert_param(n))
+            + len(model.moe_layers()) * cfg.num_experts * 3 * cfg.dim * cfg.ffn_hidden)
+
+
+def write_report(report: dict, out_dir: str) -> None:
     """report.json (the PNG is drawn from it by :mod:`moeflow.demo_plot`)."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:

@@ -1,7 +1,8 @@
-"""The PNG of ``moeflow demo``: loss, expert load over time, and load balance, from its report.
+"""The PNGs of ``moeflow demo``: loss, expert load over time, and load balance, from its report;
+with ``--pp``, the loss and the last step's timeline per rank (:func:`plot_pipeline`).
 
-Three panels over the training steps, each with the run's events marked (rebalances as dashed
-lines, the window the report's balance figures average over shaded):
+:func:`plot_training` draws three panels over the training steps, each with the run's events
+marked (rebalances as dashed lines, the window the report's balance figures average over shaded):
 
 - loss: training (per step) and validation (points), with the unigram baseline;
 - expert load / mean, per expert and step (summed over the MoE layers): a diverging colour scale
@@ -19,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["plot_training", "load_share", "colour_range", "title_text", "CLIP_PERCENTILE"]
+__all__ = ["plot_training", "plot_pipeline", "load_share", "colour_range", "title_text", "CLIP_PERCENTILE"]
 
 #: the colour scale of the load panel ends at this percentile of the load / mean values
 CLIP_PERCENTILE = 99.0
@@ -57,6 +58,17 @@ def title_text(report: dict, flags: str = "") -> str:
             f"seed {cfg['seed']}")
 
 
+def _loss_panel(ax, report: dict) -> None:
+    """Training loss per step and validation loss (points) against the unigram baseline."""
+    h = report["history"]
+    ax.plot(h["step"], h["loss"], label="train", lw=1)
+    ax.plot(h["val_step"], h["val_loss"], "o-", label="validation")
+    ax.axhline(report["unigram_val_loss"], color="gray", ls=":", label="unigram baseline")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title(f"loss: validation {report['final_val_loss']:.3f}")
+
+
 def plot_training(report: dict, path: str, flags: str = "", title: Optional[str] = None) -> str:
     """Write the demo's figure for ``report`` (what :func:`moeflow.demo.train` returns) to ``path``.
 
@@ -91,13 +103,8 @@ def plot_training(report: dict, path: str, flags: str = "", title: Optional[str]
             ax.axvspan(window[0] - 0.5, window[1] + 0.5, color="gray", alpha=0.12,
                        label="last 10% (report window)" if label else None)
 
-    ax_loss.plot(steps, h["loss"], label="train", lw=1)
-    ax_loss.plot(h["val_step"], h["val_loss"], "o-", label="validation")
-    ax_loss.axhline(report["unigram_val_loss"], color="gray", ls=":", label="unigram baseline")
+    _loss_panel(ax_loss, report)
     mark_events(ax_loss, label=True)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss (nats/byte)")
-    ax_loss.set_title(f"loss: validation {report['final_val_loss']:.3f}")
     ax_loss.legend(fontsize=8)
 
     share = load_share(h["expert_load"])
@@ -123,6 +130,60 @@ def plot_training(report: dict, path: str, flags: str = "", title: Optional[str]
                      f"ranks {report['max_over_mean_rank_last']:.2f}", fontsize=10)
     ax_bal.legend(fontsize=8)
 
+    fig.suptitle(title if title is not None else title_text(report, flags), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# span kind -> (colour, legend label) of the pipelined demo's timeline
+_SPANS = {"F": ("#4c72b0", "forward"), "B": ("#55a868", "backward"), "W": ("#b5bd68", "weight grad"),
+          "issue": ("#c44e52", "comm issue"), "wait": ("#f0a030", "comm wait"), "switch": ("#222222", "hand-over")}
+
+
+def plot_pipeline(report: dict, path: str, flags: str = "", title: Optional[str] = None) -> str:
+    """Write the pipelined demo's figure (``moeflow demo --pp``, :func:`moeflow.demo_pipeline.train`'s
+    report) to ``path``: the loss, and the last step as a timeline per rank (each action's
+    forward in the upper half of the rank's row, backward in the lower half, its communication
+    drawn over it). Arguments and return as :func:`plot_training`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    R = report["ranks"]
+    fig, (ax_loss, ax_time) = plt.subplots(2, 1, figsize=(12, 6.5 + 0.6 * R),
+                                           gridspec_kw=dict(height_ratios=[3, 1 + 0.6 * R]))
+    _loss_panel(ax_loss, report)
+    ax_loss.legend(fontsize=8)
+    for r, spans in enumerate(report["last_step_spans"]):
+        actions = {}  # lane -> its actions' (start, end, half): 0 forward, 1 backward
+        for lane, kind, start, end in spans:
+            if kind in ("F", "B", "W"):
+                actions.setdefault(lane, []).append((start, end, 0 if kind == "F" else 1))
+        for lane, kind, start, end in spans:
+            if kind in ("F", "B", "W"):
+                half = 0 if kind == "F" else 1
+                ax_time.broken_barh([(start * 1e3, (end - start) * 1e3)], (r - 0.4 + 0.4 * half, 0.38),
+                                    facecolors=_SPANS[kind][0], alpha=0.6)
+            else:  # communication: over the action of its lane that holds it
+                half = next((h for s0, e0, h in actions.get(lane, []) if s0 <= start and end <= e0), 0)
+                ax_time.broken_barh([(start * 1e3, (end - start) * 1e3)], (r - 0.3 + 0.4 * half, 0.18),
+                                    facecolors=_SPANS[kind][0], zorder=3)
+    s = report["step_seconds"]
+    p = report["pipeline"]
+    ax_time.set_title(f"last step per rank ({p['schedule']}{' with overlap' if p['overlap'] else ''}, "
+                      f"{p['num_microbatches']} micro-batches); per step, last 10%: "
+                      f"compute {s['compute'] * 1e3:.0f} ms, "
+                      f"exposed comm {s['exposed_comm'] * 1e3:.0f} ms, bubble {s['bubble'] * 1e3:.0f} ms, "
+                      f"hand-overs {s['switching'] * 1e3:.0f} ms", fontsize=10)
+    ax_time.set_yticks(range(R), [f"rank {r}" for r in range(R)])
+    ax_time.invert_yaxis()
+    ax_time.set_xlabel("ms since the step started")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour, _ in _SPANS.values()]
+    ax_time.legend(handles, [label for _, label in _SPANS.values()], loc="upper center", bbox_to_anchor=(0.5, -0.1),
+                   fontsize=8, ncol=6, frameon=False)  # below the axes: over them it would hide rank 0's spans
     fig.suptitle(title if title is not None else title_text(report, flags), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -11,7 +11,9 @@ Overlap: dispatch and combine are issued with ``async_finish`` and waited on onl
 result is needed, so the shared experts run while chunk 0's tokens travel, and with C > 1 the
 experts work on chunk i while chunk i+1 is dispatched and chunk i-1 is combined. Backward runs
 the same communication without overlap (one combine per dispatch, one cached dispatch per
-combine).
+combine). Across micro-batches: every wait is a hand-over point (:mod:`moeflow.comm.interleave`),
+so when two micro-batches run as lanes (:mod:`moeflow.parallel.overlap`), the one about to wait
+lets the other compute first.
 
 Placement: the router picks logical experts; :class:`~moeflow.slots.ExpertSlots` maps each pair
 to one physical slot holding a replica of its expert, and dispatch runs over the S slots (L per
@@ -31,6 +33,7 @@ from .balance.replicas import default_phy2log
 from .chunking import ChunkTuner
 from . import autograd as ag
 from .comm.buffer import Buffer
+from .comm.interleave import in_backward
 from .comm.transport import ProcessGroupTransport
 from .experts import GroupedExperts, SwiGLU
 from .layout import rank_in_expert
@@ -86,7 +89,8 @@ class MoELayer(nn.Module):
     ranks (the same global weights for any layout) and replicas start equal.
 
     ``forward`` returns the output with the input's shape; ``self.last_router_output`` holds the
-    router's losses and load statistics of the latest forward (see :class:`Router`).
+    router's losses and load statistics of the latest forward (see :class:`Router`; an
+    activation-checkpoint recompute leaves it alone).
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, num_topk: int,
@@ -144,7 +148,8 @@ class MoELayer(nn.Module):
         if D != self.hidden:
             raise ValueError(f"MoELayer: input hidden size {D} != layer hidden {self.hidden}")
         route = self.router(x)
-        self.last_router_output = route
+        if not in_backward():  # an activation-checkpoint recompute leaves the forward's output in place
+            self.last_router_output = route
         topk_idx, topk_weights = route.topk_idx, route.topk_weights     # [T, K] logical experts
         if self.capacity_factor is not None:
             topk_idx, topk_weights = self._drop_over_capacity(topk_idx, topk_weights)

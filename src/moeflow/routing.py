@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .comm.interleave import in_backward
 from .comm.transport import ProcessGroupTransport, Transport
 from .parallel.mesh import is_dtensor
 
@@ -255,7 +256,7 @@ class Router(nn.Module):
         if self.training:
             # a forward inside backward is activation checkpointing's recomputation: its tokens
             # were counted (and summed over the group) by the first forward already
-            recomputing = torch._C._current_graph_task_id() != -1
+            recomputing = in_backward()
             if not recomputing:
                 with torch.no_grad():
                     self.num_tokens_per_expert_since_update += counts_E

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from . import interleave
 from .health import Watchdog, resolve_timeout
 
 __all__ = ["ByteCounters", "EventOverlap", "Transport", "ProcessGroupTransport", "Workspace", "make_transport",
@@ -35,20 +36,27 @@ class EventOverlap:
 
     ``current_stream_wait()`` waits for the transfer (on CUDA: makes the current stream wait;
     on CPU: blocks until the bytes arrived) and then fills the tensors the call returned. It is
-    idempotent, and also runs on leaving a ``with event:`` block.
+    idempotent, and also runs on leaving a ``with event:`` block. Its first call is a hand-over
+    point (:mod:`moeflow.comm.interleave`): when micro-batches run as lanes, another one computes
+    while this one waits.
     """
 
     def __init__(self, works: Sequence = (), finalizers: Sequence[Callable[[], None]] = ()):
         self._works = [w for w in works if w is not None]
         self._finalizers = list(finalizers)
+        self._waited = False
 
     def current_stream_wait(self) -> None:
+        if self._waited:
+            return
+        self._waited = True
         works, self._works = self._works, []
-        for w in works:
-            w.wait()
         finalizers, self._finalizers = self._finalizers, []
-        for f in finalizers:
-            f()
+        with interleave.waiting():
+            for w in works:
+                w.wait()
+            for f in finalizers:
+                f()
 
     def is_pending(self) -> bool:
         """True until :meth:`current_stream_wait` has run."""
@@ -219,9 +227,10 @@ class ProcessGroupTransport(Transport):
         return works if wd is None or not host else [wd.wrap(w) for w in works]
 
     def exchange_counts(self, table: torch.Tensor, kind: str = "layout") -> torch.Tensor:
-        """Synchronous, timed on any device: the host needs the numbers to size what follows."""
+        """Synchronous, timed on any device: the host needs the numbers to size what follows.
+        Waited on through an :class:`EventOverlap`, so the wait is a hand-over point too."""
         recv = torch.empty_like(table)
-        self.all_to_all(recv, table, kind=kind, host=True)
+        EventOverlap([self.all_to_all(recv, table, kind=kind, host=True, async_op=True)]).current_stream_wait()
         return recv
 
     def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, recv_splits: Optional[list[int]] = None,

@@ -13,17 +13,22 @@ through moeflow's dispatch and combine. The text is this Python's own standard l
 nothing is downloaded. Prints the validation loss beside a unigram baseline, throughput, the
 expert load balance and, with --rebalance-every, what each live re-placement of experts did;
 writes report.json and training.png (loss, expert load over time, balance) to --out.
-About 2 minutes with the defaults on an idle 2-core machine."""
+About 2 minutes with the defaults on an idle 2-core machine. With --pp P the ranks form a
+(pp, dp, ep) mesh and the model trains pipeline-parallel on torch's schedules (DualPipeV with
+one micro-batch's expert traffic overlapped with another's compute, by default); it prints and
+draws where each rank's step went: compute, exposed communication, pipeline bubble."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..demo import DemoConfig
+    from ..parallel.pipeline import SCHEDULES
 
     d = DemoConfig()
     p.add_argument("--ranks", type=int, default=4,
                    help="local Gloo ranks (processes); under torchrun, its ranks are used instead")
     p.add_argument("--dp", type=int, default=1,
-                   help="data-parallel size of the (dp, ep) mesh; the experts are split over ranks / dp")
+                   help="data-parallel size of the (dp, ep) mesh; the experts are split over ranks / dp "
+                        "(ranks / (pp x dp) with --pp)")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps")
     p.add_argument("--out", default="out/demo", help="directory for report.json and training.png")
     p.add_argument("--no-bias", action="store_true",
@@ -39,6 +44,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="physical expert slots (default: experts + ranks with --rebalance-every, "
                         "i.e. one spare slot per rank for a replica of a busy expert; else experts)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    pipe = p.add_argument_group("pipeline parallelism (--pp P: the ranks form a (pp, dp, ep) mesh; "
+                                "see moeflow.demo_pipeline)")
+    pipe.add_argument("--pp", type=int, default=1,
+                      help="pipeline positions: the blocks are cut into stages over P groups of ranks (1: no pipeline)")
+    pipe.add_argument("--schedule", default="dualpipev", choices=sorted(SCHEDULES),
+                      help="torch.distributed.pipelining schedule; dualpipev and zbv put two stages on each position "
+                           "in a V, interleaved1f1b two looped")
+    pipe.add_argument("--microbatches", type=int, default=None,
+                      help="micro-batches per step (default: twice the stages, at least 4); --batch-size is rounded "
+                           "down to a multiple of it")
+    pipe.add_argument("--no-overlap", action="store_true",
+                      help="with dualpipev: run each overlapped pair's forward and backward one after the other "
+                           "(the overlap's baseline)")
+    pipe.add_argument("--checkpoint", choices=["full", "selective"], default=None,
+                      help="activation checkpointing of every block: full keeps only its input, selective also its "
+                           "matmul and attention outputs (default: none)")
 
 
 def flags_text(args: argparse.Namespace) -> str:
@@ -66,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     if under_launcher():  # torchrun's ranks, not --ranks local ones
         args.ranks = int(os.environ["WORLD_SIZE"])
+    if args.pp != 1:
+        return _run_pipeline(args)
     if args.dp < 1 or args.ranks % args.dp:
         raise SystemExit(f"moeflow demo: --dp {args.dp} must divide the {args.ranks} ranks")
     ep = args.ranks // args.dp
@@ -114,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(report: dict, args: argparse.Namespace) -> str:
-    from ..demo_plot import plot_training
+    from ..demo_plot import plot_pipeline, plot_training
 
     try:
         import matplotlib  # noqa: F401
@@ -122,4 +145,48 @@ def _plot(report: dict, args: argparse.Namespace) -> str:
         print("moeflow demo: matplotlib is not installed, so no training.png; from the repository: "
               "pip install -e '.[demo]'")
         return ""
-    return plot_training(report, os.path.join(args.out, "training.png"), flags=flags_text(args))
+    plot = plot_pipeline if args.pp != 1 else plot_training
+    return plot(report, os.path.join(args.out, "training.png"), flags=flags_text(args))
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from ..demo import DemoConfig
+    from ..demo_pipeline import PipelineConfig, check_config, num_stages, train
+    from ..parallel.launch import run as run_ranks
+
+    if args.rebalance_every or args.replicas:
+        raise SystemExit("moeflow demo: --rebalance-every / --replicas are not part of the pipelined demo (--pp)")
+    if args.steps < 1:
+        raise SystemExit(f"moeflow demo: --steps must be >= 1, got {args.steps}")
+    overlap = args.schedule == "dualpipev" and not args.no_overlap
+    stages = num_stages(PipelineConfig(pp=args.pp, schedule=args.schedule))
+    micro = args.microbatches or max(4, 2 * stages)
+    batch = args.batch_size if args.batch_size % micro == 0 else micro * max(1, args.batch_size // micro)
+    cfg = DemoConfig(steps=args.steps, batch_size=batch, num_layers=max(args.layers, stages), num_experts=args.experts,
+                     seed=args.seed, bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
+                     eval_every=max(1, min(DemoConfig().eval_every, args.steps)), dp=args.dp)
+    pcfg = PipelineConfig(pp=args.pp, schedule=args.schedule, num_microbatches=micro, overlap=overlap,
+                          checkpoint=args.checkpoint)
+    try:
+        check_config(cfg, pcfg, args.ranks)
+    except ValueError as e:
+        raise SystemExit(f"moeflow demo: {e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        ep = args.ranks // (args.pp * args.dp)
+        print(f"moeflow demo: {args.ranks} ranks ({args.pp} pipeline x {args.dp} data parallel x {ep} expert "
+              f"parallel), {pcfg.schedule}{' with overlap' if overlap else ''}, {micro} micro-batches of "
+              f"{batch // micro} sequences, {cfg.num_layers} layers in {stages} stages, {cfg.num_experts} routed "
+              f"experts (top-{cfg.num_topk}) + {cfg.num_shared_experts} shared, {cfg.steps} steps", flush=True)
+    report = run_ranks(train, args.ranks, cfg, pcfg, args.out, not args.quiet, timeout_s=3600, threads_per_rank=1)[0]
+    if report["rank"] != 0:
+        return 0
+    s = report["step_seconds"]
+    print(f"validation loss {report['final_val_loss']:.3f} nats/byte "
+          f"(unigram baseline {report['unigram_val_loss']:.3f})")
+    print(f"throughput {report['tokens_per_s']:,.0f} tokens/s; per step and rank (mean of the last 10% of steps): "
+          f"{s['wall'] * 1e3:.0f} ms = compute {s['compute'] * 1e3:.0f} ms + exposed communication "
+          f"{s['exposed_comm'] * 1e3:.0f} ms + bubble {s['bubble'] * 1e3:.0f} ms + hand-over latency "
+          f"{s['switching'] * 1e3:.0f} ms")
+    png = _plot(report, args)
+    print(f"wrote {args.out}/report.json{' and ' + png if png else ''} in {report['seconds']:.0f} s")
+    return 0

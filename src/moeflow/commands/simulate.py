@@ -3,7 +3,10 @@
 Without ``--nodes`` it prints the model beside DeepEP's published H800 figures (also with
 ``--compare-deepep``). With ``--nodes`` it models that cluster: expected ranks and nodes a token
 reaches under the routing (uniform, ``--groups/--topk-groups``, ``--max-nodes``, or measured
-``--loads``), bytes per GPU on NVLink and RDMA, and the time of dispatch and combine.
+``--loads``), bytes per GPU on NVLink and RDMA, and the time of dispatch and combine. With
+``--pipeline`` it models a training step of DeepSeek-V3's shape on a pipeline whose every stage
+is such a cluster: 1F1B against DualPipeV without and with overlap
+(:mod:`moeflow.simulate_pipeline`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import numpy as np
 
 from .. import simulate as sim
+from . import speed_words
 
 _DEFAULTS = sim.ClusterSpec(nodes=1, gpus_per_node=8)
 
@@ -24,7 +28,10 @@ link bandwidths and latencies calibrated on DeepEP's published H800 figures. Wit
 prints the model beside those published figures. With --nodes it models that cluster: how many
 ranks and nodes a token reaches under the routing (uniform, group-limited --groups/--topk-groups,
 node-limited --max-nodes, or measured --loads), the bytes per GPU on NVLink and RDMA, and the
-time of dispatch and combine with the bottleneck named. Runs in seconds; no GPU needed."""
+time of dispatch and combine with the bottleneck named. With --pipeline it models a training
+step of DeepSeek-V3's shape on a pipeline whose every stage is such a cluster: 1F1B against
+DualPipeV without and with overlap, played on torch's own schedules, beside the DualPipe README's
+bubble formulas. Runs in seconds; no GPU needed."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,7 +71,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     links.add_argument("--kernel-us", type=float, default=_DEFAULTS.kernel_us,
                        help="fixed cost per call, microseconds: launch, arrival handshake, packing")
     p.add_argument("--compare-deepep", action="store_true", help="also print the model beside DeepEP's H800 figures")
-
+    pipe = p.add_argument_group("pipeline (--pipeline: DeepSeek-V3's training step; --nodes and --gpus-per-node give "
+                                "one stage's expert-parallel group, 8 x 8 without --nodes; --tokens counts a "
+                                "micro-batch's tokens per GPU)")
+    pipe.add_argument("--pipeline", action="store_true",
+                      help="model a training step on a pipeline: 1F1B against DualPipeV without and with overlap")
+    pipe.add_argument("--pp", type=int, default=16, help="pipeline ranks (DeepSeek-V3 used 16)")
+    pipe.add_argument("--microbatches", type=int, default=120,
+                      help="micro-batches per step (DeepSeek-V3's 15360 sequences over 128 data-parallel pipelines "
+                           "are 120)")
+    pipe.add_argument("--compute-tflops", type=float, default=800.0,
+                      help="effective compute rate per GPU, TFLOPS (FP8 GEMMs at ~40%% of an H800's peak are 800)")
+    pipe.add_argument("--comm-sms", type=int, default=20,
+                      help="streaming multiprocessors (of an H800's 132) communication holds while it overlaps "
+                           "compute (DeepSeek-V3: 20)")
 
 def _links(args: argparse.Namespace, nodes: int, gpus_per_node: int) -> sim.ClusterSpec:
     return sim.ClusterSpec(nodes=nodes, gpus_per_node=gpus_per_node, nvlink_GBps=args.nvlink_GBps,
@@ -124,7 +144,56 @@ def _print_result(res: sim.SimResult, args: argparse.Namespace, label: str = "")
               f"{cost.bottleneck:<10}  {cost.deepep_GBps:.1f} GB/s ({kind})")
 
 
+def run_pipeline(args: argparse.Namespace) -> int:
+    """``--pipeline``: 1F1B vs DualPipeV at DeepSeek-V3's shape; see moeflow.simulate_pipeline."""
+    from .. import simulate_pipeline as sp
+
+    try:
+        for name in ("pp", "microbatches", "tokens"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.microbatches < 2 * args.pp:
+            raise ValueError(f"DualPipeV needs --microbatches >= 2 x --pp = {2 * args.pp}, got {args.microbatches}")
+        cluster = _links(args, args.nodes or 8, args.gpus_per_node)
+        costs, results = sp.compare_schedules(sp.DEEPSEEK_V3, cluster, num_ranks=args.pp,
+                                              num_microbatches=args.microbatches, tokens=args.tokens,
+                                              compute_TFLOPs=args.compute_tflops, comm_sms=args.comm_sms)
+    except (ValueError, TypeError) as e:
+        print(f"moeflow simulate: error: {e}", file=sys.stderr)
+        return 2
+    m = sp.DEEPSEEK_V3
+    ms = 1e-3
+    print(f"DeepSeek-V3 shape: {m.num_layers} layers, hidden {m.hidden}, top-{m.num_topk} of {m.num_experts} experts "
+          f"+ {m.num_shared_experts} shared (ffn {m.ffn_hidden}), MLA, {m.seq_len}-token sequences")
+    print(f"pipeline of {args.pp} ranks, each stage an EP{cluster.num_ranks} group on {cluster.nodes} nodes x "
+          f"{cluster.gpus_per_node} GPUs; {args.microbatches} micro-batches of {args.tokens} tokens per GPU; compute "
+          f"{args.compute_tflops:g} TFLOPS effective; communication holds {args.comm_sms} of 132 SMs while overlapped")
+    print(f"per layer and micro-batch on one GPU: forward compute {costs.compute_f * ms:.2f} ms, dispatch+combine "
+          f"{costs.comm_f * ms:.2f} ms (compute : communication = 1 : {costs.comm_f / costs.compute_f:.2f}; the "
+          f"DeepSeek-V3 report: about 1 : 1); backward compute {costs.compute_b * ms:.2f} ms, dispatch+combine "
+          f"{costs.comm_b * ms:.2f} ms; stage-to-stage transfer {costs.pp_transfer * ms:.2f} ms")
+    print(f"{'schedule':<24}{'stages':>7}{'F':>8}{'B':>8}{'W':>8}{'F&B':>8}{'step':>9}{'bubble':>9}"
+          f"{'README bubble':>15}{'exposed comm':>14}   (chunk times in ms, step figures in s)")
+    for r in results:
+        label = f"{r.schedule}{', overlap' if r.overlap else (', no overlap' if r.schedule == 'DualPipeV' else '')}"
+        c = r.chunk
+        readme = sp.readme_bubble(r.schedule, c, r.num_stages)
+        print(f"{label:<24}{r.num_stages:>7}{c.F * ms:>8.1f}{c.B * ms:>8.1f}{c.W * ms:>8.1f}{c.FB * ms:>8.1f}"
+              f"{r.step_us * 1e-6:>9.2f}{r.bubble_us * 1e-6:>9.2f}{readme * 1e-6:>15.2f}{r.exposed_comm_us * 1e-6:>14.2f}")
+    base, best = results[0], results[-1]
+    print(f"expected DualPipeV (overlap) gain over 1F1B: a step {speed_words(best.step_us, base.step_us)} "
+          f"({base.step_us * 1e-6:.2f} -> {best.step_us * 1e-6:.2f} s); bubble {base.bubble_us * 1e-6:.2f} -> "
+          f"{best.bubble_us * 1e-6:.2f} s, exposed communication {base.exposed_comm_us * 1e-6:.2f} -> "
+          f"{best.exposed_comm_us * 1e-6:.2f} s per rank")
+    print("bubble: the idlest rank's idle time, from torch's own action lists; README bubble: the DualPipe README's "
+          "formula, (PP-1)(F+B) for 1F1B and (PP/2-1)(F&B+B-3W) for DualPipeV, which leaves out the stage-to-stage "
+          "transfers the simulation includes")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.pipeline:
+        return run_pipeline(args)
     try:
         if args.nodes is None:
             print_comparison(_links(args, 1, args.gpus_per_node))

@@ -45,7 +45,9 @@ def parallelize(model: nn.Module, mesh: Union[DeviceMesh, MoEMesh, None] = None,
     replaces the parameters by sharded ``DTensor`` parameters.
 
     Args:
-        model: a module holding :class:`~moeflow.MoELayer` modules.
+        model: a module holding :class:`~moeflow.MoELayer` modules (or, with ``mesh``, a part
+            of such a model that holds none, e.g. a pipeline stage of dense blocks: all of it
+            goes over the routing ranks).
         mesh: a ``DeviceMesh`` with an ``"ep"`` dim (others but ``"pp"`` data parallel) or a
             :class:`MoEMesh`; None = the mesh the layers were built with. Every layer's
             expert-parallel ranks must be the mesh's.
@@ -55,7 +57,7 @@ def parallelize(model: nn.Module, mesh: Union[DeviceMesh, MoEMesh, None] = None,
             ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``).
 
     Raises:
-        ValueError: no MoE layer, a layer whose ranks are not the mesh's, or a mesh missing.
+        ValueError: no MoE layer and no mesh, a layer whose ranks are not the mesh's, or a mesh missing.
         TypeError: ``model`` already holds FSDP units.
     """
     # imported here: FSDP and DTensor take seconds to import, and `import moeflow` needs neither
@@ -65,27 +67,34 @@ def parallelize(model: nn.Module, mesh: Union[DeviceMesh, MoEMesh, None] = None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize: `model` must be an nn.Module, got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    if not layers:
-        raise ValueError(f"parallelize: `model` ({type(model).__name__}) holds no moeflow.MoELayer")
+    if not layers and mesh is None:
+        # a part without MoE layers (a pipeline stage of dense blocks) needs the mesh to be named
+        raise ValueError(f"parallelize: `model` ({type(model).__name__}) holds no moeflow.MoELayer; pass `mesh`")
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise TypeError("parallelize: `model` already holds fully_shard units; call it on the plain model once")
     moe_mesh = _resolve(mesh, layers)
     config = dict(reshard_after_forward=reshard_after_forward)
     if mp_policy is not None:
         config["mp_policy"] = mp_policy
-    dp = moe_mesh.dp if moe_mesh.dp is not None else _single_rank_mesh(moe_mesh.routing.device_type)
-    units = []
+    units = []  # (unit, its mesh)
+    if layers:
+        dp = moe_mesh.dp if moe_mesh.dp is not None else _single_rank_mesh(moe_mesh.routing.device_type)
     for layer in layers:
         # experts: over the ranks holding the same shard, split along dim 1 so that every rank
         # keeps whole slots (ExpertSlots works on local rows)
-        units.append(fully_shard(layer.experts, mesh=dp, shard_placement_fn=lambda p: Shard(1), **config))
+        units.append((fully_shard(layer.experts, mesh=dp, shard_placement_fn=lambda p: Shard(1), **config), dp))
         layer.experts.set_gradient_divide_factor(float(moe_mesh.routing.size()))
     for block in (_default_blocks(model) if blocks is None else blocks):
-        units.append(fully_shard(block, mesh=moe_mesh.routing, **config))
-    units.append(fully_shard(model, mesh=moe_mesh.routing, **config))
+        units.append((fully_shard(block, mesh=moe_mesh.routing, **config), moe_mesh.routing))
+    units.append((fully_shard(model, mesh=moe_mesh.routing, **config), moe_mesh.routing))
     if dist.get_backend(moe_mesh.routing_group) == "gloo":
-        for unit in units:  # Gloo has neither AVG nor PREMUL_SUM: sum, then divide
-            unit.set_force_sum_reduction_for_comms(True)
+        for unit, unit_mesh in units:
+            # Gloo has neither AVG nor PREMUL_SUM: sum, then divide. Not on a one-rank mesh (no
+            # collective there): torch 2.13's one-rank path divides by the gradient divide factor,
+            # and with sum reduction forced it divides by it once more afterwards (the experts'
+            # gradients came out divided by the routing size squared)
+            if unit_mesh.size() > 1:
+                unit.set_force_sum_reduction_for_comms(True)
     return model
 
 

@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["MoEMesh", "GroupLike", "resolve_groups", "is_dtensor", "local_tensor"]
+__all__ = ["MoEMesh", "GroupLike", "PIPELINE_DIM", "resolve_groups", "is_dtensor", "local_tensor"]
 
-_PIPELINE_DIM = "pp"
+PIPELINE_DIM = "pp"  #: the pipeline dim (moeflow.parallel.pipeline); not data parallel
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class MoEMesh:
                              f"dim(s) {missing} are not among them (name the mesh's dims, e.g. "
                              "init_device_mesh(..., mesh_dim_names=('dp', 'ep')))")
         ep_dims = tuple(d for d in names if d in ep_dims)              # mesh order
-        dp_dims = tuple(d for d in names if d not in ep_dims and d != _PIPELINE_DIM)
+        dp_dims = tuple(d for d in names if d not in ep_dims and d != PIPELINE_DIM)
         routing_dims = tuple(d for d in names if d in dp_dims or d in ep_dims)
         return cls(_one_dim(mesh, ep_dims), _one_dim(mesh, dp_dims) if dp_dims else None,
                    _one_dim(mesh, routing_dims))
