@@ -61,6 +61,7 @@ def flags_text(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from ..comm.health import resolve_timeout
     from ..demo import DemoConfig, train
     from ..parallel.launch import run as run_ranks, under_launcher
 
@@ -92,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"moeflow demo: {args.ranks} ranks ({args.dp} data parallel x {ep} expert parallel), "
               f"{cfg.num_layers} layers, {cfg.num_experts} routed experts (top-{cfg.num_topk}) + "
               f"{cfg.num_shared_experts} shared, {cfg.steps} steps", flush=True)
-    report = run_ranks(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600, threads_per_rank=1)[0]
+    # timeout_s bounds the whole run; one collective waits at most moeflow's timeout (env
+    # MOEFLOW_TIMEOUT_S), after which the loop's guards name the rank that stopped
+    report = run_ranks(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600,
+                       collective_timeout_s=resolve_timeout(None), threads_per_rank=1)[0]
     if report["rank"] != 0:
         return 0
     print(f"validation loss {report['final_val_loss']:.3f} nats/byte "
