@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import UsageError, check_at_least, check_writable_dir
+
 DESCRIPTION = """\
 Trains a small DeepSeek-style MoE language model (bytes in, 3 layers, 16 fine-grained routed
 experts top-2 plus a shared expert, sigmoid router with expert bias) on R local Gloo ranks:
@@ -58,31 +60,48 @@ def flags_text(args: argparse.Namespace) -> str:
     return " ".join(out)
 
 
-def run(args: argparse.Namespace) -> int:
-    import os
-
+def check_arguments(args: argparse.Namespace) -> tuple[int, float]:
+    """Every flag, before any rank starts (:class:`UsageError` naming the flag); returns the
+    number of physical expert slots (``--replicas`` or its default) and moeflow's timeout."""
     from ..comm.health import resolve_timeout
+    from ..demo import DemoConfig
+
+    try:
+        timeout_s = resolve_timeout(None)
+    except ValueError as e:
+        raise UsageError(str(e).replace("moeflow.Buffer: ", "")) from None
+    check_at_least(args, 1, "ranks", "dp", "steps", "batch_size", "experts")
+    check_at_least(args, 0, "rebalance_every")
+    if args.layers < 2:
+        raise UsageError(f"--layers must be >= 2 (the first block is dense, so {args.layers} block(s) hold no MoE "
+                         f"layer), got {args.layers}")
+    if args.ranks % args.dp:
+        raise UsageError(f"--dp {args.dp} must divide the {args.ranks} ranks")
+    ep = args.ranks // args.dp
+    if args.experts % ep:
+        raise UsageError(f"--experts {args.experts} must divide by the {ep} expert-parallel ranks "
+                         f"(--ranks {args.ranks} / --dp {args.dp})")
+    if args.experts < DemoConfig().num_topk:
+        raise UsageError(f"--experts must be >= {DemoConfig().num_topk}, the experts each token picks, "
+                         f"got {args.experts}")
+    replicas = args.replicas
+    if replicas is None:
+        replicas = args.experts + ep if args.rebalance_every else args.experts
+    if replicas < args.experts or replicas % ep:
+        raise UsageError(f"--replicas {replicas} must be >= --experts {args.experts} "
+                         f"and divide by the {ep} expert-parallel ranks")
+    check_writable_dir(args.out, "--out")
+    return replicas, timeout_s
+
+
+def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, train
     from ..parallel.launch import run as run_ranks, under_launcher
 
     if under_launcher():  # torchrun's ranks, not --ranks local ones
         args.ranks = int(os.environ["WORLD_SIZE"])
-    if args.dp < 1 or args.ranks % args.dp:
-        raise SystemExit(f"moeflow demo: --dp {args.dp} must divide the {args.ranks} ranks")
+    replicas, timeout_s = check_arguments(args)
     ep = args.ranks // args.dp
-    if args.ranks < 1 or args.experts % ep:
-        raise SystemExit(f"moeflow demo: --experts {args.experts} must divide by the {ep} expert-parallel ranks "
-                         f"(--ranks {args.ranks} / --dp {args.dp})")
-    if args.steps < 1:
-        raise SystemExit(f"moeflow demo: --steps must be >= 1, got {args.steps}")
-    if args.rebalance_every < 0:
-        raise SystemExit(f"moeflow demo: --rebalance-every must be >= 0, got {args.rebalance_every}")
-    replicas = args.replicas
-    if replicas is None:
-        replicas = args.experts + ep if args.rebalance_every else args.experts
-    if replicas < args.experts or replicas % ep:
-        raise SystemExit(f"moeflow demo: --replicas {replicas} must be >= --experts {args.experts} "
-                         f"and divide by the {ep} expert-parallel ranks")
     cfg = DemoConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
                      num_experts=args.experts, seed=args.seed,
                      bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
@@ -96,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     # timeout_s bounds the whole run; one collective waits at most moeflow's timeout (env
     # MOEFLOW_TIMEOUT_S), after which the loop's guards name the rank that stopped
     report = run_ranks(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600,
-                       collective_timeout_s=resolve_timeout(None), threads_per_rank=1)[0]
+                       collective_timeout_s=timeout_s, threads_per_rank=1)[0]
     if report["rank"] != 0:
         return 0
     print(f"validation loss {report['final_val_loss']:.3f} nats/byte "
