@@ -55,13 +55,26 @@ def _dispatch_rank(N: int, H: int, E: int, K: int, reps: int) -> dict:
 
     out = {True: ([], []), False: ([], [])}
     for it in range(reps + 2):
-        for on in (True, False):
+        for on in ((True, False) if it % 2 else (False, True)):  # each goes first every other round
             buffer.check_layout = on  # one Buffer: nothing else differs between the two
             wall, cpu = _timed(round_trip)
             if it >= 2:
                 out[on][0].append(wall)
                 out[on][1].append(cpu)
-    return {"on": out[True], "off": out[False]}
+    # the check alone: the id check with and without the counts (CPU time, median of 200)
+    per_expert = buffer.get_dispatch_layout(idx, E)[2]
+    alone = [_cpu_median(lambda: buffer._check.topk_idx("dispatch", idx, N, E, num_tokens_per_expert=counts))
+             for counts in (per_expert, None)]
+    return {"on": out[True], "off": out[False], "alone": alone}
+
+
+def _cpu_median(fn, n: int = 200) -> float:
+    times = []
+    for _ in range(n):
+        c0 = time.process_time()
+        fn()
+        times.append(time.process_time() - c0)
+    return statistics.median(times)
 
 
 def _step_rank(steps: int) -> dict:
@@ -97,12 +110,19 @@ def _step_rank(steps: int) -> dict:
 
     out = {True: ([], []), False: ([], [])}
     for it in range(steps + 2):
-        for watched in (True, False):
+        for watched in ((True, False) if it % 2 else (False, True)):
             wall, cpu = _timed(lambda: step(watched))
             if it >= 2:
                 out[watched][0].append(wall)
                 out[watched][1].append(cpu)
-    return {"on": out[True], "off": out[False]}
+
+    def empty_guard():
+        with loop.guard("empty"):
+            pass
+
+    # the step's 3 guards alone: empty guarded blocks against empty blocks (CPU time, median of 200)
+    alone = [3 * _cpu_median(empty_guard), 3 * _cpu_median(lambda: None)]
+    return {"on": out[True], "off": out[False], "alone": alone}
 
 
 def _medians(per_rank: list[dict], key: str) -> tuple[float, float]:
@@ -110,12 +130,15 @@ def _medians(per_rank: list[dict], key: str) -> tuple[float, float]:
     return tuple(statistics.median(max(r[key][k][i] for r in per_rank) for i in range(n)) for k in (0, 1))
 
 
-def _report(what: str, per_rank: list[dict]) -> None:
+def _report(what: str, per_rank: list[dict], alone: str) -> None:
     (on_w, on_c), (off_w, off_c) = _medians(per_rank, "on"), _medians(per_rank, "off")
+    with_, without = (max(r["alone"][i] for r in per_rank) for i in (0, 1))
     print(f"  {what}")
     print(f"    with the check   {on_w * 1e3:8.2f} ms wall {on_c * 1e3:8.2f} ms CPU")
     print(f"    without          {off_w * 1e3:8.2f} ms wall {off_c * 1e3:8.2f} ms CPU")
     print(f"    cost             {(on_w / off_w - 1) * 100:+7.1f} % wall {(on_c / off_c - 1) * 100:+7.1f} % CPU")
+    print(f"    {alone}: {with_ * 1e6:.1f} us CPU against {without * 1e6:.1f} us without: "
+          f"{(with_ - without) / off_c * 100:.2f} % of the CPU time without")
 
 
 def main() -> None:
@@ -133,10 +156,11 @@ def main() -> None:
     per_rank = spawn(_dispatch_rank, args.ranks, args.tokens, args.hidden, args.experts, args.topk, args.reps,
                      timeout_s=3600, threads_per_rank=1)
     _report(f"layout check per dispatch: layout + dispatch + combine, {args.tokens} tokens/rank, hidden "
-            f"{args.hidden} bf16, {args.experts} experts top-{args.topk}, median of {args.reps}", per_rank)
+            f"{args.hidden} bf16, {args.experts} experts top-{args.topk}, median of {args.reps}", per_rank,
+            "the id check alone, with the counts and without")
     per_rank = spawn(_step_rank, args.ranks, args.steps, timeout_s=3600, threads_per_rank=1)
     _report(f"training loop's guards per demo step (3 guards + the loss sum through a Transport), median of "
-            f"{args.steps} steps", per_rank)
+            f"{args.steps} steps", per_rank, "the 3 guards alone (empty blocks)")
     print(f"load average now {os.getloadavg()[0]:.1f}")
 
 

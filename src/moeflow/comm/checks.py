@@ -109,10 +109,10 @@ class ArgChecker:
         stats = list(torch.aminmax(topk_idx)) if topk_idx.numel() else []
         if num_tokens_per_expert is not None:
             # counts from another batch would size the receive buffers and the per-expert list
-            # wrongly, and nothing downstream could tell: [E] pairs per expert, ids out of range
-            # in an extra bin (reported below as such)
-            ids = torch.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, num_experts).flatten()
-            counted = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]
+            # wrongly, and nothing downstream could tell: [E] pairs per expert (shifted by one so
+            # that -1 has a bin; ids out of range, reported below, clamped into the end bins)
+            counted = torch.bincount((topk_idx.clamp(-1, num_experts) + 1).flatten(),
+                                     minlength=num_experts + 2)[1:num_experts + 1]
             differ = counted != num_tokens_per_expert.to(counted)
             stats.append(differ.sum())
         if not stats:
