@@ -207,6 +207,7 @@ def _finite_checks():
     return msgs, recv_x.size(0)
 
 
+@pytest.mark.faults
 def test_check_finite_names_rank_argument_and_row():
     out = spawn(_finite_checks, 2, timeout_s=60)
     for rank, (msgs, recv_rows) in enumerate(out):
@@ -299,6 +300,7 @@ MALFORMED = {
 }
 
 
+@pytest.mark.faults
 def test_malformed_arguments_name_themselves():
     out = spawn(_malformed, 2, timeout_s=60, collective_timeout_s=30)
     for rank, (msgs, still_works) in enumerate(out):
