@@ -72,7 +72,8 @@ def test_bad_flags_are_one_line_before_any_rank_starts(argv, message, tmp_path, 
 def test_a_bad_timeout_in_the_environment_is_one_line(tmp_path, capsys, monkeypatch, no_ranks):
     monkeypatch.setenv("MOEFLOW_TIMEOUT_S", "soon")
     assert main(["demo", "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == "moeflow demo: error: env MOEFLOW_TIMEOUT_S must be a number of seconds, got 'soon'\n"
+    err = capsys.readouterr().err
+    assert err == "moeflow demo: error: env MOEFLOW_TIMEOUT_S must be a number of seconds, got 'soon'\n"
 
 
 def test_out_is_not_created_by_the_checks(tmp_path, no_ranks):

@@ -75,8 +75,9 @@ def check_same(transport: Transport, fields: dict[str, Any], where: str, hint: s
     text = b"".join(repr(fields[names[i]]).encode()[:_SHOWN].ljust(_SHOWN) for i in differ)
     shown = gather_rows(transport, torch.frombuffer(bytearray(text), dtype=torch.int64))
     raw = shown.contiguous().view(torch.uint8).view(transport.num_ranks, len(differ), _SHOWN)
-    parts = [f"{names[i]} ({describe([bytes(raw[r, j].tolist()).decode(errors='replace').rstrip() for r in range(raw.size(0))])})"
-             for j, i in enumerate(differ)]
+    values = [[bytes(raw[r, j].tolist()).decode(errors="replace").rstrip() for r in range(raw.size(0))]
+              for j in range(len(differ))]
+    parts = [f"{names[i]} ({describe(values[j])})" for j, i in enumerate(differ)]
     raise ValueError(f"{where}: ranks disagree on {'; '.join(parts)} (this is rank {transport.rank}); {hint}")
 
 
