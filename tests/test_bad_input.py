@@ -12,6 +12,8 @@ import torch.distributed as dist
 from moeflow import Buffer, spawn
 from moeflow.quant import per_token_cast_to_fp8
 
+pytestmark = pytest.mark.faults  # bad input: an error naming it on every rank, never a hang
+
 N, H, E, K = 8, 256, 8, 2
 # A rank that waited on a collective for its peer's bad input would take the process group's
 # timeout; failing fast takes well under a second, and FAIL_FAST leaves room for a loaded machine.

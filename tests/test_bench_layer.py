@@ -67,11 +67,11 @@ def test_bench_layer_report(tmp_path, capsys):
     assert "MISSED" not in text and " / no-dedup" not in text
 
 
-def test_bench_layer_rejects_bad_arguments():
-    with pytest.raises(SystemExit, match="--topk 9 exceeds --experts 8"):
-        main(["bench-layer", "--experts", "8", "--topk", "9"])
-    with pytest.raises(SystemExit, match="--experts 8 not divisible by 3 ranks"):
-        main(["bench-layer", "--ranks", "3", "--experts", "8", "--no-deepspeed"])
+def test_bench_layer_rejects_bad_arguments(capsys):
+    assert main(["bench-layer", "--experts", "8", "--topk", "9"]) == 2
+    assert capsys.readouterr().err == "moeflow bench-layer: error: --topk 9 exceeds --experts 8\n"
+    assert main(["bench-layer", "--ranks", "3", "--experts", "8", "--no-deepspeed"]) == 2
+    assert capsys.readouterr().err == "moeflow bench-layer: error: --experts 8 not divisible by 3 ranks\n"
 
 
 # ----------------------------------------------------------------------------- the baseline itself

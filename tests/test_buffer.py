@@ -239,7 +239,9 @@ def test_byte_counters_per_peer():
     R = 3
     out = spawn(_counted, R, timeout_s=60)
     for rank, (per_rank, recv_rows, sent, recv, calls, wire_d, wire_c) in enumerate(out):
-        assert calls == {"layout": 1, "dispatch": 1, "combine": 1}
+        # the Buffer's agreement at construction; two count exchanges on the first dispatch (see
+        # Buffer._exchange_counts: the per-expert columns once every rank agreed on E)
+        assert calls == {"agree": 1, "layout": 2, "dispatch": 1, "combine": 1}
         # dispatch row = 256 B of bf16 + 8 B of fp32 weights + 2 B of int8 ids + 4 B of int32
         # source token index (the handle's recv_src_idx), each metadata field padded to 8 B
         assert sent["dispatch"] == [n * 280 for n in per_rank]

@@ -28,6 +28,7 @@ INTERVAL = min(1.0, TIMEOUT / 10)
 # group's own timeout (30 s) is far above LIMIT, so a survivor that waited on it still fails.
 LIMIT = TIMEOUT + 3 * INTERVAL + 3.0
 FAULTY = 2
+pytestmark = pytest.mark.faults
 
 
 def _die(how: str) -> None:
@@ -304,3 +305,38 @@ def _guard_keeps_other_errors():
 
 def test_guard_reraises_errors_no_peer_caused():
     assert spawn(_guard_keeps_other_errors, 2, timeout_s=60) == ["a bug in the step, not a peer"] * 2
+
+
+def _stuck_inside_a_guard():
+    """Rank 2 computes (sleeps) inside a guarded block of the training loop while the others
+    wait on it in a Buffer's dispatch inside the same block."""
+    from moeflow.comm.health import Watchdog
+
+    rank = dist.get_rank()
+    loop = Watchdog(None, TIMEOUT, name="training loop")
+    buffer = Buffer(timeout_s=TIMEOUT)
+    x, idx, w = _inputs(rank)
+    t0 = time.monotonic()
+    try:
+        with loop.guard("forward"):
+            if rank == FAULTY:
+                time.sleep(TIMEOUT + 6)
+                return "stuck rank done"
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, E)
+            buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                            topk_idx=idx, topk_weights=w)
+        return "no error"
+    except PeerFailureError as e:
+        return e.kind, e.dead_ranks, e.stuck_ranks, str(e), time.monotonic() - t0
+
+
+def test_a_rank_stuck_inside_a_guarded_block_is_named_by_the_buffer():
+    """Being inside a guard is not waiting: the Buffer names the rank that computes there, and
+    its PeerFailureError leaves the guard as it is (one diagnosis, not two)."""
+    out = spawn(_stuck_inside_a_guard, 3, timeout_s=110, collective_timeout_s=30, return_failures=True)
+    assert out[FAULTY] == "stuck rank done"
+    for rank in (0, 1):
+        kind, dead, stuck, msg, elapsed = out[rank]
+        assert (kind, dead, stuck) == ("dispatch", [], [FAULTY]), (rank, msg)
+        assert re.search(r"rank 2 is alive but stopped calling in", msg), msg
+        assert elapsed < LIMIT, f"rank {rank} took {elapsed:.1f} s: {msg}"

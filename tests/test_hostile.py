@@ -207,6 +207,7 @@ def _finite_checks():
     return msgs, recv_x.size(0)
 
 
+@pytest.mark.faults
 def test_check_finite_names_rank_argument_and_row():
     out = spawn(_finite_checks, 2, timeout_s=60)
     for rank, (msgs, recv_rows) in enumerate(out):
@@ -258,7 +259,10 @@ def _malformed():
     grab("weights_without_idx", lambda: buffer.dispatch(x, **dict(fresh, topk_idx=None, num_tokens_per_expert=None),
                                                         topk_weights=torch.rand(N, 2)))
     # ranks that disagree on top-k and on weights (tests/test_bad_input.py: hidden and dtype)
-    grab("topk_differs", lambda: buffer.dispatch(x, **dict(fresh, topk_idx=idx[:, :1] if rank else idx)))
+    top1 = dict(topk_idx=idx[:, :1], num_tokens_per_expert=buffer.get_dispatch_layout(idx[:, :1], E)[2])
+    grab("topk_differs", lambda: buffer.dispatch(x, **dict(fresh, **(top1 if rank else {}))))
+    stale = per_expert + torch.tensor([1, -1, 0, 0], dtype=per_expert.dtype)  # as many pairs, other experts
+    grab("stale_counts", lambda: buffer.dispatch(x, **dict(fresh, num_tokens_per_expert=stale if rank else per_expert)))
     grab("weights_differ", lambda: buffer.dispatch(x, **fresh, topk_weights=torch.rand(N, 2) if rank else None))
     recv_x, _, _, _, handle, _ = buffer.dispatch(x, **fresh)
     M = recv_x.size(0)
@@ -284,6 +288,9 @@ MALFORMED = {
     "per_expert_2d": ("TypeError", r"`num_tokens_per_expert` on rank \d must be a 1-D tensor"),
     "weights_without_idx": ("ValueError", r"`topk_weights` on rank \d given without `topk_idx`"),
     "topk_differs": ("ValueError", r"ranks disagree on num_topk \(rank 0: 2, rank 1: 1\)"),
+    # counts of another batch on rank 1: every rank stops
+    "stale_counts": ("ValueError", r"(`num_tokens_per_expert` on rank 1 does not count `topk_idx`: expert \d+ has \d+ "
+                                   r"pairs in it, \d+ in topk_idx|rank\(s\) \[1\] passed invalid input)"),
     "weights_differ": ("ValueError", r"ranks disagree on has topk_weights \(rank 0: 0, rank 1: 1\)"),
     "combine_weights_dtype": ("TypeError", r"`topk_weights` on rank \d must be float32, got torch.float64"),
     "combine_three_biases": ("ValueError", r"`bias` on rank \d takes at most 2 tensors, got 3"),
@@ -293,6 +300,7 @@ MALFORMED = {
 }
 
 
+@pytest.mark.faults
 def test_malformed_arguments_name_themselves():
     out = spawn(_malformed, 2, timeout_s=60, collective_timeout_s=30)
     for rank, (msgs, still_works) in enumerate(out):

@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from moeflow import RankError, spawn
 
+pytestmark = pytest.mark.faults  # issue 14's classes: a flaky start, a frozen environment, orphans
+
 _MARKER = "MOEFLOW_TEST_START_MARKER"
 
 

@@ -5,9 +5,11 @@ run inside a job."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,3 +67,54 @@ def test_spawn_refuses_inside_a_job(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")   # as torchrun sets them
     with pytest.raises(RuntimeError, match=r"already a rank of a distributed job \(\{'RANK': '1', 'WORLD_SIZE': '4'\}"):
         spawn(_nested_spawn, 2)
+
+
+_WORKERS = """
+import os, sys, time
+from moeflow.parallel import run
+
+def rank_fn(path):
+    open(os.path.join(path, str(os.getpid())), "w").close()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    run(rank_fn, 2, sys.argv[1])
+"""
+
+
+@pytest.mark.faults
+def test_workers_do_not_outlive_a_killed_torchrun_agent(tmp_path):
+    """torchrun's agent killed without a chance to clean up (SIGKILL): its workers, inside
+    moeflow.parallel.run, end within seconds instead of running on as orphans."""
+    from test_launch import _running
+
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
+    script = tmp_path / "workers.py"
+    script.write_text(_WORKERS)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(script), str(pids_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(os.listdir(pids_dir)) < 2:
+            assert agent.poll() is None, agent.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.2)
+        workers = [int(p) for p in os.listdir(pids_dir)]
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=30)
+        t0 = time.monotonic()
+        while any(map(_running, workers)) and time.monotonic() - t0 < 20:
+            time.sleep(0.1)
+        # PR_SET_PDEATHSIG acts at once; 20 s leaves room for a loaded machine
+        assert not any(map(_running, workers)), \
+            f"workers still running {time.monotonic() - t0:.1f} s after the agent was killed"
+    finally:
+        agent.kill()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -19,6 +19,7 @@ Shape letters: B batch, S sequence, D model width, V vocabulary (256).
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .comm.health import resolve_timeout
+from .comm.transport import ProcessGroupTransport
 from .experts import SwiGLU
 from .layer import MoELayer
 from .parallel.fsdp import parallelize
@@ -228,7 +231,9 @@ def make_mesh(cfg: DemoConfig, pp: int = 1) -> tuple[DeviceMesh, torch.device]:
     shape, names = (cfg.dp, W // (pp * cfg.dp)), ("dp", "ep")
     if pp > 1:
         shape, names = (pp, *shape), ("pp", *names)
-    return init_device_mesh(device.type, shape, mesh_dim_names=names), device
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    _follow_moeflow_timeout(mesh)
+    return mesh, device
 
 
 def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
@@ -238,6 +243,20 @@ def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
     with device:
         model = TinyMoELM(cfg, mesh)
     return parallelize(model, mesh, **DEMO_FSDP), device
+
+
+def _follow_moeflow_timeout(mesh) -> None:
+    """Give the mesh's process groups moeflow's timeout (``MOEFLOW_TIMEOUT_S``). It bounds
+    FSDP2's waits, and so how long a stopped peer can hold the loop's guards; torch makes
+    sub-groups with its own default (30 minutes; 10 on NCCL, whose watchdog then ends the
+    process instead of raising), and a launcher's world group may have any."""
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # private, since torch 2.3
+    if set_timeout is None:
+        return
+    timeout = datetime.timedelta(seconds=resolve_timeout(None))
+    for group in mesh.get_all_groups():
+        if dist.get_world_size(group) > 1:
+            set_timeout(timeout, group)
 
 
 def load_data(cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -278,9 +297,16 @@ def learning_rate(cfg: DemoConfig, step: int) -> float:
 
 
 def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
-    """Run on every rank (inside an initialised process group); returns the report on every rank."""
+    """Run on every rank (inside an initialised process group); returns the report on every rank.
+
+    Every collective is watched: moeflow's own (dispatch, combine, the routers' load sums,
+    migration) by their transports, the loop's all-reduces through ``loop``, and FSDP2's inside
+    ``loop.guard(...)``: a lost rank is a ``PeerFailureError`` naming it on the others within
+    ``MOEFLOW_TIMEOUT_S`` (the process groups' timeout too, which bounds FSDP2's waits).
+    """
     rank, W = dist.get_rank(), dist.get_world_size()
     model, device = build(cfg)
+    loop = ProcessGroupTransport(None, name="training loop")
     train_data, val_data, unigram_loss = load_data(cfg)
     opt = make_optimizer(model.named_parameters(), cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank its own batches
@@ -308,14 +334,17 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         x, y = batch(train_data, gen)
-        logits = model(x)
-        loss = F.cross_entropy(logits.view(-1, 256), y.reshape(-1))
-        aux = sum(layer.last_router_output.loss for layer in model.moe_layers())  # balance losses
+        with loop.guard("forward"):  # FSDP2's all-gathers
+            logits = model(x)
+            loss = F.cross_entropy(logits.view(-1, 256), y.reshape(-1))
+            aux = sum(layer.last_router_output.loss for layer in model.moe_layers())  # balance losses
         opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()  # FSDP2 averages the gradients over the ranks (see parallelize)
-        for layer in model.moe_layers():
-            layer.slots.sync_replica_grads()  # replicas of one expert take one step (no-op without replicas)
-        opt.step()
+        with loop.guard("backward"):  # FSDP2's reduce-scatters
+            (loss + aux).backward()  # FSDP2 averages the gradients over the ranks (see parallelize)
+        with loop.guard("optimizer"):  # on DTensors
+            for layer in model.moe_layers():
+                layer.slots.sync_replica_grads()  # replicas of one expert take one step (no-op without replicas)
+            opt.step()
         for layer in model.moe_layers():
             # DeepSeek-V3 stops the bias updates for its last tokens; decaying the rate with the
             # learning rate lets the bias settle instead of flipping by a fixed step every update
@@ -324,8 +353,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
         load = torch.stack(loads).float()  # [layers, E], global counts this step
         # [layers, R]: pairs each rank's expert slots computed (replicas share their expert's load)
         per_rank = torch.stack([layer.slots.rank_load(l) for layer, l in zip(model.moe_layers(), loads)])
-        loss_avg = loss.detach().reshape(1)
-        dist.all_reduce(loss_avg)  # for the report only
+        loss_avg = loop.all_reduce(loss.detach().reshape(1), kind="loss")  # for the report only
         dt = time.perf_counter() - t0
         tokens = cfg.batch_size * cfg.seq_len * W
         sent = sum(layer.buffer.counters.wire_bytes() for layer in model.moe_layers())
@@ -349,7 +377,7 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
                                              predicted_max_over_mean_rank=sum(predicted) / len(predicted)))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             history["val_step"].append(step)
-            history["val_loss"].append(_evaluate(model, val_data, cfg, batch, device))
+            history["val_loss"].append(_evaluate(model, val_data, cfg, batch, device, loop))
         if bar is not None:
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", tok_s=f"{tokens / dt:,.0f}",
                             imb=f"{history['max_over_mean_expert'][-1]:.2f}")
@@ -396,15 +424,16 @@ def _max_over_mean(load_LE: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _evaluate(model, val_data, cfg, batch, device) -> float:
+def _evaluate(model, val_data, cfg, batch, device, loop: ProcessGroupTransport) -> float:
     g = torch.Generator().manual_seed(12345 + dist.get_rank())
     total = torch.zeros(1, device=device)
     model.eval()  # the routers must not count validation tokens into the expert-bias update
-    for _ in range(cfg.eval_batches):
-        x, y = batch(val_data, g)
-        total += F.cross_entropy(model(x).view(-1, 256), y.reshape(-1))
+    with loop.guard("eval"):  # FSDP2's all-gathers
+        for _ in range(cfg.eval_batches):
+            x, y = batch(val_data, g)
+            total += F.cross_entropy(model(x).view(-1, 256), y.reshape(-1))
     model.train()
-    dist.all_reduce(total)  # mean over ranks, for the report
+    loop.all_reduce(total, kind="eval")  # mean over ranks, for the report
     return total.item() / (cfg.eval_batches * dist.get_world_size())
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .demo import (DEMO_FSDP, DemoConfig, TinyMoELM, count_params, learning_rate, load_data, make_mesh,
                    make_optimizer, sample_batch, write_report)
+from .comm.transport import ProcessGroupTransport
 from .layer import MoELayer
 from .parallel.pipeline import SCHEDULES, build_pipeline
 from .parallel.timeline import StepTimes, Timeline, now
@@ -88,8 +89,11 @@ def _loss(logits_BSV: torch.Tensor, target_BS: torch.Tensor) -> torch.Tensor:
 
 
 def train(cfg: DemoConfig, pcfg: PipelineConfig, out_dir: Optional[str] = None, show_progress: bool = True) -> dict:
-    """Run on every rank (inside an initialised process group); returns the report on every rank."""
+    """Run on every rank (inside an initialised process group); returns the report on every rank.
+    The loop's own collectives and the schedule's (stage sends, FSDP2) run inside ``loop``'s
+    guards: a lost rank is a ``PeerFailureError`` naming it within ``MOEFLOW_TIMEOUT_S``."""
     rank, W = dist.get_rank(), dist.get_world_size()
+    loop = ProcessGroupTransport(None, name="pipeline loop")
     cfg = replace(cfg, tie_embeddings=False)  # the embedding and the head sit on different stages
     check_config(cfg, pcfg, W)
     mesh, device = make_mesh(cfg, pcfg.pp)
@@ -124,22 +128,23 @@ def train(cfg: DemoConfig, pcfg: PipelineConfig, out_dir: Optional[str] = None, 
             g["lr"] = lr * g["lr_scale"]
         x, y = sample_batch(train_data, cfg, gen, device)
         timeline.clear()
-        dist.barrier()  # for the timeline only: every rank's step starts together
-        t0 = now()
-        loss = pipe.step(x, y)  # FSDP2 averages the gradients over dp x ep (see parallelize)
-        t1 = now()
-        times = timeline.times(t0, t1)
-        if step == cfg.steps - 1:
-            last_spans = [(s.lane, s.kind, s.start - t0, s.end - t0) for s in timeline.spans]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for layer in moe_layers:
-            layer.router.bias_update_rate = cfg.bias_update_rate * (lr / cfg.lr if cfg.bias_decay else 1.0)
-            layer.router.update_bias()
-        stats = torch.tensor([float(loss) if loss is not None else 0.0, *(getattr(times, k) for k in _TIMES)],
-                             dtype=torch.float64, device=device)
-        per_rank = [torch.zeros_like(stats) for _ in range(W)]
-        dist.all_gather(per_rank, stats)  # for the report only
+        with loop.guard("step"):
+            dist.barrier()  # for the timeline only: every rank's step starts together
+            t0 = now()
+            loss = pipe.step(x, y)  # FSDP2 averages the gradients over dp x ep (see parallelize)
+            t1 = now()
+            times = timeline.times(t0, t1)
+            if step == cfg.steps - 1:
+                last_spans = [(s.lane, s.kind, s.start - t0, s.end - t0) for s in timeline.spans]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for layer in moe_layers:
+                layer.router.bias_update_rate = cfg.bias_update_rate * (lr / cfg.lr if cfg.bias_decay else 1.0)
+                layer.router.update_bias()
+            stats = torch.tensor([float(loss) if loss is not None else 0.0, *(getattr(times, k) for k in _TIMES)],
+                                 dtype=torch.float64, device=device)
+            per_rank = [torch.zeros_like(stats) for _ in range(W)]
+            dist.all_gather(per_rank, stats)  # for the report only
         per_rank_t = torch.stack(per_rank).cpu()
         history["step"].append(step)
         history["loss"].append(float(per_rank_t[:, 0].sum()) / per_position)  # only the last stage's ranks have one
@@ -148,14 +153,15 @@ def train(cfg: DemoConfig, pcfg: PipelineConfig, out_dir: Optional[str] = None, 
         history["tokens_per_s"].append(cfg.batch_size * cfg.seq_len * per_position / float(per_rank_t[:, 1].max()))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             history["val_step"].append(step)
-            history["val_loss"].append(_evaluate(pipe, val_data, cfg, per_position, device))
+            history["val_loss"].append(_evaluate(pipe, val_data, cfg, per_position, device, loop))
         if bar is not None:
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", tok_s=f"{history['tokens_per_s'][-1]:,.0f}")
             bar.update(1)
     if bar is not None:
         bar.close()
     all_spans: list = [None] * W
-    dist.all_gather_object(all_spans, last_spans)  # the last step's timeline of every rank, for the PNG
+    with loop.guard("report"):
+        dist.all_gather_object(all_spans, last_spans)  # the last step's timeline of every rank, for the PNG
     tail = max(1, cfg.steps // 10)
     steps = [StepTimes(*(sum(history[k][s]) / W for k in _TIMES)) for s in range(cfg.steps - tail, cfg.steps)]
     mean = StepTimes.mean(steps)
@@ -172,13 +178,15 @@ def train(cfg: DemoConfig, pcfg: PipelineConfig, out_dir: Optional[str] = None, 
     return report
 
 
-def _evaluate(pipe, val_data, cfg: DemoConfig, per_position: int, device: torch.device) -> float:
+def _evaluate(pipe, val_data, cfg: DemoConfig, per_position: int, device: torch.device,
+              loop: ProcessGroupTransport) -> float:
     g = torch.Generator().manual_seed(12345 + dist.get_rank() % per_position)
     total = torch.zeros(1, dtype=torch.float64, device=device)
-    for _ in range(cfg.eval_batches):
-        x, y = sample_batch(val_data, cfg, g, device)
-        loss = pipe.evaluate(x, y)
-        if loss is not None:
-            total += float(loss)
-    dist.all_reduce(total)  # only the last stage's ranks contribute; for the report
+    with loop.guard("eval"):
+        for _ in range(cfg.eval_batches):
+            x, y = sample_batch(val_data, cfg, g, device)
+            loss = pipe.evaluate(x, y)
+            if loss is not None:
+                total += float(loss)
+    loop.all_reduce(total, kind="eval")  # only the last stage's ranks contribute; for the report
     return float(total) / (cfg.eval_batches * per_position)

@@ -32,6 +32,7 @@ from torch import nn
 from .balance.replicas import default_phy2log
 from .chunking import ChunkTuner
 from . import autograd as ag
+from .comm.agree import check_same
 from .comm.buffer import Buffer
 from .comm.interleave import in_backward
 from .comm.transport import ProcessGroupTransport
@@ -133,6 +134,22 @@ class MoELayer(nn.Module):
         self.shared = SwiGLU(hidden, ffn_hidden * num_shared_experts) if num_shared_experts else None
         self.slots = ExpertSlots(phy2log, self.experts, self.router, self.buffer)
         self.last_router_output = None
+        self._check_same_config(ffn_hidden, S, num_shared_experts)
+
+    _ROUTER_OPTIONS = ("score_func", "num_groups", "num_topk_groups", "route_scale", "norm_topk_prob",
+                       "bias_update_rate", "aux_loss_coeff", "seq_aux_loss_coeff", "global_aux_loss_coeff",
+                       "z_loss_coeff", "max_nodes_per_token", "load_ema_decay")
+
+    def _check_same_config(self, ffn_hidden: int, num_slots: int, num_shared_experts: int) -> None:
+        """Collective, once: every rank that routes to these experts built the layer alike. A
+        layer of other sizes or another chunk count on one rank pairs its collectives wrongly
+        from the first forward on (an abort or a timeout far from the cause)."""
+        fields = dict(hidden=self.hidden, ffn_hidden=ffn_hidden, num_experts=self.num_experts, num_topk=self.num_topk,
+                      num_slots=num_slots, num_shared_experts=num_shared_experts, num_chunks=self.num_chunks,
+                      capacity_factor=self.capacity_factor, wire_dtype=self.wire_dtype)
+        fields.update((name, getattr(self.router, name)) for name in self._ROUTER_OPTIONS)
+        check_same(self.router.transport, fields, "MoELayer",
+                   "build the layer with the same arguments on every rank of its group")
 
     @property
     def num_local_experts(self) -> int:

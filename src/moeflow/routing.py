@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .comm.interleave import in_backward
+from .comm.agree import fingerprint
 from .comm.transport import ProcessGroupTransport, Transport
 from .parallel.mesh import is_dtensor
 
@@ -324,11 +325,7 @@ class Router(nn.Module):
         w = self.gate.weight
         if is_dtensor(w):
             return out
-        bits = w.detach().reshape(-1)
-        bits = bits.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[bits.element_size()]).to(torch.int64)
-        # position-weighted sum of the bits (wrapping in int64), made positive
-        h = (bits * torch.arange(1, bits.numel() + 1, device=bits.device)).sum() & (2**62 - 1)
-        out[dist.get_rank(self.group)] = h.to(out.device) + 1
+        out[dist.get_rank(self.group)] = fingerprint(w).to(out.device) + 1
         return out
 
     def _check_same_gate(self, fingerprints: list[int]) -> None:

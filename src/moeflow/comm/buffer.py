@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .. import layout as _layout
+from .agree import check_same
 from .checks import SIGNATURE, ArgChecker, DispatchArgs, resolve_ranks_per_node
 from .compat import DeepEPBufferMethods
 from .handle import DispatchHandle
@@ -55,6 +56,15 @@ class Buffer(DeepEPBufferMethods):
             bad row when ``x`` or ``topk_weights`` holds NaN/Inf (one more pass and a host sync
             per call). A fresh dispatch's error reaches every rank through the count exchange;
             elsewhere the other ranks see this rank stop calling in (``PeerFailureError``).
+        check_layout: (keyword) a fresh dispatch checks that ``num_tokens_per_expert`` counts
+            ``topk_idx``'s pairs (layout counts from another batch would size the receive
+            buffers and the per-expert list wrongly): one bincount, in the host sync the id
+            check makes anyway. False skips it.
+
+    Agreement: the constructor checks once that every rank of the group made its Buffer with
+    the same ``ranks_per_node`` and ``low_latency_mode`` (one small exchange); every fresh
+    dispatch checks hidden size, dtype, experts, top-k and weights inside its count exchange.
+    Ranks that differ get a ``ValueError`` on every rank naming the ranks and their values.
 
     Attributes:
         rank, group_size, group: as in DeepEP. num_nodes, ranks_per_node: the topology.
@@ -68,17 +78,18 @@ class Buffer(DeepEPBufferMethods):
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
                  comm: object = None, *, ranks_per_node: Optional[int] = None,
-                 timeout_s: Optional[float] = None, check_finite: bool = False) -> None:
+                 timeout_s: Optional[float] = None, check_finite: bool = False, check_layout: bool = True) -> None:
         self._refuse(enable_shrink, comm)
         if not dist.is_initialized():
             raise RuntimeError("moeflow.Buffer: torch.distributed is not initialised; call "
                                "torch.distributed.init_process_group first (or use moeflow.launch.spawn)")
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"moeflow.Buffer: `check_finite` must be a bool, got {check_finite!r}")
+        for name, flag in (("check_finite", check_finite), ("check_layout", check_layout)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"moeflow.Buffer: `{name}` must be a bool, got {flag!r}")
         rank, R = dist.get_rank(group), dist.get_world_size(group)
         self.ranks_per_node = resolve_ranks_per_node(ranks_per_node, rank, R)
         self.num_nodes = R // self.ranks_per_node
-        self.group, self.check_finite = group, check_finite
+        self.group, self.check_finite, self.check_layout = group, check_finite, check_layout
         self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode = num_nvl_bytes, num_rdma_bytes, low_latency_mode
         self.explicitly_destroy, self.enable_shrink = explicitly_destroy, enable_shrink
         self.transport: Transport = make_transport(group, timeout_s=timeout_s, ranks_per_node=self.ranks_per_node)
@@ -88,6 +99,13 @@ class Buffer(DeepEPBufferMethods):
         self._runner = PlanRunner(self.transport, self._workspace)
         self._low_latency = LowLatency(self.transport) if low_latency_mode else None
         self._check = ArgChecker(rank, R)
+        # L of the count table's per-expert columns, the same on every rank (see _exchange_counts)
+        self._num_local_experts = 0
+        # Collective, once: a rank with another topology would size its count tables and routes
+        # differently from the first dispatch on.
+        check_same(self.transport, dict(ranks_per_node=self.ranks_per_node, low_latency_mode=bool(low_latency_mode)),
+                   "moeflow.Buffer", "create the Buffers of a group with the same options on every rank "
+                   "(ranks_per_node defaults to env LOCAL_WORLD_SIZE)")
 
     @property
     def counters(self) -> ByteCounters:
@@ -181,16 +199,14 @@ class Buffer(DeepEPBufferMethods):
         try:
             args, error = self._check.dispatch(x, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
                                                topk_idx, topk_weights, expert_alignment, num_worst_tokens,
-                                               self.check_finite), None
+                                               self.check_finite, self.check_layout), None
         except (ValueError, TypeError) as e:
             # Held back until every rank has seen it in the count exchange: one rank's mistake
             # never leaves the others waiting in a collective.
             args, error = None, e
-        num_experts = num_tokens_per_expert.numel() if isinstance(num_tokens_per_expert, torch.Tensor) else 0
         device = _device_of(x, is_token_in_rank)
-        table = CountTable(self.group_size, self.ranks_per_node, num_experts // self.group_size, len(SIGNATURE))
-        recv = self._exchange_counts(table, args, is_token_in_rank, num_tokens_per_expert, num_worst_tokens, device,
-                                     error)
+        table, recv = self._exchange_counts(args, is_token_in_rank, num_tokens_per_expert, num_worst_tokens, device,
+                                            error)
         matrix = table.matrix(recv)                                          # [R, R]: rank i's rows to rank j
         W, num_recv_per_rank = num_worst_tokens, matrix[:, self.rank].tolist()
         num_recv_per_expert = None
@@ -207,15 +223,29 @@ class Buffer(DeepEPBufferMethods):
         event = _event(routed.works, routed.releases + [out.unpack], async_finish)
         return out.recv_x, out.recv_topk_idx, out.recv_topk_weights, num_recv_per_expert, handle, event
 
-    def _exchange_counts(self, table: CountTable, args: Optional[DispatchArgs], is_token_in_rank,
-                         num_tokens_per_expert, num_worst_tokens: int, device: torch.device,
-                         error: Optional[Exception]) -> torch.Tensor:
-        """The count exchange (see :class:`~moeflow.comm.plan.CountTable`). Returns every rank's
-        table on the host; raises on every rank when any rank's input was bad or the ranks disagree."""
-        send = table.failed(device) if error is not None else table.pack(
-            self.rank, args.signature, is_token_in_rank, num_tokens_per_expert, num_worst_tokens)
-        # Collective: the count exchange. Host sync: the counts size what follows.
-        recv = self.transport.exchange_counts(send).cpu()
+    def _exchange_counts(self, args: Optional[DispatchArgs], is_token_in_rank, num_tokens_per_expert,
+                         num_worst_tokens: int, device: torch.device,
+                         error: Optional[Exception]) -> tuple[CountTable, torch.Tensor]:
+        """The count exchange (see :class:`~moeflow.comm.plan.CountTable`). Returns the table
+        and every rank's rows on the host; raises on every rank when any rank's input was bad or
+        the ranks disagree.
+
+        The table's per-expert columns are as many as the experts every rank last agreed on, not
+        as this call's ``num_tokens_per_expert`` says: tables of different sizes cannot even be
+        exchanged (Gloo aborts the process), so a rank with another expert count could not be
+        told. The signature columns carry each rank's count; once every rank agrees on a new
+        one (the first dispatch, or E changed everywhere), all exchange again with its columns.
+        """
+        R = self.group_size
+
+        def exchange(table: CountTable) -> torch.Tensor:
+            send = table.failed(device) if error is not None else table.pack(
+                self.rank, args.signature, is_token_in_rank, num_tokens_per_expert, num_worst_tokens)
+            # Collective: the count exchange. Host sync: the counts size what follows.
+            return self.transport.exchange_counts(send).cpu()
+
+        table = CountTable(R, self.ranks_per_node, self._num_local_experts, len(SIGNATURE))
+        recv = exchange(table)
         if error is not None:
             raise error
         bad = table.bad_ranks(recv)
@@ -224,7 +254,12 @@ class Buffer(DeepEPBufferMethods):
                              f"rank {self.rank} stops too instead of waiting for them")
         self._check.signatures(table.signatures(recv))
         self._check.worst(table.num_worst_tokens(recv), table.matrix(recv).sum(0).tolist())
-        return recv
+        L = args.num_experts // R
+        if L and L != table.num_local_experts:  # every rank agrees on E, so every rank gets here
+            self._num_local_experts = L
+            table = CountTable(R, self.ranks_per_node, L, len(SIGNATURE))
+            recv = exchange(table)
+        return table, recv
 
     def _cached_dispatch(self, x, handle, topk_idx, topk_weights, num_worst_tokens, async_finish):
         self._check_handle("dispatch", handle)

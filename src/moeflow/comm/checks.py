@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..quant import FP8_BLOCK
+from .agree import describe
 
 __all__ = ["ArgChecker", "DispatchArgs", "FLOAT_DTYPES", "resolve_ranks_per_node"]
 
@@ -99,14 +100,35 @@ class ArgChecker:
                                             f"got {num_experts!r}")
 
     def topk_idx(self, where: str, topk_idx, num_tokens: Optional[int], num_experts: int,
-                 values: bool = True) -> None:
-        """Shape and dtype; with ``values`` the ids too (one host sync)."""
+                 values: bool = True, num_tokens_per_expert: Optional[torch.Tensor] = None) -> None:
+        """Shape and dtype; with ``values`` the ids too, and with ``num_tokens_per_expert``
+        (``[E]``) that it counts ``topk_idx``'s pairs per expert (one host sync for all)."""
         self.tensor(where, "topk_idx", topk_idx, torch.int64, (num_tokens, None))
-        if values and topk_idx.numel():
-            # Host sync (one, for both bounds): out-of-range ids would silently corrupt the layout.
-            lo, hi = (int(v) for v in torch.aminmax(topk_idx))
+        if not values:
+            return
+        stats = list(torch.aminmax(topk_idx)) if topk_idx.numel() else []
+        if num_tokens_per_expert is not None:
+            # counts from another batch would size the receive buffers and the per-expert list
+            # wrongly, and nothing downstream could tell: [E] pairs per expert (shifted by one so
+            # that -1 has a bin; ids out of range, reported below, clamped into the end bins)
+            counted = torch.bincount((topk_idx.clamp(-1, num_experts) + 1).flatten(),
+                                     minlength=num_experts + 2)[1:num_experts + 1]
+            differ = counted != num_tokens_per_expert.to(counted)
+            stats.append(differ.sum())
+        if not stats:
+            return
+        # Host sync (one, for every statistic): out-of-range ids or stale counts would silently
+        # corrupt the layout.
+        got = torch.stack(stats).tolist()
+        if topk_idx.numel():
+            lo, hi = got[0], got[1]
             if lo < -1 or hi >= num_experts:
                 self.fail(where, "topk_idx", f"must lie in [-1, {num_experts}), found {lo if lo < -1 else hi}")
+        if num_tokens_per_expert is not None and got[-1]:
+            e = int(differ.nonzero()[0])
+            self.fail(where, "num_tokens_per_expert", f"does not count `topk_idx`: expert {e} has "
+                      f"{int(num_tokens_per_expert[e])} pairs in it, {int(counted[e])} in topk_idx ({got[-1]} "
+                      "experts differ); pass the counts get_dispatch_layout returned for this topk_idx")
 
     def finite(self, where: str, name: str, t: torch.Tensor) -> None:
         """Raise naming the first row of ``t`` holding NaN or Inf (``Buffer(check_finite=True)``)."""
@@ -123,8 +145,9 @@ class ArgChecker:
                                    f"of {t.size(0)}); check_finite=True was set on the Buffer")
 
     def dispatch(self, x, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                 expert_alignment, num_worst_tokens, check_finite: bool) -> DispatchArgs:
-        """Everything a fresh dispatch checks on this rank before the count exchange."""
+                 expert_alignment, num_worst_tokens, check_finite: bool, check_layout: bool = True) -> DispatchArgs:
+        """Everything a fresh dispatch checks on this rank before the count exchange; with
+        ``check_layout``, that ``num_tokens_per_expert`` counts ``topk_idx``."""
         where = "dispatch"
         self.positive_int(where, "expert_alignment", expert_alignment)
         self.positive_int(where, "num_worst_tokens", num_worst_tokens, least=0)
@@ -154,7 +177,7 @@ class ArgChecker:
             E = num_tokens_per_expert.numel()
             self.num_experts(where, E)
         if topk_idx is not None:
-            self.topk_idx(where, topk_idx, T, E)
+            self.topk_idx(where, topk_idx, T, E, num_tokens_per_expert=num_tokens_per_expert if check_layout else None)
             if topk_weights is not None:
                 self.tensor(where, "topk_weights", topk_weights, torch.float32, tuple(topk_idx.shape))
                 if check_finite:
@@ -229,8 +252,7 @@ class ArgChecker:
             if len(set(values)) > 1:
                 if name == "dtype":
                     values = [str(CODE_DTYPE.get(v, v)).replace("torch.", "") for v in values]
-                shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-                raise ValueError(f"Buffer.dispatch: ranks disagree on {name} ({shown}); every rank of "
+                raise ValueError(f"Buffer.dispatch: ranks disagree on {name} ({describe(values)}); every rank of "
                                  "the group must dispatch the same kind of tensor")
 
 

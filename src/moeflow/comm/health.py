@@ -27,7 +27,11 @@ and the backend's error, when there is one, names a socket, not a rank. Here:
   itself diagnosed a failure (it may have given up and exited, so its heartbeat stops). The
   heartbeat carries both facts: ``blocked`` while any of the process's transfers is in a wait,
   and ``failed``, written at once when a diagnosis starts and left in the store as the
-  process's last word.
+  process's last word. Inside :meth:`Watchdog.guard` (a block of collectives moeflow does not
+  issue itself, computation in between) a process cannot tell waiting from computing, so the
+  heartbeat lists the watchdogs it is inside a guard of (``guarded``): a peer behind inside an
+  earlier block of the same watchdog is taken as waiting, one inside another watchdog's block is
+  not (it may be stuck computing).
 
 Watchdogs are told apart by their group's global ranks and their creation order on that group,
 so Buffers must be created in the same order on every rank of a group (as DeepEP requires).
@@ -137,7 +141,8 @@ class _Heartbeat:
                 return False
             self.beat += 1
             value = json.dumps({"beat": self.beat, "calls": {wd.id: wd.calls for wd in wds},
-                                "blocked": any(wd.waiting for wd in wds), "failed": self.failed})
+                                "blocked": any(wd.waiting for wd in wds),
+                                "guarded": [wd.id for wd in wds if wd.guarding], "failed": self.failed})
         try:
             self.store.set(_KEY + str(self.global_rank), value)
         except Exception:  # noqa: BLE001 - the store is gone: the group was torn down
@@ -195,6 +200,7 @@ class Watchdog:
         self.calls = 0
         self.kind = ""
         self.waiting = False  # inside work.wait(): published by the heartbeat as "blocked"
+        self.guarding = False  # inside guard(): published by the heartbeat in "guarded"
         if store is None:
             try:
                 store = dist.distributed_c10d._get_default_store()
@@ -235,24 +241,29 @@ class Watchdog:
         loop's own all-reduces): a backend error inside it (a peer's connection closed, or the
         process group's timeout passed) becomes a :class:`PeerFailureError` naming the lost ranks.
 
-        The block counts as one call, so a peer that never enters it is named as stuck. The wait
-        itself is bounded by the process group's timeout, not by ``timeout_s``: give the group
-        moeflow's timeout (``init_process_group(timeout=...)``). An error with no dead or stuck
-        peer behind it (a bug in the block, say) is re-raised unchanged, after the diagnosis.
+        The block counts as one call, so a peer that never enters it is named as stuck; a peer
+        inside an earlier block of this watchdog is taken as waiting on the lost rank too (the
+        heartbeat's ``guarded``). The wait itself is bounded by the process group's timeout, not
+        by ``timeout_s``: give the group moeflow's timeout (``init_process_group(timeout=...)``).
+        A :class:`PeerFailureError` from a watched transfer inside the block (a Buffer's) passes
+        through as it is. An error with no dead or stuck peer behind it (a bug in the block, say)
+        is re-raised unchanged, after the diagnosis.
         """
         self.arrive(kind)
         call, t0 = self.calls, time.monotonic()
-        self.waiting = True
+        self.guarding = True
         try:
             yield
+        except PeerFailureError:
+            raise  # diagnosed already, by the watchdog of the transfer that failed
         except RuntimeError as cause:  # torch.distributed's errors are RuntimeErrors (DistError too)
-            self.waiting = False
+            self.guarding = False
             err = self.diagnose(call, kind, cause, time.monotonic() - t0)
             if err.missing_ranks:
                 raise err from cause
             raise
         finally:
-            self.waiting = False
+            self.guarding = False
 
     def diagnose(self, call: int, kind: str, cause: BaseException, waited_s: float) -> PeerFailureError:
         """Find which peers are dead or stuck (takes about three heartbeat intervals)."""
@@ -305,6 +316,9 @@ class Watchdog:
         if now.get("blocked"):
             return "blocked", (f"rank {r} is alive and blocked in an earlier transfer (call {calls} on this "
                                f"{self.name}), waiting on a lost rank as well")
+        if self.id in now.get("guarded", ()):
+            return "blocked", (f"rank {r} is alive and inside an earlier block of this {self.name} (call {calls}), "
+                               "waiting on a lost rank as well or still computing")
         return "stuck", (f"rank {r} is alive but stopped calling in (it has made {calls} calls on this "
                          f"{self.name}, this rank is at call {call})")
 

@@ -130,7 +130,9 @@ class CountTable:
         if P < R:  # rail-hop rows: to this rank's peer of the same local index on each node
             table[rank % P::P, self._rail] = _layout.num_tokens_per_node(is_token_in_rank, R // P).to(table)
         table[:, self._matrix:self._experts] = is_token_in_rank.sum(0)
-        if self.num_local_experts:
+        # (counts for another E than the table's stay 0: the signature tells every rank, which raises)
+        if self.num_local_experts and num_tokens_per_expert is not None \
+                and num_tokens_per_expert.numel() == R * self.num_local_experts:
             table[:, self._experts:] = num_tokens_per_expert.to(table).view(R, -1)
         return table
 

@@ -12,10 +12,11 @@ Shape letters (docs/architecture.md): R ranks in the group; a row is one token c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -183,6 +184,11 @@ class Transport:
         """Wait until every rank of the group got here; counted as one call."""
         raise NotImplementedError
 
+    def guard(self, kind: str) -> ContextManager[None]:
+        """Watch collectives issued outside the transport (FSDP2's inside a forward or backward)
+        over this transport's ranks: see :meth:`Watchdog.guard`. A no-op with one rank."""
+        return self.watchdog.guard(kind) if self.watchdog is not None else contextlib.nullcontext()
+
     def destroy(self) -> None:
         """Free what the transport keeps between calls (it comes back on the next call)."""
 
@@ -194,17 +200,18 @@ class ProcessGroupTransport(Transport):
         group: the process group (None: the world).
         timeout_s: seconds any one wait may take (default: env ``MOEFLOW_TIMEOUT_S``, else 30).
         ranks_per_node: for the node split of :attr:`counters` (default: one node).
+        name: what its calls are made on, for the watchdog's messages (e.g. "training loop").
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *, timeout_s: Optional[float] = None,
-                 ranks_per_node: Optional[int] = None):
+                 ranks_per_node: Optional[int] = None, name: str = "Buffer"):
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.timeout_s = resolve_timeout(timeout_s)
         self.counters = ByteCounters(self.rank, self.num_ranks, ranks_per_node)
         # One rank has no peer to lose: no watchdog, no heartbeat thread.
-        self.watchdog = Watchdog(group, self.timeout_s) if self.num_ranks > 1 else None
+        self.watchdog = Watchdog(group, self.timeout_s, name=name) if self.num_ranks > 1 else None
         # group rank -> global rank, for point-to-point ops (which take global ranks)
         world = group is None or group is dist.group.WORLD
         self._global = list(range(self.num_ranks)) if world else dist.get_process_group_ranks(group)

@@ -5,17 +5,66 @@ experts, top-k, iterations, an optional JSON file), checks them the same way bef
 any rank, and reports the slowest rank's median per phase. Those pieces live here; each
 command keeps its own defaults and extra options. Kept light: the CLI imports this package
 before any command.
+
+A command checks every flag before its first rank starts and raises :class:`UsageError` for
+one it cannot run with; ``moeflow`` prints it as one line (``moeflow demo: error: ...``) and
+exits with status 2, as argparse does for flags it cannot parse.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from typing import Optional
 
-__all__ = ["add_workload_arguments", "check_workload", "slowest_median", "write_json", "rss_bytes", "reset_peak_rss",
-           "speed_words", "target_words"]
+__all__ = ["UsageError", "check_at_least", "check_writable_dir", "check_writable_file", "add_workload_arguments",
+           "check_workload", "slowest_median", "write_json", "rss_bytes", "reset_peak_rss", "speed_words",
+           "target_words"]
+
+
+class UsageError(Exception):
+    """A flag's value the command cannot run with; the message names the flag and the value."""
+
+
+def check_at_least(args: argparse.Namespace, least: int, *names: str) -> None:
+    """Each flag ``--name`` (dest ``name``, a number or a list of numbers) is >= ``least``."""
+    for name in names:
+        value = getattr(args, name)
+        if any(v < least for v in (value if isinstance(value, list) else [value])):
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {shown}")
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """``path`` is a directory this process can write into, or can be made one (nothing is created)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file, not a directory")
+    base = _nearest_existing(path)
+    if not os.path.isdir(base):
+        raise UsageError(f"{flag} {path} cannot be created: {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} is not writable (no write permission on {base})")
+
+
+def check_writable_file(path: str, flag: str) -> None:
+    """``path`` names a file this process can write: its directory exists and is writable, and it
+    is not a directory (nothing is created)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path} is not writable")
 
 
 def add_workload_arguments(p: argparse.ArgumentParser, *, ranks: list[int], tokens: int, hidden: int,
@@ -46,26 +95,24 @@ def target_words(target: float) -> str:
     return f"(target: {target:g}x faster)"
 
 
-def check_workload(args: argparse.Namespace, command: str, *, fp8: bool) -> None:
-    """Raise ``SystemExit`` naming the flag when the workload cannot run (before any rank starts).
+def check_workload(args: argparse.Namespace, *, fp8: bool) -> None:
+    """Raise :class:`UsageError` naming the flag when the workload cannot run (before any rank starts).
 
     Args:
         args: parsed arguments of :func:`add_workload_arguments`.
-        command: the command's name for the message, e.g. ``"moeflow bench"``.
         fp8: whether some run casts to FP8 (which needs ``--hidden`` divisible by 128).
     """
-    for name in ("tokens", "hidden", "experts", "topk", "iters"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"{command}: --{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise SystemExit(f"{command}: --warmup must be >= 0, got {args.warmup}")
+    check_at_least(args, 1, "ranks", "tokens", "hidden", "experts", "topk", "iters")
+    check_at_least(args, 0, "warmup")
     if args.topk > args.experts:
-        raise SystemExit(f"{command}: --topk {args.topk} exceeds --experts {args.experts}")
+        raise UsageError(f"--topk {args.topk} exceeds --experts {args.experts}")
     if fp8 and args.hidden % 128:
-        raise SystemExit(f"{command}: FP8 needs --hidden divisible by 128, got {args.hidden}")
+        raise UsageError(f"FP8 needs --hidden divisible by 128, got {args.hidden}")
     for R in args.ranks:
-        if R < 1 or args.experts % R:
-            raise SystemExit(f"{command}: --experts {args.experts} not divisible by {R} ranks")
+        if args.experts % R:
+            raise UsageError(f"--experts {args.experts} not divisible by {R} ranks")
+    if args.json:
+        check_writable_file(args.json, "--json")
 
 
 def slowest_median(per_rank: list[dict], key: str, kind: str = "times") -> float:

@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import add_workload_arguments, check_workload, slowest_median, speed_words, target_words, write_json
+from . import (add_workload_arguments, check_at_least, check_workload, slowest_median, speed_words, target_words,
+               write_json)
 
 # Targets of issue 3, item 6: moeflow / baseline tokens/s, and overlap at the best chunk count.
 TARGET_VS_NO_DEDUP = 1.5
@@ -71,11 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..launch import spawn
 
-    check_workload(args, "moeflow bench-layer", fp8=False)
-    if args.ffn < 1:
-        raise SystemExit(f"moeflow bench-layer: --ffn must be >= 1, got {args.ffn}")
-    if any(c < 1 for c in args.chunks):
-        raise SystemExit(f"moeflow bench-layer: --chunks must be >= 1, got {args.chunks}")
+    check_workload(args, fp8=False)
+    check_at_least(args, 1, "ffn", "chunks")
     deepspeed_note = None if args.no_deepspeed else _deepspeed_missing()
     if deepspeed_note:
         print(f"deepspeed column skipped: {deepspeed_note}", flush=True)
@@ -268,9 +266,13 @@ def _make_deepspeed(weights, D: int, F: int, E: int, K: int, rank: int, R: int) 
 def _bench_rank(cfg: dict) -> dict:
     from ..chunking import TRIALS, ChunkTuner
     from ..comm.buffer import Buffer
+    from ..comm.transport import ProcessGroupTransport
     from ..layer import MoELayer
 
     rank, R = dist.get_rank(), dist.get_world_size()
+    # the baselines' collectives (no-dedup's all-to-alls, DeepSpeed's) and the barriers, watched
+    # like moeflow's: a lost rank is named, not waited on (the guards sit outside the timed regions)
+    loop = ProcessGroupTransport(None, name="benchmark")
     T, D, F, E, K = cfg["T"], cfg["D"], cfg["F"], cfg["E"], cfg["K"]
     weights = _global_weights(E, D, F)
     g = torch.Generator().manual_seed(1000 + rank)
@@ -312,7 +314,8 @@ def _bench_rank(cfg: dict) -> dict:
     diffs = {}
     for name in layers:
         if name != "moeflow":
-            y = step(name).detach()
+            with loop.guard(name):
+                y = step(name).detach()
             diffs[name] = dict(y=float((y - ref_y).abs().max()), grad_x=float((x.grad - ref_gx).abs().max()))
 
     # Overlap set-up: the routing and, per chunk count, what each chunk's dispatch delivers.
@@ -371,10 +374,11 @@ def _bench_rank(cfg: dict) -> dict:
     for it in range(cfg["warmup"] + cfg["iters"]):
         for name, fn in runs.items():
             # every rank starts each column together, so the slowest rank's time is the column's
-            dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            loop.barrier()
+            with loop.guard(name):
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if it >= cfg["warmup"]:
                 times[name].append(dt)
                 cpu_times[name].append(dc)

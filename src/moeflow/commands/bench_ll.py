@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..launch import spawn
 
-    check_workload(args, "moeflow bench-ll", fp8=not args.bf16)
+    check_workload(args, fp8=not args.bf16)
     rows = []
     for R in args.ranks:
         cfg = dict(N=args.tokens, H=args.hidden, E=args.experts, K=args.topk, fp8=not args.bf16,
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _bench_rank(cfg: dict) -> dict:
     from ..comm.buffer import Buffer
+    from ..comm.transport import ProcessGroupTransport
 
     rank, R = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
@@ -64,6 +65,7 @@ def _bench_rank(cfg: dict) -> dict:
     x = torch.randn(N, H, generator=g).bfloat16()
     topk_weights, topk_idx = torch.rand(N, E, generator=g).topk(K, dim=1)
     buffer = Buffer(group, low_latency_mode=True)
+    loop = ProcessGroupTransport(group, name="benchmark")  # barriers and the raw baseline, watched
     y = torch.randn(L, R * N, H, generator=g).bfloat16()  # the experts' outputs (not timed)
 
     def ll_round():
@@ -116,11 +118,12 @@ def _bench_rank(cfg: dict) -> dict:
     times = {"ll_dispatch": [], "ll_combine": [], "raw_dispatch": [], "raw_combine": [], "normal": []}
     for it in range(cfg["warmup"] + cfg["iters"]):
         # Interleaved, so that drift on a shared machine hits all three alike.
-        dist.barrier()
+        loop.barrier()
         d, cb = ll_round()
-        dist.barrier()
-        rd, rc = raw_round()
-        dist.barrier()
+        loop.barrier()
+        with loop.guard("raw"):  # outside the timed region
+            rd, rc = raw_round()
+        loop.barrier()
         nt = normal_round()
         if it >= cfg["warmup"]:
             for k, v in (("ll_dispatch", d), ("ll_combine", cb), ("raw_dispatch", rd), ("raw_combine", rc),

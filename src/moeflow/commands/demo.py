@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import UsageError, check_at_least, check_writable_dir
+
 DESCRIPTION = """\
 Trains a small DeepSeek-style MoE language model (bytes in, 3 layers, 16 fine-grained routed
 experts top-2 plus a shared expert, sigmoid router with expert bias) on R local Gloo ranks:
@@ -79,9 +81,41 @@ def flags_text(args: argparse.Namespace) -> str:
     return " ".join(out)
 
 
-def run(args: argparse.Namespace) -> int:
-    import os
+def check_arguments(args: argparse.Namespace) -> tuple[int, float]:
+    """Every flag, before any rank starts (:class:`UsageError` naming the flag); returns the
+    number of physical expert slots (``--replicas`` or its default) and moeflow's timeout."""
+    from ..comm.health import resolve_timeout
+    from ..demo import DemoConfig
 
+    try:
+        timeout_s = resolve_timeout(None)
+    except ValueError as e:
+        raise UsageError(str(e).replace("moeflow.Buffer: ", "")) from None
+    check_at_least(args, 1, "ranks", "dp", "steps", "batch_size", "experts")
+    check_at_least(args, 0, "rebalance_every")
+    if args.layers < 2:
+        raise UsageError(f"--layers must be >= 2 (the first block is dense, so {args.layers} block(s) hold no MoE "
+                         f"layer), got {args.layers}")
+    if args.ranks % args.dp:
+        raise UsageError(f"--dp {args.dp} must divide the {args.ranks} ranks")
+    ep = args.ranks // args.dp
+    if args.experts % ep:
+        raise UsageError(f"--experts {args.experts} must divide by the {ep} expert-parallel ranks "
+                         f"(--ranks {args.ranks} / --dp {args.dp})")
+    if args.experts < DemoConfig().num_topk:
+        raise UsageError(f"--experts must be >= {DemoConfig().num_topk}, the experts each token picks, "
+                         f"got {args.experts}")
+    replicas = args.replicas
+    if replicas is None:
+        replicas = args.experts + ep if args.rebalance_every else args.experts
+    if replicas < args.experts or replicas % ep:
+        raise UsageError(f"--replicas {replicas} must be >= --experts {args.experts} "
+                         f"and divide by the {ep} expert-parallel ranks")
+    check_writable_dir(args.out, "--out")
+    return replicas, timeout_s
+
+
+def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, train
     from ..parallel.launch import run as run_ranks, under_launcher
 
@@ -89,22 +123,8 @@ def run(args: argparse.Namespace) -> int:
         args.ranks = int(os.environ["WORLD_SIZE"])
     if args.pp != 1:
         return _run_pipeline(args)
-    if args.dp < 1 or args.ranks % args.dp:
-        raise SystemExit(f"moeflow demo: --dp {args.dp} must divide the {args.ranks} ranks")
+    replicas, timeout_s = check_arguments(args)
     ep = args.ranks // args.dp
-    if args.ranks < 1 or args.experts % ep:
-        raise SystemExit(f"moeflow demo: --experts {args.experts} must divide by the {ep} expert-parallel ranks "
-                         f"(--ranks {args.ranks} / --dp {args.dp})")
-    if args.steps < 1:
-        raise SystemExit(f"moeflow demo: --steps must be >= 1, got {args.steps}")
-    if args.rebalance_every < 0:
-        raise SystemExit(f"moeflow demo: --rebalance-every must be >= 0, got {args.rebalance_every}")
-    replicas = args.replicas
-    if replicas is None:
-        replicas = args.experts + ep if args.rebalance_every else args.experts
-    if replicas < args.experts or replicas % ep:
-        raise SystemExit(f"moeflow demo: --replicas {replicas} must be >= --experts {args.experts} "
-                         f"and divide by the {ep} expert-parallel ranks")
     cfg = DemoConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
                      num_experts=args.experts, seed=args.seed,
                      bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
@@ -115,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"moeflow demo: {args.ranks} ranks ({args.dp} data parallel x {ep} expert parallel), "
               f"{cfg.num_layers} layers, {cfg.num_experts} routed experts (top-{cfg.num_topk}) + "
               f"{cfg.num_shared_experts} shared, {cfg.steps} steps", flush=True)
-    report = run_ranks(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600, threads_per_rank=1)[0]
+    # timeout_s bounds the whole run; one collective waits at most moeflow's timeout (env
+    # MOEFLOW_TIMEOUT_S), after which the loop's guards name the rank that stopped
+    report = run_ranks(train, args.ranks, cfg, args.out, not args.quiet, timeout_s=3600,
+                       collective_timeout_s=timeout_s, threads_per_rank=1)[0]
     if report["rank"] != 0:
         return 0
     print(f"validation loss {report['final_val_loss']:.3f} nats/byte "
@@ -155,9 +178,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from ..parallel.launch import run as run_ranks
 
     if args.rebalance_every or args.replicas:
-        raise SystemExit("moeflow demo: --rebalance-every / --replicas are not part of the pipelined demo (--pp)")
-    if args.steps < 1:
-        raise SystemExit(f"moeflow demo: --steps must be >= 1, got {args.steps}")
+        raise UsageError("--rebalance-every / --replicas are not part of the pipelined demo (--pp)")
+    check_at_least(args, 1, "ranks", "dp", "pp", "steps", "batch_size", "experts")
+    check_writable_dir(args.out, "--out")
     overlap = args.schedule == "dualpipev" and not args.no_overlap
     stages = num_stages(PipelineConfig(pp=args.pp, schedule=args.schedule))
     micro = args.microbatches or max(4, 2 * stages)
@@ -170,7 +193,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     try:
         check_config(cfg, pcfg, args.ranks)
     except ValueError as e:
-        raise SystemExit(f"moeflow demo: {e}") from None
+        raise UsageError(str(e).replace("moeflow demo: ", "")) from None
     if int(os.environ.get("RANK", "0")) == 0:
         ep = args.ranks // (args.pp * args.dp)
         print(f"moeflow demo: {args.ranks} ranks ({args.pp} pipeline x {args.dp} data parallel x {ep} expert "

@@ -52,8 +52,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..comm.agree import check_same, describe, fingerprint, gather_rows
+from ..comm.transport import ProcessGroupTransport
 from ..layer import MoELayer
-from ..parallel.mesh import GroupLike, resolve_groups
+from ..parallel.mesh import GroupLike, is_dtensor, resolve_groups
 from ..routing import Router, RouterOutput
 
 __all__ = ["expert_parallelize", "from_pretrained", "HFMoELayer", "Family", "SUPPORTED_BLOCKS", "REFUSED_BLOCKS"]
@@ -471,8 +473,10 @@ def expert_parallelize(model: nn.Module, group: GroupLike = None,
         TypeError: ``model`` is not a module, ``layer_kwargs`` names a routing option or size
             (or a routing option of a family routed by its own router), or a block has an
             unknown class or weight layout.
-        ValueError: no MoE block found, a block's experts do not divide over the group, or a
-            block uses a feature moeflow does not reproduce (non-SiLU experts, input jitter).
+        ValueError: no MoE block found, a block's experts do not divide over the group, a
+            block uses a feature moeflow does not reproduce (non-SiLU experts, input jitter), or
+            the ranks hold different weights (every full tensor of ``model`` is compared across
+            the ranks that route to the experts, once, before anything is built).
         RuntimeError: ``torch.distributed`` is not initialised.
     """
     if not isinstance(model, nn.Module):
@@ -517,6 +521,8 @@ def expert_parallelize(model: nn.Module, group: GroupLike = None,
             raise TypeError(f"expert_parallelize: {name} ({spec.family.model_type}) routes with its own router, "
                             f"which moeflow's routing options {refused} do not reach")
 
+    _check_same_weights(model, resolve_groups(group)[1])
+
     # One block at a time, each released before the next layer is built: the peak holds one
     # block's expert tensors beside the layers, not all of them twice.
     found.reverse()
@@ -530,6 +536,33 @@ def expert_parallelize(model: nn.Module, group: GroupLike = None,
         setattr(model.get_submodule(parent_name), attr, layer)
         del block, spec, layer
     return model
+
+
+def _check_same_weights(model: nn.Module, group: Optional[dist.ProcessGroup]) -> None:
+    """Collective, once: every rank of ``group`` (the ranks that route to the experts) holds the
+    same full tensors (parameters and buffers; DTensors, already sharded, are not compared).
+    Ranks that loaded other checkpoints or drew other random weights would otherwise run, each
+    rank's experts from its own model, and give wrong logits. One pass over the weights on their
+    device (a 62-bit hash of each tensor's bits, :func:`moeflow.comm.agree.fingerprint`) and two
+    small exchanges; raises ``ValueError`` on every rank naming the tensors, ranks and hashes."""
+    if dist.get_world_size(group) == 1:
+        return
+    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
+               if not is_dtensor(t) and t.device.type != "meta"]
+    transport = ProcessGroupTransport(group, name="expert_parallelize")
+    layout = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in tensors)
+    hint = "load the same checkpoint (or seed) on every rank before expert_parallelize"
+    check_same(transport, dict(tensors=len(tensors), names_shapes_dtypes_hash=layout), "expert_parallelize", hint)
+    hashes = torch.stack([fingerprint(t).cpu() for _, t in tensors]) if tensors else torch.zeros(0, dtype=torch.int64)
+    rows = gather_rows(transport, hashes)  # [R, tensors]
+    differ = (rows != rows[0]).any(0).nonzero().flatten().tolist()
+    if differ:
+        first = differ[0]
+        shown = "; ".join(f"{tensors[i][0]}" for i in differ[:3]) + ("; ..." if len(differ) > 3 else "")
+        raise ValueError(f"expert_parallelize: the ranks hold different weights in {len(differ)} of {len(tensors)} "
+                         f"tensors ({shown}); {tensors[first][0]}'s hash: "
+                         f"{describe([f'{h:#x}' for h in rows[:, first].tolist()])} (this is rank "
+                         f"{transport.rank}); {hint}")
 
 
 def _build_layer(spec: _BlockSpec, group: GroupLike, layer_kwargs: dict) -> HFMoELayer:
