@@ -33,8 +33,8 @@ def test_demo_rejects_bad_flags(capsys):
 
     from moeflow.cli import main
 
-    with pytest.raises(SystemExit, match="--experts 16 must divide by the 3 expert-parallel ranks"):
-        main(["demo", "--ranks", "3", "--steps", "1"])
+    with pytest.raises(SystemExit, match="--ranks must be >= 1, got 0"):
+        main(["demo", "--ranks", "0", "--steps", "1"])
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         main(["demo", "--ranks", "2", "--steps", "0"])
     with pytest.raises(SystemExit, match="--replicas 17 must be >= --experts 16 and divide by the 2 expert-parallel"):

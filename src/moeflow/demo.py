@@ -171,9 +171,9 @@ def build(cfg: DemoConfig) -> tuple[TinyMoELM, torch.device]:
     """The model on this job's ``(dp, ep)`` mesh with FSDP2 applied, and its device (CUDA
     device ``LOCAL_RANK`` under NCCL, else the CPU). Every rank of the job calls it."""
     W = dist.get_world_size()
-    if cfg.dp < 1 or W % cfg.dp or cfg.num_experts % (W // cfg.dp):
-        raise ValueError(f"moeflow demo: dp={cfg.dp} must divide the {W} ranks, and num_experts={cfg.num_experts} "
-                         f"the ep = ranks / dp ranks (rank {dist.get_rank()})")
+    if cfg.dp < 1 or W % cfg.dp or (cfg.num_slots or cfg.num_experts) % (W // cfg.dp):
+        raise ValueError(f"moeflow demo: dp={cfg.dp} must divide the {W} ranks, and num_slots={cfg.num_slots} "
+                         f"(or num_experts={cfg.num_experts}) the ep = ranks / dp ranks (rank {dist.get_rank()})")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:

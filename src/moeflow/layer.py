@@ -47,7 +47,8 @@ class MoELayer(nn.Module):
     Args:
         hidden: D.
         ffn_hidden: F, the intermediate size of one routed expert (SwiGLU).
-        num_experts: E, routed (logical) experts in the whole group; divisible by its size.
+        num_experts: E, routed (logical) experts in the whole group; divisible by its size unless
+            ``num_slots`` is given (8 experts on 3 ranks as 9 slots, say), and by its node count.
         num_topk: K, experts per token.
         num_shared_experts: experts every token goes through on its own rank (DeepSeek-style;
             fused into one SwiGLU of ``num_shared_experts * ffn_hidden``).
@@ -101,12 +102,17 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer: `buffer` works over ranks {_ranks(self.buffer.group)}, the mesh's "
                              f"expert-parallel ranks are {_ranks(ep_group)} (rank {dist.get_rank()})")
         R, rank = self.buffer.group_size, self.buffer.rank
-        if num_experts % R:
-            raise ValueError(f"MoELayer: `num_experts` ({num_experts}) must divide by the group size {R}")
+        if num_slots is None and num_experts % R:
+            raise ValueError(f"MoELayer: `num_experts` ({num_experts}) must divide by the group size {R} (rank "
+                             f"{rank}), or give `num_slots` >= {num_experts} divisible by {R} (e.g. "
+                             f"{-(-num_experts // R) * R}): the slots then carry the uneven split")
         S = num_experts if num_slots is None else num_slots
         if isinstance(S, bool) or not isinstance(S, int) or S < num_experts or S % R:
             raise ValueError(f"MoELayer: `num_slots` must be an int >= num_experts={num_experts} and divisible "
                              f"by the group size {R} (rank {rank}), got {num_slots!r}")
+        if num_experts % self.buffer.num_nodes:
+            raise ValueError(f"MoELayer: `num_experts` ({num_experts}) must divide by the {self.buffer.num_nodes} "
+                             f"nodes of the group (rank {rank}): each node starts with its own E / nodes experts")
         if not (num_chunks == "auto" or (isinstance(num_chunks, int) and num_chunks >= 1)):
             raise ValueError(f"MoELayer: `num_chunks` must be a positive int or 'auto', got {num_chunks!r}")
         if capacity_factor is not None and not capacity_factor > 0:

@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every N steps, re-plan expert placement from the measured loads and migrate "
                         "expert weights and optimizer state (0: never)")
     p.add_argument("--replicas", type=int, default=None,
-                   help="physical expert slots (default: experts + ranks with --rebalance-every, "
-                        "i.e. one spare slot per rank for a replica of a busy expert; else experts)")
+                   help="physical expert slots (default: experts, rounded up to a multiple of the "
+                        "expert-parallel ranks, + one spare slot per rank with --rebalance-every for a "
+                        "replica of a busy expert)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -69,16 +70,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dp < 1 or args.ranks % args.dp:
         raise SystemExit(f"moeflow demo: --dp {args.dp} must divide the {args.ranks} ranks")
     ep = args.ranks // args.dp
-    if args.ranks < 1 or args.experts % ep:
-        raise SystemExit(f"moeflow demo: --experts {args.experts} must divide by the {ep} expert-parallel ranks "
-                         f"(--ranks {args.ranks} / --dp {args.dp})")
+    if args.ranks < 1:
+        raise SystemExit(f"moeflow demo: --ranks must be >= 1, got {args.ranks}")
     if args.steps < 1:
         raise SystemExit(f"moeflow demo: --steps must be >= 1, got {args.steps}")
     if args.rebalance_every < 0:
         raise SystemExit(f"moeflow demo: --rebalance-every must be >= 0, got {args.rebalance_every}")
     replicas = args.replicas
-    if replicas is None:
-        replicas = args.experts + ep if args.rebalance_every else args.experts
+    if replicas is None:  # experts that do not divide by the ranks: as many slots as the next multiple
+        replicas = -(-args.experts // ep) * ep + (ep if args.rebalance_every else 0)
     if replicas < args.experts or replicas % ep:
         raise SystemExit(f"moeflow demo: --replicas {replicas} must be >= --experts {args.experts} "
                          f"and divide by the {ep} expert-parallel ranks")
