@@ -90,3 +90,225 @@ def test_replan_for_uneven_counts_and_joins():
     assert joined.moves == 4 and joined.logcnt[0].tolist() == [2] * E
     with pytest.raises(ValueError, match="num_new_gpus must be an int >= 1, got 0"):
         replan_after_join(prev, 0)
+
+
+# ------------------------------------------------------------------ training through lost and new ranks
+class _Net(torch.nn.Module):
+    """A dense layer, an MoE layer (E experts, S slots), a dense head."""
+
+    def __init__(self, num_slots):
+        super().__init__()
+        self.inp = torch.nn.Linear(D, D)
+        self.moe = MoELayer(D, FF, E, K, num_shared_experts=1, num_slots=num_slots, score_func="sigmoid",
+                            bias_update_rate=1e-2)
+        self.out = torch.nn.Linear(D, 1)
+
+    def forward(self, x):
+        return self.out(self.moe(self.inp(x)))
+
+
+def _batch(name, step):
+    """The batch of member ``name`` at ``step`` (the same when a step runs again)."""
+    g = torch.Generator().manual_seed(1000 * int(name[4:]) + step)
+    x = torch.randn(4, 8, D, generator=g)
+    return x, x.sum(-1, keepdim=True).sin()
+
+
+def _start(num_slots, num_members=None, **run_kw):
+    from moeflow.elastic import ElasticRun, Membership
+
+    m = Membership.start(num_members)
+    torch.manual_seed(0)
+    net = _Net(num_slots)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    return ElasticRun(net, opt, m, **run_kw)
+
+
+def _train_step(run, log):
+    """One step; False (after recovering) when a peer was lost."""
+    from moeflow import PeerFailureError
+
+    x, y = _batch(run.membership.name, run.step)
+    try:
+        with run.guard():
+            loss = ((run.model(x) - y) ** 2).mean()
+            run.optimizer.zero_grad()
+            loss.backward()
+            run.sync()
+        run.optimizer.step()
+        log[run.step] = loss.item()
+        run.commit()
+        return True
+    except PeerFailureError as e:
+        log["event"] = run.recover(e)
+        return False
+
+
+@torch.no_grad()
+def _probe(run):
+    """This member's outputs on its probe input (eval: no load counted): a collective."""
+    g = torch.Generator().manual_seed(77 + int(run.membership.name[4:]))
+    run.module.eval()
+    y = run.module(torch.randn(3, 8, D, generator=g))
+    run.module.train()
+    return y
+
+
+def _state(run):
+    """Dense weights by name, and each logical expert's (w1, w2, w3) held on this rank."""
+    net = run.module
+    dense = {n: p.detach().clone() for n, p in net.named_parameters() if ".experts." not in n}
+    experts = {e: (net.moe.experts.w1[i].clone(), net.moe.experts.w2[i].clone(), net.moe.experts.w3[i].clone())
+               for i, e in enumerate(net.moe.slots.local_experts())}
+    return dict(name=run.membership.name, dense=dense, experts=experts, step=run.step,
+                phy2log=net.moe.slots.phy2log.clone(), ranks=run.membership.num_ranks)
+
+
+def _rank_lose_one(num_slots, kill_step, steps, ckpt_dir, checkpoint_every):
+    import os
+    import signal
+
+    run = _start(num_slots, checkpoint_dir=ckpt_dir, checkpoint_every=checkpoint_every)
+    log, out = {}, {}
+    while run.step < steps:
+        if run.step == kill_step and "before" not in out:
+            out["before"] = _probe(run)
+            if run.membership.name == "rank3":
+                os.kill(os.getpid(), signal.SIGKILL)  # a lost GPU: gone without a word
+        if not _train_step(run, log):
+            out["after"] = _probe(run)  # recovered, before the failed step runs again
+            out["recovered"] = _state(run)
+    return dict(out, log=log, final=_state(run))
+
+
+def _rank_reference(num_slots, phy2log, ckpt, start, steps):
+    """A fresh 3-rank job loading the 4-rank job's checkpoint of ``start`` into the recovered placement."""
+    from moeflow import checkpoint
+
+    run = _start(num_slots)
+    checkpoint.load(run.module, ckpt, optimizer=run.optimizer, placements={"moe": phy2log})
+    run.step, log = start, {}
+    while run.step < steps:
+        assert _train_step(run, log)
+    return dict(log=log, final=_state(run))
+
+
+def _assert_same_model(got: list, want: list, what: str) -> None:
+    for a, b in zip(got, want):
+        for n in a["dense"]:
+            torch.testing.assert_close(a["dense"][n], b["dense"][n], rtol=1e-5, atol=1e-6, msg=f"{what}: {n}")
+    held_a = {e: w for o in got for e, w in o["experts"].items()}
+    held_b = {e: w for o in want for e, w in o["experts"].items()}
+    assert sorted(held_a) == sorted(held_b) == list(range(E))
+    for e in range(E):
+        for x, y in zip(held_a[e], held_b[e]):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"{what}: expert {e}")
+
+
+@pytest.mark.faults
+def test_lost_rank_with_replicas_training_goes_on_as_a_restart_would(tmp_path, monkeypatch):
+    """4 ranks, a spare replica of every expert; rank 3 is killed at step 3. The survivors go on
+    in the same processes with no step lost: the same outputs right after recovery, and after 3
+    more steps the weights and losses of a fresh 3-rank job started from the step-3 checkpoint."""
+    monkeypatch.setenv("MOEFLOW_TIMEOUT_S", "20")
+    ckpt, kill, steps = str(tmp_path / "ckpt"), 3, 6
+    outs = spawn(_rank_lose_one, 4, 2 * E, kill, steps, ckpt, kill, timeout_s=240, return_failures=True)
+    assert isinstance(outs[3], Exception) and outs[3].exitcode == -9
+    survivors = outs[:3]
+    for o in survivors:
+        ev = o["log"]["event"]
+        assert (ev["kind"], ev["step"], ev["lost"], ev["members"]) == ("loss", kill, ["rank3"],
+                                                                       ["rank0", "rank1", "rank2"])
+        assert ev["restored"] == {} and ev["steps_lost"] == 0 and not ev["rolled_forward"]
+        torch.testing.assert_close(o["after"], o["before"], **TOL)  # the same model on 3 ranks
+        assert o["recovered"]["ranks"] == 3 and o["recovered"]["phy2log"].numel() == 12
+        assert sorted(k for k in o["log"] if k != "event") == list(range(steps)) and o["final"]["step"] == steps
+    ref = spawn(_rank_reference, 3, 12, survivors[0]["recovered"]["phy2log"], f"{ckpt}/step{kill}", kill, steps,
+                timeout_s=240)
+    _assert_same_model([o["final"] for o in survivors], [r["final"] for r in ref], "after recovery")
+    for o, r in zip(survivors, ref):
+        for s in range(kill, steps):
+            assert o["log"][s] == pytest.approx(r["log"][s], rel=1e-5), (o["final"]["name"], s)
+
+
+@pytest.mark.faults
+def test_lost_rank_without_replicas_restores_its_experts_from_the_checkpoint(tmp_path, monkeypatch):
+    """8 experts on 4 ranks, no spare: rank 3's experts (6, 7) come back from the step-2
+    checkpoint when it dies at step 3 (one step lost for them); the survivors take 3 slots each."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    monkeypatch.setenv("MOEFLOW_TIMEOUT_S", "20")
+    ckpt = str(tmp_path / "ckpt")
+    outs = spawn(_rank_lose_one, 4, E, 3, 5, ckpt, 2, timeout_s=240, return_failures=True)
+    survivors = outs[:3]
+    assert all(not isinstance(o, Exception) for o in survivors), outs
+    for o in survivors:
+        ev = o["log"]["event"]
+        assert ev["restored"] == {"moe": [6, 7]} and ev["checkpoint_step"] == 2 and ev["steps_lost"] == 1
+        assert o["recovered"]["phy2log"].numel() == 9 and o["final"]["step"] == 5
+        assert all(torch.isfinite(torch.tensor(v)) for k, v in o["log"].items() if k != "event")
+    dcp_to_torch_save(f"{ckpt}/step2", str(tmp_path / "step2.pt"))
+    saved = torch.load(tmp_path / "step2.pt", weights_only=False)
+    held = {e: w for o in survivors for e, w in o["recovered"]["experts"].items()}
+    assert sorted(held) == list(range(E))
+    for e in (6, 7):
+        for j, w in enumerate(("w1", "w2", "w3")):
+            torch.testing.assert_close(held[e][j], saved["model"]["moe.experts." + w][str(e)], rtol=0, atol=0)
+    # the experts that survived kept their step-3 weights: not the checkpoint's
+    assert not torch.equal(held[0][0], saved["model"]["moe.experts.w1"]["0"])
+
+
+def _rank_join(steps):
+    from moeflow.elastic import ElasticRun, Membership
+
+    if dist.get_rank() == 3:  # a process that was not in the job: it asks to join
+        m, transition = Membership.join(name="rank3")
+        torch.manual_seed(5)  # its own weights: the members' must replace them
+        net = _Net(4 * 4)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        run = ElasticRun(net, opt, m, transition=transition)
+        out = dict(joined_at=run.step, after=_probe(run))
+    else:
+        run = _start(12, num_members=3)
+        run.membership.store.wait(["join/0"])  # deterministic: the request is there before step 1
+        out = {}
+    log = {}
+    while run.step < steps:
+        x, y = _batch(run.membership.name, run.step)
+        with run.guard():
+            loss = ((run.model(x) - y) ** 2).mean()
+            run.optimizer.zero_grad()
+            loss.backward()
+            run.sync()
+        run.optimizer.step()
+        log[run.step] = loss.item()
+        before = _probe(run)
+        if run.commit() is not None:
+            out.update(before=before, after=_probe(run), joined_at=run.step, event=run.events[-1])
+    return dict(out, log=log, final=_state(run))
+
+
+def test_rank_added_at_a_step_boundary():
+    """3 ranks train; a fourth process asks to join and is taken in after step 2: the model's
+    outputs before and after the migration are equal, and training goes on over 4 ranks."""
+    outs = spawn(_rank_join, 4, 5, timeout_s=240)
+    assert {o["joined_at"] for o in outs} == {2}
+    for o in outs[:3]:
+        torch.testing.assert_close(o["after"], o["before"], **TOL)
+        ev = o["event"]
+        assert (ev["kind"], ev["joined"], ev["members"]) == ("join", ["rank3"], ["rank0", "rank1", "rank2", "rank3"])
+        assert ev["moves"] > 0 and sorted(o["log"]) == list(range(5))
+    assert sorted(outs[3]["log"]) == [2, 3, 4]
+    finals = [o["final"] for o in outs]
+    assert all(f["ranks"] == 4 and f["phy2log"].numel() == 16 for f in finals)
+    for n in finals[0]["dense"]:  # the joiner took the members' dense weights and kept step with them
+        for f in finals[1:]:
+            torch.testing.assert_close(f["dense"][n], finals[0]["dense"][n], rtol=0, atol=0)
+    held: dict = {}
+    for f in finals:
+        for e, w in f["experts"].items():
+            held.setdefault(e, []).append(w)
+    assert sorted(held) == list(range(E)) and all(len(r) == 2 for r in held.values())
+    for e, reps in held.items():  # replicas stay equal, the joiner's included
+        for a, b in zip(reps[0], reps[1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"expert {e}")

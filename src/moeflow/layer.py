@@ -224,6 +224,29 @@ class MoELayer(nn.Module):
         new_idx = torch.where(keep, flat, -1).view(T, K)
         return new_idx, torch.where(keep.view(T, K), topk_weights, 0.0)
 
+    # ----------------------------------------------------------------------------- regroup
+    def regroup(self, buffer: Buffer, phy2log: torch.Tensor, *, previous: torch.Tensor, old_ranks: list[int],
+                old_num_ranks: int, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+        """Work over a new group from now on (ranks were lost or joined; :mod:`moeflow.elastic`):
+        the router sums its load through ``buffer``'s transport, and the expert slots move to
+        the new placement (:meth:`ExpertSlots.regroup`, which has the arguments and returns the
+        slots left for a checkpoint to fill). Every rank of the new group calls it.
+
+        Raises:
+            ValueError: a layer built on a mesh or with node-limited routing (the nodes of a
+                group that lost ranks are uneven), and what :meth:`ExpertSlots.regroup` raises.
+        """
+        if self.mesh is not None or self.router.max_nodes_per_token < self.router.num_nodes:
+            raise ValueError(f"MoELayer.regroup: only layers over a process group without node-limited routing move to "
+                             f"a new group (this one has {'a mesh' if self.mesh is not None else 'max_nodes_per_token'}"
+                             f"; rank {buffer.rank})")
+        self.buffer = buffer
+        self.router.transport, self.router.group = buffer.transport, buffer.group
+        self.router.num_nodes = self.router.max_nodes_per_token = buffer.num_nodes  # no node limit (checked above)
+        self._chunk_tuner = None  # its timings were for the old group
+        return self.slots.regroup(buffer, phy2log, previous=previous, old_ranks=old_ranks,
+                                  old_num_ranks=old_num_ranks, optimizer=optimizer)
+
     # ----------------------------------------------------------------------------- weights
     @torch.no_grad()
     def load_global_weights(self, gate: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,

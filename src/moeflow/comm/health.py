@@ -245,6 +245,8 @@ class Watchdog:
         self.waiting = True
         try:
             yield
+        except PeerFailureError:
+            raise  # a watched call inside the block has already named the lost ranks
         except RuntimeError as cause:  # torch.distributed's errors are RuntimeErrors (DistError too)
             self.waiting = False
             err = self.diagnose(call, kind, cause, time.monotonic() - t0)

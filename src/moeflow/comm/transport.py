@@ -175,6 +175,10 @@ class Transport:
         """Wait until every rank of the group got here; counted as one call."""
         raise NotImplementedError
 
+    def broadcast(self, tensor: torch.Tensor, src: int, kind: str = "broadcast") -> torch.Tensor:
+        """``tensor`` of group rank ``src`` copied into ``tensor`` on every rank; counted as one call."""
+        raise NotImplementedError
+
     def destroy(self) -> None:
         """Free what the transport keeps between calls (it comes back on the next call)."""
 
@@ -318,6 +322,10 @@ class ProcessGroupTransport(Transport):
 
     def barrier(self, kind: str = "barrier") -> None:
         self._host_collective(kind, dist.barrier)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, kind: str = "broadcast") -> torch.Tensor:
+        self._host_collective(kind, dist.broadcast, tensor, group_src=src)
+        return tensor
 
     def _host_collective(self, kind: str, collective: Callable, *args, **kwargs) -> None:
         """A small collective the host waits for, timed on any device and counted as one call
