@@ -92,6 +92,34 @@ def test_replan_for_uneven_counts_and_joins():
         replan_after_join(prev, 0)
 
 
+def test_plan_migration_across_groups():
+    """Slots move between processes, not group ranks: a lost rank's slots are no source (its
+    experts with no other replica are `missing`), a joiner holds nothing at first."""
+    from moeflow.balance.replicas import plan_migration
+
+    old = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3])   # 4 ranks x 3 slots; rank 1 holds 3, 4, 5
+    new = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0])            # 3 ranks x 3 slots
+    old_ranks = [0, 2, 3]                                       # rank 1 is gone
+    plans = [plan_migration(old, new, 3, r, old_ranks=old_ranks, old_num_ranks=4) for r in range(3)]
+    assert [p.missing.tolist() for p in plans] == [[], [1, 2], []]   # experts 4, 5: only on the lost rank
+    held = {r: old[3 * o:3 * o + 3].tolist() for r, o in enumerate(old_ranks)}
+    for r, p in enumerate(plans):
+        for slot in range(3):
+            e = int(new[3 * r + slot])
+            src = int(p.local_src[slot])
+            if src >= 0:
+                assert held[r][src] == e                         # a local copy of the right expert
+            elif slot not in p.missing.tolist():
+                sender = next(s for s in range(3) if slot in plans[r].recv_slots[s].tolist())
+                k = plans[r].recv_slots[sender].tolist().index(slot)
+                assert held[sender][int(plans[sender].send_slots[r][k])] == e
+    # a joiner (new rank 3, old rank -1) receives every slot; nothing is missing
+    grow = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7])
+    plans = [plan_migration(old, grow, 4, r, old_ranks=[0, 1, 2, -1], old_num_ranks=4) for r in range(4)]
+    assert all(p.missing.numel() == 0 for p in plans)
+    assert (plans[3].local_src == -1).all() and sum(x.numel() for x in plans[3].recv_slots) == 4
+
+
 # ------------------------------------------------------------------ training through lost and new ranks
 class _Net(torch.nn.Module):
     """A dense layer, an MoE layer (E experts, S slots), a dense head."""
@@ -256,6 +284,64 @@ def test_lost_rank_without_replicas_restores_its_experts_from_the_checkpoint(tmp
             torch.testing.assert_close(held[e][j], saved["model"]["moe.experts." + w][str(e)], rtol=0, atol=0)
     # the experts that survived kept their step-3 weights: not the checkpoint's
     assert not torch.equal(held[0][0], saved["model"]["moe.experts.w1"]["0"])
+
+
+def _rank_behind(steps):
+    """Rank 3 dies right after the step-1 collectives; rank 2 fails there too (as when the dead rank
+    broke the step's last collective on it alone); ranks 0 and 1 finish step 1 and fail in step 2."""
+    import os
+    import signal
+
+    from moeflow import PeerFailureError
+
+    run = _start(2 * E)
+    name, log, out = run.membership.name, {}, {}
+    while run.step < steps:
+        x, y = _batch(name, run.step)
+        try:
+            with run.guard():
+                loss = ((run.model(x) - y) ** 2).mean()
+                run.optimizer.zero_grad()
+                loss.backward()
+                run.sync()
+            if run.step == 1 and name == "rank3":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if run.step == 1 and name == "rank2" and "event" not in log:
+                raise PeerFailureError("injected: the step's last collective failed here", 2, 0, "test", [3], [])
+            run.optimizer.step()
+            log[run.step] = loss.item()
+            run.commit()
+        except PeerFailureError as e:
+            log["event"] = run.recover(e)
+            out["recovered"] = _state(run)
+    return dict(out, log=log, final=_state(run))
+
+
+@pytest.mark.faults
+def test_a_survivor_behind_by_one_step_finishes_it(monkeypatch):
+    """Survivors that disagree on whether the failed step finished: the one behind takes the
+    optimizer step from its own (complete) gradients and the dense state of one ahead, so every
+    replica and dense weight is the same everywhere, and all go on from step 2."""
+    monkeypatch.setenv("MOEFLOW_TIMEOUT_S", "20")
+    outs = spawn(_rank_behind, 4, 4, timeout_s=240, return_failures=True)
+    survivors = outs[:3]
+    assert all(not isinstance(o, Exception) for o in survivors), outs
+    assert [o["log"]["event"]["rolled_forward"] for o in survivors] == [False, False, True]
+    assert all(o["log"]["event"]["step"] == 2 and o["final"]["step"] == 4 for o in survivors)
+    for key in ("recovered", "final"):
+        states = [o[key] for o in survivors]
+        for n in states[0]["dense"]:
+            for st in states[1:]:
+                torch.testing.assert_close(st["dense"][n], states[0]["dense"][n], rtol=0, atol=0, msg=f"{key} {n}")
+        held: dict = {}
+        for st in states:
+            for e, w in st["experts"].items():
+                held.setdefault(e, []).append(w)
+        assert sorted(held) == list(range(E)) and any(len(r) > 1 for r in held.values())
+        for e, reps in held.items():
+            for rep in reps[1:]:
+                for a, b in zip(reps[0], rep):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{key}: expert {e}")
 
 
 def _rank_join(steps):

@@ -47,6 +47,7 @@ docs/elastic.md has what survives what, timings and torchrun.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -172,23 +173,27 @@ class ElasticRun:
         t0 = time.monotonic()
         dead = list(error.dead_ranks)
         _drop_frames(error)
+        rolled = False
         for _ in range(_MAX_ROUNDS):
             self._release()
-            info = {"committed": self.step, "checkpoints": self._checkpoints}
-            transition = self.membership.after_failure(dead, info)
-            t_agreed = time.monotonic()
-            done = [r["committed"] for r in transition.reports.values()]
-            rolled = self.step < max(done)
-            if rolled:  # a survivor finished the step: finish it too (its gradients are complete)
-                self.optimizer.step()
-                self.step += 1
-            source = next(i for i, m in enumerate(transition.members) if transition.reports[m]["committed"] == max(done))
-            common = set.intersection(*(set(r["checkpoints"]) for r in transition.reports.values()))
-            self._checkpoints = sorted(common)
             try:
+                transition = self.membership.after_failure(dead, {"committed": self.step,
+                                                                  "checkpoints": self._checkpoints})
+                t_agreed = time.monotonic()
+                done = [r["committed"] for r in transition.reports.values()]
+                if self.step < max(done):
+                    # a survivor finished the failed step, so every survivor had entered its last
+                    # collective: this one's gradients are complete; it finishes the step too
+                    self.optimizer.step()
+                    self.step, rolled = self.step + 1, True
+                source = transition.members.index(next(m for m in transition.members
+                                                       if transition.reports[m]["committed"] == max(done)))
+                self._checkpoints = sorted(set.intersection(*(set(r["checkpoints"])
+                                                              for r in transition.reports.values())))
                 event = self._handover(transition, source, t_agreed)
-            except PeerFailureError as again:  # another loss during the hand-over: one more round
+            except PeerFailureError as again:  # another loss during the recovery: one more round
                 dead = list(again.dead_ranks)
+                _drop_frames(again)
                 continue
             event.update(agree_s=t_agreed - t0, rolled_forward=rolled)
             self.events.append(event)
@@ -229,7 +234,7 @@ class ElasticRun:
                           phy2log={n: layer.slots.phy2log.tolist() for n, layer in self.layers.items()},
                           num_load_updates={n: layer.router.num_load_updates for n, layer in self.layers.items()})
             m.store.set(key, json.dumps(header))
-        header = json.loads(m.store.get(key))
+        header = json.loads(_wait_get(m, key, source))
         self.step, self._checkpoints = header["step"], header["checkpoints"]
         self._previous = {n: torch.tensor(p, dtype=torch.int64) for n, p in header["phy2log"].items()}
         for n, layer in self.layers.items():
@@ -329,6 +334,16 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import _init_optim_state
 
     _init_optim_state(optimizer)
+
+
+def _wait_get(m: Membership, key: str, writer: int) -> bytes:
+    """``m.store``'s value at ``key``, waiting at most the timeout for rank ``writer`` to write it."""
+    try:
+        m.store.wait([key], datetime.timedelta(seconds=m.timeout_s))
+    except RuntimeError as cause:  # the store's timeout (DistStoreError)
+        raise PeerFailureError(f"ElasticRun: rank {writer} did not hand its state over within {m.timeout_s:g} s "
+                               f"(rank {m.rank})", m.rank, 0, "handover", [], [writer]) from cause
+    return m.store.get(key)
 
 
 def _drop_frames(error: BaseException) -> None:

@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .health import resolve_timeout
+from .health import PeerFailureError, resolve_timeout
 
 __all__ = ["Membership", "Transition", "LeftOutError"]
 
@@ -210,6 +210,8 @@ class Membership:
         if self.rank == 0 and not self._admit_posted:
             waiting = int(kv.add("joiners", 0))
             if waiting > self._joined:
+                # a joiner writes its name right after taking its ticket
+                kv.wait([f"join/{k}" for k in range(self._joined, waiting)], datetime.timedelta(seconds=self.timeout_s))
                 names = [kv.get(f"join/{k}").decode() for k in range(self._joined, waiting)]
                 kv.compare_set(f"g{n}/admit", "", json.dumps({"at_step": step + 1, "joiners": names}))
                 self._admit_posted = True
@@ -293,9 +295,14 @@ class Membership:
         options = {}
         if self.backend == "nccl":
             options["device_id"] = torch.device("cuda", torch.cuda.current_device())
-        dist.init_process_group(self.backend, store=dist.PrefixStore(f"g{n}/pg", kv), rank=self.rank,
-                                world_size=self.num_ranks, timeout=datetime.timedelta(seconds=self.timeout_s),
-                                **options)
+        try:
+            dist.init_process_group(self.backend, store=dist.PrefixStore(f"g{n}/pg", kv), rank=self.rank,
+                                    world_size=self.num_ranks, timeout=datetime.timedelta(seconds=self.timeout_s),
+                                    **options)
+        except RuntimeError as cause:  # a member never came (it died after the agreement)
+            raise PeerFailureError(f"Membership: generation {n} ({self.members}) did not form within "
+                                   f"{self.timeout_s:g} s on {self.name}: a member did not come", self.rank, 0,
+                                   "membership", [], []) from cause
 
 
 def _elastic_store(store: Optional[dist.Store]) -> dist.Store:
