@@ -398,3 +398,45 @@ def test_rank_added_at_a_step_boundary():
     for e, reps in held.items():  # replicas stay equal, the joiner's included
         for a, b in zip(reps[0], reps[1]):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"expert {e}")
+
+
+# ------------------------------------------------------------------ moeflow demo --elastic
+def test_demo_elastic_rejects_bad_flags():
+    from moeflow.cli import main
+
+    base = ["demo", "--ranks", "4", "--steps", "10"]
+    for extra, msg in ((["--elastic", "--kill-rank", "1"], "--kill-rank and --at-step go together"),
+                       (["--kill-rank", "1", "--at-step", "3"], "need --elastic"),
+                       (["--elastic", "--kill-rank", "4", "--at-step", "3"], r"--kill-rank must be a rank in \[0, 4\)"),
+                       (["--elastic", "--kill-rank", "1", "--at-step", "3", "--add-rank-at-step", "3"],
+                        "must come after --at-step"),
+                       (["--elastic", "--kill-rank", "1", "--at-step", "3", "--replicas", "16"],
+                        "give --checkpoint-every N"),
+                       (["--elastic", "--rebalance-every", "5"], "no --rebalance-every")):
+        with pytest.raises(SystemExit, match=msg):
+            main(base + extra)
+
+
+@pytest.mark.faults
+def test_demo_elastic_marks_the_loss_and_the_join(tmp_path, monkeypatch, capsys):
+    """The demo loses rank 1 at step 2 and takes a process in after step 4; its report and plot say so."""
+    import json
+
+    from moeflow.cli import main
+    from moeflow.demo_plot import elastic_events
+
+    monkeypatch.setenv("MOEFLOW_TIMEOUT_S", "20")
+    out = tmp_path / "demo"
+    assert main(["demo", "--elastic", "--ranks", "3", "--steps", "6", "--layers", "2", "--batch-size", "2",
+                 "--experts", "6", "--kill-rank", "1", "--at-step", "2", "--add-rank-at-step", "4", "--quiet",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["history"]["step"] == list(range(6)) and report["history"]["ranks"] == [3, 3, 2, 2, 3, 3]
+    loss, join = report["elastic"]["events"]
+    assert (loss["kind"], loss["step"], loss["lost"], loss["restored"]) == ("loss", 2, ["rank1"], {})
+    assert loss["step_done_s"] > loss["detect_s"] > 0
+    assert (join["kind"], join["step"], join["joined"]) == ("join", 4, ["rank3"])
+    assert [(s, c) for _, s, c in elastic_events(report)] == [(2, "black"), (4, "green")]
+    assert (out / "training.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "rank1 lost at step 2" in printed and "no step lost" in printed and "rank3 joined after step 4" in printed

@@ -240,6 +240,10 @@ class Membership:
     def num_ranks(self) -> int:
         return len(self.members)
 
+    def waiting_joiners(self) -> int:
+        """Processes that asked to :meth:`join` and were not taken in yet (one store read)."""
+        return int(self._kv.add("joiners", 0)) - self._joined
+
     @property
     def store(self) -> dist.Store:
         """The job's store under ``moeflow/elastic/``: for the small records of a hand-over."""

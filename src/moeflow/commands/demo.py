@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "expert-parallel ranks, + one spare slot per rank with --rebalance-every for a "
                         "replica of a busy expert)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .demo_elastic import add_arguments as add_elastic_arguments
+
+    add_elastic_arguments(p)
 
 
 def flags_text(args: argparse.Namespace) -> str:
@@ -76,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"moeflow demo: --steps must be >= 1, got {args.steps}")
     if args.rebalance_every < 0:
         raise SystemExit(f"moeflow demo: --rebalance-every must be >= 0, got {args.rebalance_every}")
+    from . import demo_elastic
+
+    demo_elastic.check(args, ep)  # --elastic's flags; its default --replicas (two per expert)
     replicas = args.replicas
     if replicas is None:  # experts that do not divide by the ranks: as many slots as the next multiple
         replicas = -(-args.experts // ep) * ep + (ep if args.rebalance_every else 0)
@@ -87,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
                      bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
                      eval_every=max(1, min(DemoConfig().eval_every, args.steps)),
                      num_slots=replicas, rebalance_every=args.rebalance_every, dp=args.dp)
+    if args.elastic:
+        return demo_elastic.run(args, cfg)
     first = int(os.environ.get("RANK", "0")) == 0
     if first:
         print(f"moeflow demo: {args.ranks} ranks ({args.dp} data parallel x {ep} expert parallel), "
