@@ -9,11 +9,12 @@ Runs (each ``moeflow.demo_elastic.train_elastic``, the code ``moeflow demo --ela
                   (beside MOEFLOW_TIMEOUT_S, the timeout that detects a loss, and the baseline's
                   median step time), steps lost, and the mean loss over the --window steps from
                   the kill against the baselines' spread
-    no replica    16 slots (one replica each), a checkpoint every --checkpoint-every steps, the
-                  same kill: experts read back from the checkpoint and the steps they lost
+    no replica    16 slots (one replica each), a checkpoint every --checkpoint-every steps, rank 3
+                  killed halfway between two: experts read back from the checkpoint and the steps
+                  they lost
     join          the kill, then a fifth process joins after --add-at: ranks at the end, hand-over time
 
-Prints one table per target and the load (uptime) beside it. Takes ~25 minutes on a loaded 2-core
+Prints one table per target and the load (uptime) beside it. Takes ~15 minutes on a loaded 2-core
 machine with the defaults.
 
 Run: python benchmarks/bench_elastic.py [--steps 70] [--at-step 20] [--window 50] [--seeds 0 1 2]
@@ -99,26 +100,29 @@ def main() -> None:
     print(f"  time from the kill to the next completed step: mean {mean_done:.1f} s (target <= 10 s; "
           f"detection timeout MOEFLOW_TIMEOUT_S={timeout} s; median step without the kill "
           f"{statistics.median(r['step_s'] for r in rows):.2f} s)")
-    print(f"    of it: PeerFailureError {statistics.mean(r['detect'] for r in rows):.1f} s after the kill, agreement "
-          f"{statistics.mean(r['agree'] for r in rows):.1f} s, hand-over {statistics.mean(r['handover'] for r in rows):.2f} s")
-    print(f"  steps lost: {sum(r['lost'] for r in rows)}; steps completed {[r['steps'] for r in rows]} of {args.steps}; "
-          f"ranks at the end {[r['ranks'] for r in rows]}")
+    mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
+    print(f"    of it: PeerFailureError {mean('detect'):.1f} s after the kill, agreement {mean('agree'):.1f} s, "
+          f"hand-over {mean('handover'):.2f} s")
+    print(f"  steps lost: {sum(r['lost'] for r in rows)}; steps completed {[r['steps'] for r in rows]} of "
+          f"{args.steps}; ranks at the end {[r['ranks'] for r in rows]}")
     inside = [spread[0] <= r["hit"] <= spread[1] for r in rows]
     diffs = [r["hit"] - r["base"] for r in rows]
     print(f"  mean train loss over steps {S}..{S + W - 1}: with the kill {[round(r['hit'], 4) for r in rows]}; "
           f"without, the run-to-run spread over seeds is {spread[0]:.4f} .. {spread[1]:.4f} "
           f"(width {spread[1] - spread[0]:.4f}); inside it: {sum(inside)} of {len(rows)}; per seed, with minus "
           f"without: {[round(d, 4) for d in diffs]} (largest {max(map(abs, diffs)):.4f} against the spread's width)")
+    print(f"  over the seeds: {mean('hit'):.4f} with the kill, {mean('base'):.4f} without")
 
+    S2 = S + args.checkpoint_every // 2  # between two checkpoints
     cfg = replace(base_cfg, num_slots=base_cfg.num_experts)
-    nore = _run(cfg, Faults(**kill, checkpoint_every=args.checkpoint_every))
+    nore = _run(cfg, Faults(kill_rank=3, at_step=S2, checkpoint_every=args.checkpoint_every))
     ev = next(e for e in nore["elastic"]["events"] if e["kind"] == "loss")
-    print(f"\nKill rank 3 at step {S}, one replica per expert, a checkpoint every {args.checkpoint_every} steps")
+    print(f"\nKill rank 3 at step {S2}, one replica per expert, a checkpoint every {args.checkpoint_every} steps")
     print(f"  experts read back from the checkpoint of step {ev['checkpoint_step']}: {ev['restored']}; steps lost for "
           f"them: {ev['steps_lost']} (= steps since that checkpoint); the rest of the model lost none")
     print(f"  kill -> next step {ev['step_done_s']:.1f} s (agreement {ev['agree_s']:.1f} s, hand-over incl. the "
-          f"checkpoint read {ev['handover_s']:.2f} s); loss over steps {S}..{S + W - 1}: "
-          f"{_window_loss(nore, S, W):.4f}")
+          f"checkpoint read {ev['handover_s']:.2f} s); loss over steps {S2}..{S2 + W - 1}: "
+          f"{_window_loss(nore, S2, W):.4f}")
 
     cfg = replace(base_cfg, **spare)
     join = _run(cfg, Faults(**kill, add_rank_at_step=args.add_at))

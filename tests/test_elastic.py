@@ -152,17 +152,23 @@ def _start(num_slots, num_members=None, **run_kw):
     return ElasticRun(net, opt, m, **run_kw)
 
 
+def _collectives(run):
+    """Every collective of a step (forward, backward, sync); returns the loss."""
+    x, y = _batch(run.membership.name, run.step)
+    with run.guard():
+        loss = ((run.model(x) - y) ** 2).mean()
+        run.optimizer.zero_grad()
+        loss.backward()
+        run.sync()
+    return loss
+
+
 def _train_step(run, log):
     """One step; False (after recovering) when a peer was lost."""
     from moeflow import PeerFailureError
 
-    x, y = _batch(run.membership.name, run.step)
     try:
-        with run.guard():
-            loss = ((run.model(x) - y) ** 2).mean()
-            run.optimizer.zero_grad()
-            loss.backward()
-            run.sync()
+        loss = _collectives(run)
         run.optimizer.step()
         log[run.step] = loss.item()
         run.commit()
@@ -286,6 +292,18 @@ def test_lost_rank_without_replicas_restores_its_experts_from_the_checkpoint(tmp
     assert not torch.equal(held[0][0], saved["model"]["moe.experts.w1"]["0"])
 
 
+@pytest.mark.faults
+def test_lost_experts_without_a_checkpoint_raise_on_every_survivor(monkeypatch):
+    """No spare replica and no checkpoint: every survivor raises, naming the lost experts, well
+    within the timeout (no survivor waits on another)."""
+    monkeypatch.setenv("MOEFLOW_TIMEOUT_S", "20")
+    outs = spawn(_rank_lose_one, 4, E, 2, 4, None, 0, timeout_s=120, return_failures=True)
+    for o in outs[:3]:
+        assert isinstance(o, Exception) and o.exitcode is None, o
+        assert re.search(r"RuntimeError: ElasticRun: experts \{'moe': \[6, 7\]\} lost every replica with \['rank3'\] "
+                         r"and no checkpoint holds them", o.traceback), o.traceback[-600:]
+
+
 def _rank_behind(steps):
     """Rank 3 dies right after the step-1 collectives; rank 2 fails there too (as when the dead rank
     broke the step's last collective on it alone); ranks 0 and 1 finish step 1 and fail in step 2."""
@@ -297,13 +315,8 @@ def _rank_behind(steps):
     run = _start(2 * E)
     name, log, out = run.membership.name, {}, {}
     while run.step < steps:
-        x, y = _batch(name, run.step)
         try:
-            with run.guard():
-                loss = ((run.model(x) - y) ** 2).mean()
-                run.optimizer.zero_grad()
-                loss.backward()
-                run.sync()
+            loss = _collectives(run)
             if run.step == 1 and name == "rank3":
                 os.kill(os.getpid(), signal.SIGKILL)
             if run.step == 1 and name == "rank2" and "event" not in log:
@@ -360,12 +373,7 @@ def _rank_join(steps):
         out = {}
     log = {}
     while run.step < steps:
-        x, y = _batch(run.membership.name, run.step)
-        with run.guard():
-            loss = ((run.model(x) - y) ** 2).mean()
-            run.optimizer.zero_grad()
-            loss.backward()
-            run.sync()
+        loss = _collectives(run)
         run.optimizer.step()
         log[run.step] = loss.item()
         before = _probe(run)

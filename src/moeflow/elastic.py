@@ -56,7 +56,6 @@ import traceback
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint
@@ -161,8 +160,8 @@ class ElasticRun:
 
         Returns:
             The event (also appended to :attr:`events`): ``kind`` "loss", ``step`` (where to go
-            on), ``generation``, ``members``, ``lost``, ``moves`` (slots whose weights crossed
-            ranks), ``restored`` (``{layer: experts}`` read from the checkpoint of step
+            on), ``generation``, ``members``, ``lost``, ``moves`` (slots whose expert changed:
+            copied from a surviving replica or read back), ``restored`` (``{layer: experts}`` read from the checkpoint of step
             ``checkpoint_step``, each losing ``steps_lost`` steps), ``rolled_forward`` (this rank
             finished the failed step from its gradients), ``agree_s`` and ``handover_s``.
 
@@ -206,23 +205,25 @@ class ElasticRun:
         over the new group, Buffers, DDP."""
         m = self.membership
         ckpt = self._handover_header(transition, source)
+        orphans = self._orphans(transition)
+        if orphans and ckpt is None:  # known alike on every member: all raise here, before any collective
+            raise RuntimeError(f"ElasticRun: experts {orphans} lost every replica with {transition.lost} and no "
+                               f"checkpoint holds them (give checkpoint_dir and checkpoint_every, or spare replicas)")
         transport = ProcessGroupTransport(None, timeout_s=m.timeout_s)
         watchdog = Watchdog(None, m.timeout_s, name="hand-over") if m.num_ranks > 1 else None
         with watchdog.guard("handover") if watchdog is not None else contextlib.nullcontext():
             if m.name in transition.joined:
                 _init_optimizer_state(self.optimizer)
-            broadcast_tensors(transport, self._dense_state(), source)
-            moves, restored = self._regroup_layers(transition)
-            if restored:
-                if ckpt is None:
-                    raise RuntimeError(f"ElasticRun: experts {restored} lost every replica and no checkpoint holds "
-                                       f"them (give checkpoint_dir and checkpoint_every, or spare replicas)")
-                checkpoint.load_experts(self.module, self._checkpoint_path(ckpt), restored, optimizer=self.optimizer)
+            device = next(self.module.parameters()).device  # the backend's (Adam's step counts live on the CPU)
+            broadcast_tensors(transport, self._dense_state(), source, device=device)
+            moves = self._regroup_layers(transition)
+            if orphans:
+                checkpoint.load_experts(self.module, self._checkpoint_path(ckpt), orphans, optimizer=self.optimizer)
             self._wire()
         return dict(kind="loss" if transition.lost else "join", step=self.step, generation=transition.generation,
                     members=transition.members, lost=transition.lost, joined=transition.joined, moves=moves,
-                    restored=restored, checkpoint_step=ckpt if restored else None,
-                    steps_lost=self.step - ckpt if restored else 0, handover_s=time.monotonic() - time_start)
+                    restored=orphans, checkpoint_step=ckpt if orphans else None,
+                    steps_lost=self.step - ckpt if orphans else 0, handover_s=time.monotonic() - time_start)
 
     def _handover_header(self, transition: Transition, source: int) -> Optional[int]:
         """What the source rank knows and a joiner does not, through the store; returns the
@@ -241,22 +242,34 @@ class ElasticRun:
             layer.router.num_load_updates = header["num_load_updates"][n]
         return self._checkpoints[-1] if self._checkpoints else None
 
-    def _regroup_layers(self, transition: Transition) -> tuple[int, dict[str, list[int]]]:
-        """Plan each layer over the new group and move its slots; ``(moves, {layer: experts to restore})``."""
+    def _orphans(self, transition: Transition) -> dict[str, list[int]]:
+        """``{layer: experts}`` that had every replica on the ranks ``transition`` lost."""
+        R_old, out = len(transition.previous), {}
+        kept = [r for r, name in enumerate(transition.previous) if name in transition.members]
+        for name, layer in self.layers.items():
+            old = self._previous[name]
+            L = old.numel() // R_old
+            held = set(torch.cat([old[r * L:(r + 1) * L] for r in kept]).tolist())
+            lost = [e for e in range(layer.num_experts) if e not in held]
+            if lost:
+                out[name] = lost
+        return out
+
+    def _regroup_layers(self, transition: Transition) -> int:
+        """Plan each layer over the new group and move its slots; the slots whose expert changed."""
         m = self.membership
         R_old, R = len(transition.previous), m.num_ranks
         old_ranks, lost = transition.old_ranks(), [transition.previous.index(x) for x in transition.lost]
         buffers: dict[int, Buffer] = {}
-        moves, restored = 0, {}
+        moves = 0
         for name, layer in self.layers.items():
             old = self._previous[name]
             E, S = layer.num_experts, old.numel() // R_old
             loads = layer.router.expert_load()[None] if layer.router.num_load_updates else None
             placement = Placement.from_phy2log(old[None], E, R_old)
-            orphaned: list[int] = []
             if lost:
-                rec = replan_after_loss(placement, lost, loads, num_slots_per_gpu=max(S, -(-E // (R_old - len(lost)))))
-                placement, orphaned = rec.placement, rec.orphaned[0].nonzero().flatten().tolist()
+                slots = max(S, -(-E // (R_old - len(lost))))  # more per survivor when fewer cannot hold every expert
+                placement = replan_after_loss(placement, lost, loads, num_slots_per_gpu=slots).placement
             if transition.joined:
                 placement = replan_after_join(placement, len(transition.joined), loads)
             new = placement.phy2log[0]
@@ -266,9 +279,7 @@ class ElasticRun:
             layer.regroup(buffers[id(old_buffer)], new, previous=old, old_ranks=old_ranks, old_num_ranks=R_old,
                           optimizer=self.optimizer)
             moves += placement.moves
-            if orphaned:
-                restored[name] = orphaned
-        return moves, restored
+        return moves
 
     def _dense_state(self) -> list[torch.Tensor]:
         """Every tensor of the model and optimizer that is the same on every rank, in one order

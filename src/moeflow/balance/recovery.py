@@ -139,7 +139,7 @@ def single_copy_experts(placement: Placement) -> list[list[int]]:
     """Per layer, the logical experts whose every replica lies on one GPU: losing that GPU
     loses them (their weights then come from a checkpoint). Empty lists mean any one GPU may
     be lost with no checkpoint read."""
-    P, S = placement.num_gpus, placement.num_replicas_per_gpu
+    S = placement.num_replicas_per_gpu
     out = []
     for row in placement.phy2log.numpy():
         gpus: dict[int, set[int]] = {}

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from .health import PeerFailureError, resolve_timeout
+from .transport import ProcessGroupTransport
 
 __all__ = ["Membership", "Transition", "LeftOutError"]
 
@@ -269,8 +270,6 @@ class Membership:
             time.sleep(0.02)
 
     def _barrier(self) -> None:
-        from .transport import ProcessGroupTransport
-
         if self.num_ranks > 1:
             ProcessGroupTransport(None, timeout_s=self.timeout_s).barrier(kind="membership")
 

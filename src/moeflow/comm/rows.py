@@ -8,7 +8,7 @@ rank's expert slots).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -63,19 +63,22 @@ def exchange_rows(transport: Transport, tensors: Sequence[torch.Tensor], send_ro
     return out
 
 
-def broadcast_tensors(transport: Transport, tensors: Sequence[torch.Tensor], src: int, kind: str = "state") -> None:
+def broadcast_tensors(transport: Transport, tensors: Sequence[torch.Tensor], src: int, kind: str = "state",
+                      device: Optional[torch.device] = None) -> None:
     """Copy ``tensors`` of group rank ``src`` into the same tensors on every rank, in place.
 
     One broadcast of bytes through ``transport`` (watched, counted under ``kind``): the tensors
-    (any shapes and dtypes, one device) are packed back to back. Every rank of the group calls
-    it with tensors of the same shapes and dtypes in the same order.
+    (any shapes and dtypes) are packed back to back on ``device`` (default: the first tensor's;
+    give the backend's device, e.g. CUDA for NCCL, when some live elsewhere, like Adam's CPU
+    ``step`` counts). Every rank of the group calls it with tensors of the same shapes and dtypes
+    in the same order.
     """
     if not tensors:
         return
-    device = tensors[0].device
+    device = tensors[0].device if device is None else device
     sizes = [t.numel() * t.element_size() for t in tensors]
     if transport.rank == src:
-        buf = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
+        buf = torch.cat([t.detach().reshape(-1).view(torch.uint8).to(device) for t in tensors])
     else:
         buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
     # one message for all of them, however many small tensors the state holds

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, cfg) -> int:
     failed = [o for o in outs if isinstance(o, RankError)]
     unexpected = [f for f in failed if f.rank != args.kill_rank or f.exitcode != -9]
     if unexpected or not reports:
-        raise SystemExit(f"moeflow demo --elastic: ranks failed:\n" + "\n".join(str(f) for f in unexpected or failed))
+        raise SystemExit("moeflow demo --elastic: ranks failed:\n" + "\n".join(str(f) for f in unexpected or failed))
     report = next(r for r in reports if r["rank"] == 0)
     print(f"validation loss {report['final_val_loss']:.3f} nats/byte (unigram baseline "
           f"{report['unigram_val_loss']:.3f}); {report['elastic']['final_ranks']} ranks at the end")
@@ -98,8 +98,9 @@ def describe(report: dict) -> list[str]:
     for e in el["events"]:
         if e["kind"] == "loss":
             lost = ", ".join(e["lost"])
-            timing = (f"PeerFailureError {e['detect_s']:.1f} s after the kill, survivors agreed in {e['agree_s']:.1f} s, "
-                      f"handed over in {e['handover_s']:.2f} s; step {e['step']} completed on {len(e['members'])} "
+            timing = (f"PeerFailureError {e['detect_s']:.1f} s after the kill, survivors agreed in "
+                      f"{e['agree_s']:.1f} s, handed over in {e['handover_s']:.2f} s; step {e['step']} completed on "
+                      f"{len(e['members'])} "
                       f"ranks {e['step_done_s']:.1f} s after the kill" if e.get("step_done_s") is not None
                       else f"agreed in {e['agree_s']:.1f} s, handed over in {e['handover_s']:.2f} s")
             restored = ("; no step lost" if not e["restored"] else
