@@ -408,6 +408,81 @@ def test_rank_added_at_a_step_boundary():
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"expert {e}")
 
 
+# ------------------------------------------------------------------ under torchrun
+def _torchrun_worker(steps=6, kill_step=3):
+    """A worker of 2 torchrun agents x 2: rank 3 dies at ``kill_step`` (its agent then stops rank 2)."""
+    import os
+    import signal
+
+    dist.init_process_group("gloo")
+    run = _start_over_nodes(2 * E)
+    log = {}
+    while run.step < steps:
+        if run.membership.name == "rank3" and run.step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        _train_step(run, log)
+    ev = log["event"]
+    print(f"RESULT {run.membership.name} members={ev['members']} agree_s={ev['agree_s']:.2f} "
+          f"steps={sorted(k for k in log if k != 'event')} ranks={run.membership.num_ranks}", flush=True)
+
+
+def _start_over_nodes(num_slots):
+    import os
+
+    from moeflow.elastic import ElasticRun, Membership
+
+    m = Membership.start()
+    # one node for the layers: slot s holds expert s % E, so each expert has a replica on each node
+    os.environ["LOCAL_WORLD_SIZE"] = str(m.num_ranks)
+    torch.manual_seed(0)
+    net = _Net(num_slots)
+    return ElasticRun(net, torch.optim.AdamW(net.parameters(), lr=1e-2), m)
+
+
+@pytest.mark.faults
+def test_node_lost_under_torchrun_the_other_node_goes_on(tmp_path):
+    """torchrun, 2 agents (emulated nodes) x 2 workers, --max-restarts 0: a worker of node 1 is
+    killed, its agent stops the node's other worker and fails; the workers of node 0 (whose agent
+    hosts the store) recover in their processes and finish the run on 2 ranks. The stopped
+    worker was named by no error: the survivors see its heartbeat stop (no wait for the timeout)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MOEFLOW_TIMEOUT_S="20",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")])))
+    logs = [tmp_path / f"node{n}.txt" for n in range(2)]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                                "2", "--node-rank", str(n), "--max-restarts", "0", "--master-addr", "127.0.0.1",
+                                "--master-port", str(port), str(Path(__file__).resolve()), "--torchrun-worker"],
+                               stdout=open(logs[n], "w"), stderr=subprocess.STDOUT, cwd=root, env=env)
+              for n in range(2)]
+    lines: list = []
+    try:
+        # node 0's agent then waits at torchrun's exit barrier for node 1 (300 s): not waited for here
+        deadline = time.monotonic() + 240
+        while len(lines) < 2 and time.monotonic() < deadline and agents[0].poll() is None:
+            time.sleep(1)
+            lines = sorted(line for line in logs[0].read_text().splitlines() if line.startswith("RESULT"))
+        agents[1].wait(timeout=60)
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    assert agents[1].returncode != 0, logs[1].read_text()[-3000:]
+    assert [line.split()[1] for line in lines] == ["rank0", "rank1"], logs[0].read_text()[-3000:]
+    for line in lines:
+        assert "members=['rank0', 'rank1']" in line and "steps=[0, 1, 2, 3, 4, 5] ranks=2" in line, line
+        assert float(line.split("agree_s=")[1].split()[0]) < 15, line  # under the 20 s timeout
+
+
 # ------------------------------------------------------------------ moeflow demo --elastic
 def test_demo_elastic_rejects_bad_flags():
     from moeflow.cli import main
@@ -448,3 +523,10 @@ def test_demo_elastic_marks_the_loss_and_the_join(tmp_path, monkeypatch, capsys)
     assert (out / "training.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "rank1 lost at step 2" in printed and "no step lost" in printed and "rank3 joined after step 4" in printed
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--torchrun-worker" in sys.argv:
+        _torchrun_worker()

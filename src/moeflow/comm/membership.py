@@ -13,8 +13,9 @@ serves, as the rendezvous store does.
 - :meth:`Membership.after_failure`: on every survivor of a failure (a
   :class:`~moeflow.comm.health.PeerFailureError`): leave the broken group at once (so that a peer
   still blocked on this rank fails now, not at its timeout), report whom the error named dead,
-  wait until every member has reported or been named dead (or the timeout passed), agree on the
-  survivors (the first proposal written wins: ``compare_set``), form the next group.
+  wait until every member has reported or been named dead, or its heartbeat stopped (or the
+  timeout passed), agree on the survivors (the first proposal written wins: ``compare_set``),
+  form the next group.
 - :meth:`Membership.join` (a new or restarted process) asks to join; the members check for such
   requests at each step boundary (:meth:`Membership.at_boundary`: one store read per rank, two on
   rank 0) and take the joiners in after the next step, every member at the same step.
@@ -41,7 +42,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .health import PeerFailureError, resolve_timeout
+from .health import PeerFailureError, read_heartbeat, resolve_timeout
 from .transport import ProcessGroupTransport
 
 __all__ = ["Membership", "Transition", "LeftOutError"]
@@ -99,7 +100,8 @@ class Membership:
         self.generation, self.members, self.previous, self._joined = -1, [], [], 0
         self._admit: Optional[dict] = None
         self._admit_posted = False
-        # after a failure, how long a member named dead by one report may still arrive with its own
+        # after a failure, how long a member named dead by one report may still arrive with its
+        # own; also the heartbeat interval (health.Watchdog's), three of which make a stopped beat
         self.settle_s = min(1.0, timeout_s / 10)
 
     # ------------------------------------------------------------------------------- entry points
@@ -174,8 +176,9 @@ class Membership:
         Call on every survivor, with the group ranks the error named dead (a
         :class:`~moeflow.comm.health.PeerFailureError`'s ``dead_ranks``). The broken group is
         left first. A member is waited for until it reports, or until some report names it dead
-        and ``settle_s`` passed, or until ``timeout_s`` passed; the members that reported form
-        the next generation, in their old order.
+        or its heartbeat stood still for three intervals (and ``settle_s`` passed), or until
+        ``timeout_s`` passed; the members that reported form the next generation, in their old
+        order.
 
         Args:
             dead_ranks: group ranks of this generation named dead.
@@ -186,10 +189,12 @@ class Membership:
             LeftOutError: the others agreed on a group without this process.
         """
         n = self.generation
+        # the broken group's store holds the members' heartbeats (its rank r is member r)
+        beats = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
         self._leave_group()
         dead = [self.members[r] for r in dead_ranks if 0 <= r < len(self.members)]
         self._kv.set(f"g{n}/report/{self.name}", json.dumps({"dead": dead, "info": info or {}}))
-        decision = self._agree(n, time.monotonic())
+        decision = self._agree(n, time.monotonic(), beats)
         if self.name not in decision["members"]:
             raise LeftOutError(f"Membership: {self.name} (rank {self.rank} of generation {n}) was left out of "
                                f"generation {n + 1}, which the others formed as {decision['members']}")
@@ -250,18 +255,28 @@ class Membership:
         """The job's store under ``moeflow/elastic/``: for the small records of a hand-over."""
         return self._kv
 
-    def _agree(self, n: int, since: float) -> dict:
-        """The agreed next generation ``{"members": [...], "reports": {...}}`` after a failure in ``n``."""
+    def _agree(self, n: int, since: float, beats: Optional[dist.Store]) -> dict:
+        """The agreed next generation ``{"members": [...], "reports": {...}}`` after a failure in
+        ``n``. A member that has not reported counts as dead once a report names it, or once its
+        heartbeat in ``beats`` stood still for three intervals (a process its launcher stopped
+        after the failure, say: no survivor's error named it)."""
         kv = self._kv
+        moved: dict[str, tuple] = {}  # member -> (its last beat seen, when that beat was first seen)
         while True:
             if kv.check([f"g{n}/next"]):
                 return json.loads(kv.get(f"g{n}/next"))
             reports = {m: json.loads(kv.get(f"g{n}/report/{m}")) for m in self.members
                        if kv.check([f"g{n}/report/{m}"])}
-            named = {d for r in reports.values() for d in r["dead"]}
+            now = time.monotonic()
             waiting = [m for m in self.members if m not in reports]
-            waited = time.monotonic() - since
-            if (not waiting or (set(waiting) <= named and waited >= self.settle_s)
+            for m in waiting:
+                beat = (read_heartbeat(beats, self.members.index(m)) or {}).get("beat") if beats is not None else None
+                if m not in moved or moved[m][0] != beat:
+                    moved[m] = (beat, now)
+            dead = {d for r in reports.values() for d in r["dead"]}
+            dead |= {m for m in waiting if now - moved[m][1] >= 3 * self.settle_s}
+            waited = now - since
+            if (not waiting or (set(waiting) <= dead and waited >= self.settle_s)
                     or waited >= self.timeout_s):
                 proposal = {"members": [m for m in self.members if m in reports],
                             "reports": {m: r["info"] for m, r in reports.items()}}
