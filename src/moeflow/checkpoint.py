@@ -62,7 +62,7 @@ from .balance.replicas import check_phy2log
 from .layer import MoELayer
 from .parallel.mesh import is_dtensor, local_tensor
 
-__all__ = ["save", "load", "expert_key", "CheckpointError", "MANIFEST"]
+__all__ = ["save", "load", "load_experts", "expert_key", "CheckpointError", "MANIFEST"]
 
 _EXPERT_WEIGHTS = ("w1", "w2", "w3")
 _NOT_SAVED = ("slots.phy2log",)  # the placement belongs to the run, not to the weights
@@ -617,3 +617,57 @@ def _read(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], layers: 
         container[key] = tensor
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+@torch.no_grad()
+def load_experts(model: nn.Module, checkpoint_id: Union[str, os.PathLike], experts: Mapping[str, list[int]], *,
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 process_group: Optional[dist.ProcessGroup] = None) -> None:
+    """Load only some logical experts from a checkpoint written by :func:`save`, in place.
+
+    Each rank fills its slots that hold one of ``experts`` (the weights, and with ``optimizer``
+    their per-slot state, e.g. Adam's moments; per-tensor scalars such as Adam's ``step`` stay);
+    everything else in ``model`` and ``optimizer`` is left as it is. For experts whose every
+    replica was lost with a rank (:mod:`moeflow.elastic`): the rest of the model keeps its newer
+    weights.
+
+    Args:
+        model: as for :func:`load` (not FSDP2-sharded experts).
+        checkpoint_id: the directory :func:`save` wrote.
+        experts: ``{layer name: [logical expert, ...]}`` ("" for a bare MoELayer).
+        optimizer: its per-slot state of those experts is loaded too (the checkpoint must hold it).
+        process_group: the group whose ranks read (default: the world); every rank of it calls,
+            with the same ``experts``.
+
+    Raises:
+        CheckpointError: as :func:`load` (the files are verified against the manifest first).
+    """
+    layers = _moe_layers(model, "load_experts")
+    unknown = sorted(set(experts) - set(layers))
+    if unknown:
+        raise ValueError(f"moeflow.checkpoint.load_experts: `experts` names layers {unknown}; the model's MoELayers "
+                         f"are {sorted(layers)}")
+    state: dict = {"model": {}, "optim": {"state": {}}}
+    targets = []  # (container, key, tensor whose rows the slots are)
+    for key, (layer, w) in _expert_params({n: layers[n] for n in experts}).items():
+        name = key[:-len(f"experts.{w}")].rstrip(".")
+        wanted = set(experts[name])
+        slots = {slot: e for slot, e in enumerate(layer.slots.local_experts()) if e in wanted}
+        param = getattr(layer.experts, w)
+        tensors = [(state["model"], key, param)]
+        if optimizer is not None:
+            held = optimizer.state.get(param, {})
+            per_slot = {k: v for k, v in held.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+            container = state["optim"]["state"].setdefault(key, {})
+            tensors += [(container, k, v) for k, v in per_slot.items()]
+        for container, k, t in tensors:
+            container[k] = _per_expert(t, slots, fresh=True)
+            targets.append((container, k, t, slots))
+    directory = _verify(_path(checkpoint_id, "load_experts"), process_group)  # nothing read from a bad one
+    try:
+        dcp.load(state, checkpoint_id=directory, process_group=process_group)
+    except CheckpointException as e:  # DCP raises it on every rank
+        raise CheckpointError("load_experts", directory, [("", f"does not fit the model ({_summary(e)})")]) from e
+    for container, k, t, slots in targets:
+        for slot, e in slots.items():
+            local_tensor(t)[slot].copy_(local_tensor(container[k][str(e)]))

@@ -221,9 +221,10 @@ def make_mesh(cfg: DemoConfig, pp: int = 1) -> tuple[DeviceMesh, torch.device]:
     """This job's ``(dp, ep)`` mesh, or ``(pp, dp, ep)`` for a pipeline (``pp > 1``), and its
     device (CUDA device ``LOCAL_RANK`` under NCCL, else the CPU). Every rank of the job calls it."""
     W = dist.get_world_size()
-    if pp < 1 or cfg.dp < 1 or W % (pp * cfg.dp) or cfg.num_experts % (W // (pp * cfg.dp)):
-        raise ValueError(f"moeflow demo: pp={pp} x dp={cfg.dp} must divide the {W} ranks, and num_experts="
-                         f"{cfg.num_experts} the ep = ranks / (pp x dp) ranks (rank {dist.get_rank()})")
+    if pp < 1 or cfg.dp < 1 or W % (pp * cfg.dp) or (cfg.num_slots or cfg.num_experts) % (W // (pp * cfg.dp)):
+        raise ValueError(f"moeflow demo: pp={pp} x dp={cfg.dp} must divide the {W} ranks, and num_slots="
+                         f"{cfg.num_slots} (or num_experts={cfg.num_experts}) the ep = ranks / (pp x dp) ranks "
+                         f"(rank {dist.get_rank()})")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:

@@ -2,7 +2,8 @@
 with ``--pp``, the loss and the last step's timeline per rank (:func:`plot_pipeline`).
 
 :func:`plot_training` draws three panels over the training steps, each with the run's events
-marked (rebalances as dashed lines, the window the report's balance figures average over shaded):
+marked (rebalances as dashed lines, an elastic run's lost and joined ranks as solid ones, the
+window the report's balance figures average over shaded):
 
 - loss: training (per step) and validation (points), with the unigram baseline;
 - expert load / mean, per expert and step (summed over the MoE layers): a diverging colour scale
@@ -20,7 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["plot_training", "plot_pipeline", "load_share", "colour_range", "title_text", "CLIP_PERCENTILE"]
+__all__ = ["plot_training", "plot_pipeline", "elastic_events", "load_share", "colour_range", "title_text",
+           "CLIP_PERCENTILE"]
 
 #: the colour scale of the load panel ends at this percentile of the load / mean values
 CLIP_PERCENTILE = 99.0
@@ -58,6 +60,21 @@ def title_text(report: dict, flags: str = "") -> str:
             f"seed {cfg['seed']}")
 
 
+def elastic_events(report: dict) -> list[tuple[str, int, str]]:
+    """``(label, step, colour)`` per recovery or join of an elastic run (``moeflow demo
+    --elastic``): the line stands before the step that ran first on the new group."""
+    out = []
+    for e in report.get("elastic", {}).get("events", []):
+        if e["kind"] == "loss":
+            took = f", step done {e['step_done_s']:.1f} s after the kill" if e.get("step_done_s") is not None else ""
+            lost = f", {e['steps_lost']} steps lost for {sum(map(len, e['restored'].values()))} experts" \
+                if e["restored"] else ", no step lost"
+            out.append((f"{', '.join(e['lost'])} lost at step {e['step']}{took}{lost}", e["step"], "black"))
+        else:
+            out.append((f"{', '.join(e['joined'])} joined: {len(e['members'])} ranks", e["step"], "green"))
+    return out
+
+
 def _loss_panel(ax, report: dict) -> None:
     """Training loss per step and validation loss (points) against the unigram baseline."""
     h = report["history"]
@@ -93,12 +110,15 @@ def plot_training(report: dict, path: str, flags: str = "", title: Optional[str]
     tail = max(1, len(steps) // 10)  # the report's balance figures average over the last 10% of steps
     window = (steps[-tail], steps[-1]) if len(steps) else None
 
+    elastic_marks = elastic_events(report)
     fig, (ax_loss, ax_load, ax_bal) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw=dict(width_ratios=[1, 1.25, 1]))
 
     def mark_events(ax, label: bool) -> None:
         for i, s in enumerate(rebalances):  # black on the red/blue load panel, crimson elsewhere
             ax.axvline(s + 0.5, color="black" if ax is ax_load else "crimson", ls="--", lw=1.2,
                        label="rebalance" if label and i == 0 else None)
+        for text, s, colour in elastic_marks:  # moeflow demo --elastic: losses and joins
+            ax.axvline(s - 0.5, color=colour, ls="-", lw=1.6, label=text if label else None)
         if window is not None and ax is not ax_load:
             ax.axvspan(window[0] - 0.5, window[1] + 0.5, color="gray", alpha=0.12,
                        label="last 10% (report window)" if label else None)

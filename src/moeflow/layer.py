@@ -51,7 +51,8 @@ class MoELayer(nn.Module):
     Args:
         hidden: D.
         ffn_hidden: F, the intermediate size of one routed expert (SwiGLU).
-        num_experts: E, routed (logical) experts in the whole group; divisible by its size.
+        num_experts: E, routed (logical) experts in the whole group; divisible by its size unless
+            ``num_slots`` is given (8 experts on 3 ranks as 9 slots, say), and by its node count.
         num_topk: K, experts per token.
         num_shared_experts: experts every token goes through on its own rank (DeepSeek-style;
             fused into one SwiGLU of ``num_shared_experts * ffn_hidden``).
@@ -106,12 +107,17 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer: `buffer` works over ranks {_ranks(self.buffer.group)}, the mesh's "
                              f"expert-parallel ranks are {_ranks(ep_group)} (rank {dist.get_rank()})")
         R, rank = self.buffer.group_size, self.buffer.rank
-        if num_experts % R:
-            raise ValueError(f"MoELayer: `num_experts` ({num_experts}) must divide by the group size {R}")
+        if num_slots is None and num_experts % R:
+            raise ValueError(f"MoELayer: `num_experts` ({num_experts}) must divide by the group size {R} (rank "
+                             f"{rank}), or give `num_slots` >= {num_experts} divisible by {R} (e.g. "
+                             f"{-(-num_experts // R) * R}): the slots then carry the uneven split")
         S = num_experts if num_slots is None else num_slots
         if isinstance(S, bool) or not isinstance(S, int) or S < num_experts or S % R:
             raise ValueError(f"MoELayer: `num_slots` must be an int >= num_experts={num_experts} and divisible "
                              f"by the group size {R} (rank {rank}), got {num_slots!r}")
+        if num_experts % self.buffer.num_nodes:
+            raise ValueError(f"MoELayer: `num_experts` ({num_experts}) must divide by the {self.buffer.num_nodes} "
+                             f"nodes of the group (rank {rank}): each node starts with its own E / nodes experts")
         if not (num_chunks == "auto" or (isinstance(num_chunks, int) and num_chunks >= 1)):
             raise ValueError(f"MoELayer: `num_chunks` must be a positive int or 'auto', got {num_chunks!r}")
         if capacity_factor is not None and not capacity_factor > 0:
@@ -239,6 +245,29 @@ class MoELayer(nn.Module):
         keep = valid & (rank_in_expert(flat, self.num_experts) < capacity)  # the earliest pairs of each expert
         new_idx = torch.where(keep, flat, -1).view(T, K)
         return new_idx, torch.where(keep.view(T, K), topk_weights, 0.0)
+
+    # ----------------------------------------------------------------------------- regroup
+    def regroup(self, buffer: Buffer, phy2log: torch.Tensor, *, previous: torch.Tensor, old_ranks: list[int],
+                old_num_ranks: int, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+        """Work over a new group from now on (ranks were lost or joined; :mod:`moeflow.elastic`):
+        the router sums its load through ``buffer``'s transport, and the expert slots move to
+        the new placement (:meth:`ExpertSlots.regroup`, which has the arguments and returns the
+        slots left for a checkpoint to fill). Every rank of the new group calls it.
+
+        Raises:
+            ValueError: a layer built on a mesh or with node-limited routing (the nodes of a
+                group that lost ranks are uneven), and what :meth:`ExpertSlots.regroup` raises.
+        """
+        if self.mesh is not None or self.router.max_nodes_per_token < self.router.num_nodes:
+            raise ValueError(f"MoELayer.regroup: only layers over a process group without node-limited routing move to "
+                             f"a new group (this one has {'a mesh' if self.mesh is not None else 'max_nodes_per_token'}"
+                             f"; rank {buffer.rank})")
+        self.buffer = buffer
+        self.router.transport, self.router.group = buffer.transport, buffer.group
+        self.router.num_nodes = self.router.max_nodes_per_token = buffer.num_nodes  # no node limit (checked above)
+        self._chunk_tuner = None  # its timings were for the old group
+        return self.slots.regroup(buffer, phy2log, previous=previous, old_ranks=old_ranks,
+                                  old_num_ranks=old_num_ranks, optimizer=optimizer)
 
     # ----------------------------------------------------------------------------- weights
     @torch.no_grad()

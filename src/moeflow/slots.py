@@ -13,7 +13,9 @@ map between them and everything that changes it:
 - planning a placement from those loads (:meth:`plan_placement`) and applying one, moving expert
   weights and optimizer state between ranks in one all-to-all (:meth:`apply_placement`);
 - keeping replicas of one expert identical (:meth:`sync_replica_grads`,
-  :meth:`sync_replica_weights`).
+  :meth:`sync_replica_weights`);
+- moving the slots onto a new group when ranks are lost or join (:meth:`regroup`,
+  :mod:`moeflow.elastic`).
 
 With S = E and the identity placement (the default) the mapping is skipped. docs/placement.md
 has the training-loop recipe.
@@ -25,7 +27,7 @@ this rank (S / R), R ranks in the expert-parallel group, X most replicas of one 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -181,7 +183,8 @@ class ExpertSlots(nn.Module):
         are copied locally; every other slot's rows (w1, w2, w3 and each per-slot optimizer
         state) travel in one ``all_to_all_single`` of bytes, one flat buffer per destination. A
         new replica copies its expert from a rank that holds it. The parameters stay the same
-        ``nn.Parameter`` objects (copied in place; resized through ``.data`` when S changes), so
+        ``nn.Parameter`` objects (copied in place; when S changes, given a new tensor with
+        ``torch.utils.swap_tensors``), so
         the optimizer keeps them. Expert weights sharded by FSDP2 (:func:`moeflow.parallelize`
         splits them along dim 1, so each rank keeps whole slots) move the same way, each rank its
         own part, with S kept: FSDP2 owns their storage and cannot be resized.
@@ -238,13 +241,74 @@ class ExpertSlots(nn.Module):
 
         migration = plan_migration(self._phy2log_host, new, R, rank)
         # this rank's rows: whole slots, also under FSDP2 (split along dim 1)
-        fresh = self._exchange([local_tensor(t) for t in (*params, *(t for _, _, t in states))], migration,
-                               new.numel() // R)
+        self._migrate(params, states, migration, new, [local_tensor(t) for t in (*params, *(t for _, _, t in states))])
+        return migration.moves
+
+    @torch.no_grad()
+    def regroup(self, buffer: Buffer, phy2log, *, previous: torch.Tensor, old_ranks: Sequence[int],
+                old_num_ranks: int, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+        """Move the slots onto a new group (ranks were lost, or joined): slot s of ``phy2log``, on
+        rank ``s // L'`` of ``buffer``'s group, gets its expert's weights (and per-slot optimizer
+        state) from a replica that a process of the old group still holds, in one all-to-all
+        over the new group, as :meth:`apply_placement` moves them. Called by
+        :meth:`MoELayer.regroup` (which also hands the router the new group) on every rank of
+        the new group, with the same arguments.
+
+        Args:
+            buffer: the layer's Buffer over the new group.
+            phy2log: ``[S']`` the new placement (S' >= E, divisible by the new group size).
+            previous: ``[S]`` the placement in use in the old group (a joiner has it from a member).
+            old_ranks: per new rank, the rank of the same process in the old group, or -1 for a
+                process that held no slot (a joiner). Old ranks not listed are lost.
+            old_num_ranks: the old group's size.
+            optimizer: as for :meth:`apply_placement`; on a joiner its state must already exist
+                (shaped like the weights), to be overwritten.
+
+        Returns:
+            ``[n]`` int64, this rank's new local slots whose expert no process holds any more
+            (every replica was on a lost rank): their rows (and state) are zeros until the
+            caller fills them, e.g. :func:`moeflow.checkpoint.load_experts`.
+
+        Raises:
+            ValueError: a bad placement, expert weights sharded by FSDP2, or ranks that passed
+                different placements.
+        """
+        where, rank, R, E = "ExpertSlots.regroup", buffer.rank, buffer.group_size, self.num_experts
+        S_new = phy2log.numel() if isinstance(phy2log, torch.Tensor) else len(phy2log)
+        if S_new < E or S_new % R:
+            raise ValueError(f"{where}: `phy2log` must have num_slots >= num_experts={E} entries, divisible by the "
+                             f"new group size {R} (rank {rank}), got {S_new}")
+        new = check_phy2log(phy2log, E, S_new, where, rank)
+        old = check_phy2log(previous, E, previous.numel(), where, rank)
+        if len(old_ranks) != R or old.numel() % old_num_ranks or any(o >= old_num_ranks for o in old_ranks):
+            raise ValueError(f"{where}: `old_ranks` must hold one rank of the old group of {old_num_ranks} (over "
+                             f"which the {old.numel()} slots of `previous` split) or -1 per rank of the new group "
+                             f"({R}), got {list(old_ranks)} (rank {rank})")
+        params = self._params()
+        if any(is_dtensor(p) for p in params):
+            raise ValueError(f"{where}: the expert weights are sharded by FSDP2 (moeflow.parallelize); a regroup "
+                             f"moves plain tensors only (rank {rank})")
+        states = slot_states(optimizer, dict(zip(("experts.w1", "experts.w2", "experts.w3"), params)), where, rank)
+        self._parts = _Parts(self._parts.experts, self._parts.router, buffer)
+        self._check_same_everywhere(new, states)
+        migration = plan_migration(old, new, R, rank, old_ranks=old_ranks, old_num_ranks=old_num_ranks)
+        held = [t if old_ranks[rank] >= 0 else t[:0] for t in (*params, *(t for _, _, t in states))]
+        self._migrate(params, states, migration, new, held)
+        return migration.missing
+
+    def _migrate(self, params, states, migration, new: torch.Tensor, rows: list[torch.Tensor]) -> None:
+        """Give the weights and state tensors their new rows (``rows``: this rank's old ones,
+        weights then states) per ``migration``, and take ``new`` as the placement."""
+        R = self._parts.buffer.group_size
+        fresh = self._exchange(rows, migration, new.numel() // R)
         for p, t in zip(params, fresh[:3]):
             if local_tensor(p).shape == t.shape:
                 local_tensor(p).copy_(t)
             else:
-                p.data = t
+                # a new shape: the same Python object (the optimizer's key) takes a fresh tensor;
+                # `p.data = t` would keep the autograd node a live graph (the last step's loss)
+                # holds for p, with the old shape, and the next backward would fail
+                torch.utils.swap_tensors(p, nn.Parameter(t, requires_grad=p.requires_grad))
             p.grad = None
         for (state, key, old), t in zip(states, fresh[3:]):
             if local_tensor(old).shape == t.shape:
@@ -255,7 +319,6 @@ class ExpertSlots(nn.Module):
         self._parts.experts.num_local_experts = self.num_local_experts
         self.phy2log = new.to(self.phy2log.device)
         self._set_tables(new)
-        return migration.moves
 
     def _params(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self._parts.experts, w) for w in _WEIGHTS)
@@ -288,10 +351,12 @@ class ExpertSlots(nn.Module):
         keep = (migration.local_src >= 0).nonzero().flatten()
         keep_from = migration.local_src[keep].to(device)
         keep = keep.to(device)
+        missing = migration.missing.to(device)
         out = []
         for t in tensors:
             new = t.new_empty((L_new, *t.shape[1:]))
             new[keep] = t.index_select(0, keep_from)
+            new[missing] = 0  # no source left (regroup): zeros until the caller fills them
             out.append(new)
         for slots, rows in zip(migration.recv_slots, recvs):
             for new, part in zip(out, rows):

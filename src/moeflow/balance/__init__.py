@@ -5,6 +5,7 @@ Pure functions on tensors; no process groups. :func:`plan` is the entry point.
 
 from .placement import Placement, count_moves, gpu_loads, imbalance
 from .planner import plan
-from .recovery import Recovery, replan_after_loss
+from .recovery import Recovery, replan_after_join, replan_after_loss, single_copy_experts
 
-__all__ = ["plan", "Placement", "count_moves", "gpu_loads", "imbalance", "replan_after_loss", "Recovery"]
+__all__ = ["plan", "Placement", "count_moves", "gpu_loads", "imbalance", "replan_after_loss", "replan_after_join",
+           "single_copy_experts", "Recovery"]

@@ -11,7 +11,8 @@ rank, X most replicas of one expert.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -115,13 +116,15 @@ class Migration:
 
     Attributes:
         local_src: ``[S_new]`` int64, for each new local slot the old local slot it copies, or
-            ``-1`` when its weights arrive from another rank.
+            ``-1`` when its weights arrive from another rank (or from nowhere: ``missing``).
         send_slots: one ``[n]`` int64 tensor per destination rank, the old local slots to send
             there (in the order the receiver expects; empty for this rank).
         recv_slots: one ``[n]`` int64 tensor per source rank, the new local slots the rows
             arriving from there fill, in arrival order.
         moves: slots, over the whole group, whose weights cross ranks.
         copies: slots, over the whole group, whose logical expert changed (the planner's moves).
+        missing: ``[n]`` int64, this rank's new local slots whose expert no process left holds
+            (every replica was on a lost rank): they must be filled from elsewhere (a checkpoint).
     """
 
     local_src: torch.Tensor
@@ -129,51 +132,71 @@ class Migration:
     recv_slots: list[torch.Tensor]
     moves: int
     copies: int
+    missing: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
 
-def plan_migration(old: torch.Tensor, new: torch.Tensor, num_ranks: int, rank: int) -> Migration:
+def plan_migration(old: torch.Tensor, new: torch.Tensor, num_ranks: int, rank: int, *,
+                   old_ranks: Optional[Sequence[int]] = None, old_num_ranks: Optional[int] = None) -> Migration:
     """Plan the weight movement from ``old [N_old]`` to ``new [N_new]`` phy2log (CPU int64).
 
-    A new slot copies its expert from the same rank when the old placement has it there;
-    otherwise from another rank's replica, the replicas of an expert taking the fetches in turn
-    so that no one rank sends every copy of a popular expert. Every rank computes the same plan
-    from the same inputs: no communication is needed to agree on the split sizes.
+    A new slot copies its expert from the same process when the old placement has it there;
+    otherwise from another process's replica, the replicas of an expert taking the fetches in
+    turn so that no one rank sends every copy of a popular expert. Every rank computes the same
+    plan from the same inputs: no communication is needed to agree on the split sizes.
+
+    Args:
+        old, new: the placements; ``new`` is over ``num_ranks`` ranks, ``rank`` is this rank.
+        old_ranks: when the group changed (ranks lost or joined), per new rank the rank of the
+            same process in the group ``old`` was for, or -1 (a process that held no slot). The
+            old group's ranks not listed are gone: their slots are no source, and a new slot
+            whose expert only they held is ``missing``. Default: the same group.
+        old_num_ranks: the old group's size (default ``num_ranks``).
     """
-    S_old, S_new = old.numel() // num_ranks, new.numel() // num_ranks
+    R_old = num_ranks if old_num_ranks is None else old_num_ranks
+    S_old, S_new = old.numel() // R_old, new.numel() // num_ranks
+    now = {o: n for n, o in enumerate(range(num_ranks) if old_ranks is None else old_ranks) if o >= 0}
     old_l, new_l = old.tolist(), new.tolist()
-    holders: dict[int, list[int]] = {}                     # expert -> old global slots, in order
+    holders: dict[int, list[int]] = {}                     # expert -> old global slots still held, in order
     for s, e in enumerate(old_l):
-        holders.setdefault(e, []).append(s)
+        if s // S_old in now:
+            holders.setdefault(e, []).append(s)
     fetched: dict[int, int] = {}                           # expert -> remote fetches so far
     local_src = [-1] * S_new
     send = [[] for _ in range(num_ranks)]
     recv = [[] for _ in range(num_ranks)]
+    missing = []
     moves = 0
     for s, e in enumerate(new_l):
         dst = s // S_new
-        if s < len(old_l) and old_l[s] == e and s // S_old == dst:
+        if s < len(old_l) and old_l[s] == e and now.get(s // S_old) == dst:
             src_slot = s                                   # stays
+        elif e not in holders:                             # every replica was on a lost rank
+            if dst == rank:
+                missing.append(s - dst * S_new)
+            continue
         else:
-            local = [o for o in holders[e] if o // S_old == dst]
+            local = [o for o in holders[e] if now[o // S_old] == dst]
             if local:
                 src_slot = local[0]
             else:
                 k = fetched.get(e, 0)
                 fetched[e] = k + 1
                 src_slot = holders[e][k % len(holders[e])]
-        src = src_slot // S_old
+        src = now[src_slot // S_old]
+        src_local = src_slot - (src_slot // S_old) * S_old
         if src == dst:
             if dst == rank:
-                local_src[s - dst * S_new] = src_slot - src * S_old
+                local_src[s - dst * S_new] = src_local
             continue
         moves += 1
         if src == rank:
-            send[dst].append(src_slot - src * S_old)
+            send[dst].append(src_local)
         if dst == rank:
             recv[src].append(s - dst * S_new)
     copies = sum(1 for s, e in enumerate(new_l) if s >= len(old_l) or old_l[s] != e)
     as_t = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
-    return Migration(as_t(local_src), [as_t(x) for x in send], [as_t(x) for x in recv], moves, copies)
+    return Migration(as_t(local_src), [as_t(x) for x in send], [as_t(x) for x in recv], moves, copies,
+                     as_t(missing))
 
 
 def slot_states(optimizer, params: dict, where: str, rank: int = 0) -> list[tuple[dict, str, torch.Tensor]]:

@@ -52,7 +52,7 @@ from typing import Iterator, Optional
 
 import torch.distributed as dist
 
-__all__ = ["PeerFailureError", "Watchdog", "TimedWork", "resolve_timeout", "DEFAULT_TIMEOUT_S"]
+__all__ = ["PeerFailureError", "Watchdog", "TimedWork", "resolve_timeout", "read_heartbeat", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 30.0  # well under a minute, far above any healthy exchange (ms to ~1 s)
 _ENV = "MOEFLOW_TIMEOUT_S"
@@ -168,7 +168,10 @@ class _Heartbeat:
             time.sleep(self.interval())
 
 
-def _read(store: dist.Store, global_rank: int) -> Optional[dict]:
+def read_heartbeat(store: dist.Store, global_rank: int) -> Optional[dict]:
+    """The latest heartbeat of ``global_rank`` in ``store`` (a default group's store), or None:
+    ``{"beat": n, "calls": {...}, "blocked": bool, "failed": bool}``; a beat that stops moving
+    means the process is dead or hung (see the module docstring)."""
     key = _KEY + str(global_rank)
     try:
         if not store.check([key]):  # non-blocking: get() would wait for a key that never comes
@@ -276,10 +279,10 @@ class Watchdog:
             self._heartbeat.failed = True
             self._heartbeat.publish()
             peers = [r for r in range(len(self.global_ranks)) if r != self.rank]
-            first = {r: _read(self.store, self.global_ranks[r]) for r in peers}
+            first = {r: read_heartbeat(self.store, self.global_ranks[r]) for r in peers}
             time.sleep(3 * self.interval)
             for r in peers:
-                verdict, note = self._judge(r, first[r], _read(self.store, self.global_ranks[r]), call)
+                verdict, note = self._judge(r, first[r], read_heartbeat(self.store, self.global_ranks[r]), call)
                 if verdict == "dead":
                     dead.append(r)
                 elif verdict == "stuck":

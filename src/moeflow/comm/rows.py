@@ -1,4 +1,5 @@
-"""Moving chosen rows of several tensors between ranks in one message per peer (expert weight migration).
+"""Moving chosen rows of several tensors between ranks in one message per peer (expert weight
+migration), and several tensors from one rank to all in one message (a state hand-over).
 
 Shape letters (docs/architecture.md): R ranks; each tensor is ``[S_local, ...]`` (rows, e.g. this
 rank's expert slots).
@@ -6,13 +7,14 @@ rank's expert slots).
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 
 from .transport import Transport
 
-__all__ = ["exchange_rows"]
+__all__ = ["exchange_rows", "broadcast_tensors"]
 
 
 def exchange_rows(transport: Transport, tensors: Sequence[torch.Tensor], send_rows: Sequence[torch.Tensor],
@@ -41,7 +43,7 @@ def exchange_rows(transport: Transport, tensors: Sequence[torch.Tensor], send_ro
         raise ValueError(f"exchange_rows: `send_rows` and `num_recv_rows` must hold one entry per rank ({R}), "
                          f"got {len(send_rows)} and {len(num_recv_rows)} (rank {transport.rank})")
     device = tensors[0].device
-    row_bytes = [t[0].numel() * t.element_size() for t in tensors]
+    row_bytes = [math.prod(t.shape[1:]) * t.element_size() for t in tensors]  # also with no rows (a joiner)
     width = sum(row_bytes)
     sends = [t.index_select(0, rows.to(device)).reshape(-1).view(torch.uint8)
              for rows in send_rows for t in tensors]
@@ -59,3 +61,31 @@ def exchange_rows(transport: Transport, tensors: Sequence[torch.Tensor], send_ro
         out.append([(p if p.storage_offset() % t.element_size() == 0 else p.clone()).view(t.dtype)
                     .view(n, *t.shape[1:]) for t, p in zip(tensors, parts)])
     return out
+
+
+def broadcast_tensors(transport: Transport, tensors: Sequence[torch.Tensor], src: int, kind: str = "state",
+                      device: Optional[torch.device] = None) -> None:
+    """Copy ``tensors`` of group rank ``src`` into the same tensors on every rank, in place.
+
+    One broadcast of bytes through ``transport`` (watched, counted under ``kind``): the tensors
+    (any shapes and dtypes) are packed back to back on ``device`` (default: the first tensor's;
+    give the backend's device, e.g. CUDA for NCCL, when some live elsewhere, like Adam's CPU
+    ``step`` counts). Every rank of the group calls it with tensors of the same shapes and dtypes
+    in the same order.
+    """
+    if not tensors:
+        return
+    device = tensors[0].device if device is None else device
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    if transport.rank == src:
+        buf = torch.cat([t.detach().reshape(-1).view(torch.uint8).to(device) for t in tensors])
+    else:
+        buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    # one message for all of them, however many small tensors the state holds
+    transport.broadcast(buf, src, kind=kind)
+    if transport.rank == src:
+        return
+    with torch.no_grad():
+        for t, part in zip(tensors, buf.split(sizes)):
+            aligned = part if part.storage_offset() % t.element_size() == 0 else part.clone()
+            t.copy_(aligned.view(t.dtype).view(t.shape))

@@ -189,6 +189,10 @@ class Transport:
         over this transport's ranks: see :meth:`Watchdog.guard`. A no-op with one rank."""
         return self.watchdog.guard(kind) if self.watchdog is not None else contextlib.nullcontext()
 
+    def broadcast(self, tensor: torch.Tensor, src: int, kind: str = "broadcast") -> torch.Tensor:
+        """``tensor`` of group rank ``src`` copied into ``tensor`` on every rank; counted as one call."""
+        raise NotImplementedError
+
     def destroy(self) -> None:
         """Free what the transport keeps between calls (it comes back on the next call)."""
 
@@ -334,6 +338,10 @@ class ProcessGroupTransport(Transport):
 
     def barrier(self, kind: str = "barrier") -> None:
         self._host_collective(kind, dist.barrier)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, kind: str = "broadcast") -> torch.Tensor:
+        self._host_collective(kind, dist.broadcast, tensor, group_src=src)
+        return tensor
 
     def _host_collective(self, kind: str, collective: Callable, *args, **kwargs) -> None:
         """A small collective the host waits for, timed on any device and counted as one call

@@ -43,8 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every N steps, re-plan expert placement from the measured loads and migrate "
                         "expert weights and optimizer state (0: never)")
     p.add_argument("--replicas", type=int, default=None,
-                   help="physical expert slots (default: experts + ranks with --rebalance-every, "
-                        "i.e. one spare slot per rank for a replica of a busy expert; else experts)")
+                   help="physical expert slots (default: experts, rounded up to a multiple of the "
+                        "expert-parallel ranks, + one spare slot per rank with --rebalance-every for a "
+                        "replica of a busy expert)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     pipe = p.add_argument_group("pipeline parallelism (--pp P: the ranks form a (pp, dp, ep) mesh; "
                                 "see moeflow.demo_pipeline)")
@@ -62,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pipe.add_argument("--checkpoint", choices=["full", "selective"], default=None,
                       help="activation checkpointing of every block: full keeps only its input, selective also its "
                            "matmul and attention outputs (default: none)")
+
+    from .demo_elastic import add_arguments as add_elastic_arguments
+
+    add_elastic_arguments(p)
 
 
 def flags_text(args: argparse.Namespace) -> str:
@@ -99,15 +104,15 @@ def check_arguments(args: argparse.Namespace) -> tuple[int, float]:
     if args.ranks % args.dp:
         raise UsageError(f"--dp {args.dp} must divide the {args.ranks} ranks")
     ep = args.ranks // args.dp
-    if args.experts % ep:
-        raise UsageError(f"--experts {args.experts} must divide by the {ep} expert-parallel ranks "
-                         f"(--ranks {args.ranks} / --dp {args.dp})")
     if args.experts < DemoConfig().num_topk:
         raise UsageError(f"--experts must be >= {DemoConfig().num_topk}, the experts each token picks, "
                          f"got {args.experts}")
+    from . import demo_elastic
+
+    demo_elastic.check(args, ep)  # --elastic's flags; its default --replicas (two per expert)
     replicas = args.replicas
-    if replicas is None:
-        replicas = args.experts + ep if args.rebalance_every else args.experts
+    if replicas is None:  # experts that do not divide by the ranks: as many slots as the next multiple
+        replicas = -(-args.experts // ep) * ep + (ep if args.rebalance_every else 0)
     if replicas < args.experts or replicas % ep:
         raise UsageError(f"--replicas {replicas} must be >= --experts {args.experts} "
                          f"and divide by the {ep} expert-parallel ranks")
@@ -125,11 +130,15 @@ def run(args: argparse.Namespace) -> int:
         return _run_pipeline(args)
     replicas, timeout_s = check_arguments(args)
     ep = args.ranks // args.dp
+    from . import demo_elastic
+
     cfg = DemoConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
                      num_experts=args.experts, seed=args.seed,
                      bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
                      eval_every=max(1, min(DemoConfig().eval_every, args.steps)),
                      num_slots=replicas, rebalance_every=args.rebalance_every, dp=args.dp)
+    if args.elastic:
+        return demo_elastic.run(args, cfg)
     first = int(os.environ.get("RANK", "0")) == 0
     if first:
         print(f"moeflow demo: {args.ranks} ranks ({args.dp} data parallel x {ep} expert parallel), "
