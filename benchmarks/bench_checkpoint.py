@@ -16,6 +16,8 @@ ffn_hidden 384: ~16 M parameters, ~200 MB with AdamW's two moments. Each repetit
     load          moeflow.checkpoint.load (every file checked against the manifest first)
     crc           the CRC-32s of each rank's own files alone (what save computes), for reference
 
+and, in this process, one core's throughput of the hashes a checkpoint could carry.
+
 Every rank starts each operation together (barrier); an operation's time is the slowest rank's;
 medians over repetitions; CPU time (user + system, the rank's threads included) beside wall time,
 as it moves less on a shared machine. Files go to --dir (default: a temporary directory; the disk
@@ -27,12 +29,14 @@ Run: python benchmarks/bench_checkpoint.py [--ranks 2] [--reps 5] [--dir DIR]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
 import tempfile
 import time
 import warnings
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -94,6 +98,23 @@ def _rank(cfg: DemoConfig, root: str, reps: int) -> dict:
     return dict(times=times, bytes=size)
 
 
+def _hash_rates(nbytes: int = 128 << 20) -> dict:
+    """GB/s of one core for each hash over ``nbytes`` in memory (best of 3)."""
+    data = os.urandom(nbytes)
+    rates = {}
+    for name, fn in (("crc32 (zlib)", zlib.crc32), ("sha256", lambda b: hashlib.sha256(b).digest()),
+                     ("blake2b", lambda b: hashlib.blake2b(b).digest())):
+        best = min(_seconds(fn, data) for _ in range(3))
+        rates[name] = nbytes / best / 1e9
+    return rates
+
+
+def _seconds(fn, data) -> float:
+    t0 = time.perf_counter()
+    fn(data)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", type=int, default=2)
@@ -123,6 +144,7 @@ def main() -> None:
         base = "load_plain" if op.startswith("load") else "save_plain"
         print(f"  {op:<12} {wall[op] * 1e3:7.0f} ms wall {cpu[op] * 1e3:6.0f} ms CPU   / {base}: "
               f"{wall[op] / wall[base]:.3f} wall {cpu[op] / cpu[base]:.3f} CPU")
+
     def share(t, full, without):
         return (t[full] - t[without]) / t[full]
 
@@ -130,6 +152,7 @@ def main() -> None:
           f"wall, {share(cpu, 'save', 'save_atomic'):.3f} CPU (target <= 0.10);")
     print(f"  of the load, (load - load_plain) / load: {share(wall, 'load', 'load_plain'):.3f} wall, "
           f"{share(cpu, 'load', 'load_plain'):.3f} CPU")
+    print("  one core, in memory: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in _hash_rates().items()))
 
 
 if __name__ == "__main__":

@@ -222,9 +222,9 @@ def _num_threads() -> int:
 
 def _crcs(jobs: list[tuple[str, int, int]]) -> list[str]:
     """CRC-32 of each ``(path, start, length)``, on :func:`_num_threads` threads. CRC-32, not a
-    cryptographic hash: it guards against damage, not forgery, and ran at ~2.3 GB/s a thread
-    where sha256 ran at ~1.5 and blake2b at ~0.7 (zlib 1.2.13; benchmarks/bench_checkpoint.py
-    times it within a save)."""
+    cryptographic hash: it guards against damage, not forgery, and is the fastest the standard
+    library has (benchmarks/bench_checkpoint.py prints the rates: ~2.2 GB/s a core here, sha256
+    1.1-1.5, blake2b 0.5-0.7)."""
     threads = min(len(jobs), _num_threads())
     if threads <= 1:
         return [_crc_of(*job) for job in jobs]
