@@ -12,7 +12,9 @@ each rank holds the dense weights and 1/R of the experts, and tokens travel to t
 through moeflow's dispatch and combine. The text is this Python's own standard library, so
 nothing is downloaded. Prints the validation loss beside a unigram baseline, throughput, the
 expert load balance and, with --rebalance-every, what each live re-placement of experts did;
-writes report.json and training.png (loss, expert load over time, balance) to --out.
+writes report.json and training.png (loss, expert load over time, balance) to --out. With
+--elastic --kill-rank R --at-step S, rank R dies mid-run and the others go on in the same
+processes (--add-rank-at-step S2 takes a rank back); the report and plot mark both.
 About 2 minutes with the defaults on an idle 2-core machine."""
 
 
