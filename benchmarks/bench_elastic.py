@@ -121,7 +121,7 @@ def main() -> None:
     print(f"  experts read back from the checkpoint of step {ev['checkpoint_step']}: {ev['restored']}; steps lost for "
           f"them: {ev['steps_lost']} (= steps since that checkpoint); the rest of the model lost none")
     print(f"  kill -> next step {ev['step_done_s']:.1f} s (agreement {ev['agree_s']:.1f} s, hand-over incl. the "
-          f"checkpoint read {ev['handover_s']:.2f} s); loss over steps {S2}..{S2 + W - 1}: "
+          f"checkpoint read {ev['handover_s']:.2f} s); loss over steps {S2}..{min(S2 + W, args.steps) - 1}: "
           f"{_window_loss(nore, S2, W):.4f}")
 
     cfg = replace(base_cfg, **spare)

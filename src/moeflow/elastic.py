@@ -111,6 +111,9 @@ class ElasticRun:
         self._checkpoints: list[int] = []  # steps of the completed checkpoints, oldest first
         self.model: nn.Module = model
         if transition is None:
+            if membership.num_ranks > 1:  # one source for the dense weights (and any optimizer state) from the start
+                transport = ProcessGroupTransport(None, timeout_s=membership.timeout_s)
+                broadcast_tensors(transport, self._dense_state(), 0, device=next(model.parameters()).device)
             self._wire()
         else:
             if membership.name not in transition.joined:
@@ -161,9 +164,10 @@ class ElasticRun:
         Returns:
             The event (also appended to :attr:`events`): ``kind`` "loss", ``step`` (where to go
             on), ``generation``, ``members``, ``lost``, ``moves`` (slots whose expert changed:
-            copied from a surviving replica or read back), ``restored`` (``{layer: experts}`` read from the checkpoint of step
-            ``checkpoint_step``, each losing ``steps_lost`` steps), ``rolled_forward`` (this rank
-            finished the failed step from its gradients), ``agree_s`` and ``handover_s``.
+            copied from a surviving replica or read back), ``restored`` (``{layer: experts}``
+            read from the checkpoint of step ``checkpoint_step``, each losing ``steps_lost``
+            steps), ``rolled_forward`` (this rank finished the failed step from its gradients),
+            ``agree_s`` and ``handover_s``.
 
         Raises:
             LeftOutError: the others went on without this process.
@@ -319,7 +323,7 @@ class ElasticRun:
             ignore += [n for n, _ in self.module.named_buffers()]
             DDP._set_params_and_buffers_to_ignore_for_model(self.module, ignore)
             device = next(self.module.parameters()).device
-            # init_sync=False: the hand-over has made the dense weights equal already
+            # init_sync=False: the start or the hand-over has made the dense weights equal already
             self.model = DDP(self.module, device_ids=[device] if device.type == "cuda" else None, init_sync=False)
 
     def _release(self) -> None:

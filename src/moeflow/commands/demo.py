@@ -18,7 +18,9 @@ writes report.json and training.png (loss, expert load over time, balance) to --
 About 2 minutes with the defaults on an idle 2-core machine. With --pp P the ranks form a
 (pp, dp, ep) mesh and the model trains pipeline-parallel on torch's schedules (DualPipeV with
 one micro-batch's expert traffic overlapped with another's compute, by default); it prints and
-draws where each rank's step went: compute, exposed communication, pipeline bubble."""
+draws where each rank's step went: compute, exposed communication, pipeline bubble. With
+--elastic --kill-rank R --at-step S, rank R dies mid-run and the others go on in the same
+processes (--add-rank-at-step S2 takes a rank back); the report and plot mark both."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,10 +13,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train with moeflow.elastic: a lost rank is survived in the same processes, a rank may "
                         "be added back; dense weights replicated by DDP, by default two slots per expert")
     g.add_argument("--kill-rank", type=int, default=None, metavar="R",
-                   help="with --elastic: rank R kills itself (SIGKILL) at the start of --at-step")
-    g.add_argument("--at-step", type=int, default=None, metavar="S", help="the step --kill-rank dies at")
+                   help="with --elastic: rank R kills itself (SIGKILL) at the start of --at-step (default: no rank "
+                        "is killed)")
+    g.add_argument("--at-step", type=int, default=None, metavar="S",
+                   help="the step --kill-rank dies at (default: none; given with --kill-rank)")
     g.add_argument("--add-rank-at-step", type=int, default=None, metavar="S",
-                   help="with --elastic: one more process (started idle) joins after step S")
+                   help="with --elastic: one more process (started idle) joins after step S (default: none joins)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="with --elastic: a DCP checkpoint every N steps, for experts that lose every replica "
                         "(needed when some expert has a single replica: --replicas below 2 x --experts)")
