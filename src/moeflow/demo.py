@@ -19,6 +19,7 @@ Shape letters: B batch, S sequence, D model width, V vocabulary (256).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -425,16 +426,21 @@ def _max_over_mean(load_LE: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _evaluate(model, val_data, cfg, batch, device, loop: ProcessGroupTransport) -> float:
+def _evaluate(model, val_data, cfg, batch, device, loop: Optional[ProcessGroupTransport]) -> float:
+    """Mean validation loss over the ranks; ``loop`` watches its collectives (None: the caller
+    runs it inside a guard of its own, as the elastic demo does)."""
     g = torch.Generator().manual_seed(12345 + dist.get_rank())
     total = torch.zeros(1, device=device)
     model.eval()  # the routers must not count validation tokens into the expert-bias update
-    with loop.guard("eval"):  # FSDP2's all-gathers
+    with loop.guard("eval") if loop is not None else contextlib.nullcontext():  # FSDP2's all-gathers
         for _ in range(cfg.eval_batches):
             x, y = batch(val_data, g)
             total += F.cross_entropy(model(x).view(-1, 256), y.reshape(-1))
     model.train()
-    loop.all_reduce(total, kind="eval")  # mean over ranks, for the report
+    if loop is not None:
+        loop.all_reduce(total, kind="eval")  # mean over ranks, for the report
+    else:
+        dist.all_reduce(total)
     return total.item() / (cfg.eval_batches * dist.get_world_size())
 
 

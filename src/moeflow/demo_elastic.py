@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .comm.health import PeerFailureError
-from .demo import DemoConfig, TinyMoELM, _evaluate, _is_expert_param, _max_over_mean, _write_outputs, load_corpus
+from .demo import DemoConfig, TinyMoELM, _evaluate, _is_expert_param, _max_over_mean, load_corpus, write_report
 from .elastic import ElasticRun, Membership
 
 __all__ = ["Faults", "train_elastic"]
@@ -129,7 +129,7 @@ class _Loop:
                     self.events.append(dict(event, step_done_s=None))
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                     with run.guard():
-                        val = _evaluate(run.module, self.val_data, cfg, self.batch, torch.device("cpu"))
+                        val = _evaluate(run.module, self.val_data, cfg, self.batch, torch.device("cpu"), None)
                     self.history["val_step"].append(step)
                     self.history["val_loss"].append(val)
             except PeerFailureError as e:
@@ -213,7 +213,7 @@ class _Loop:
                          final_ranks=run.membership.num_ranks, member=run.membership.name),
         )
         if run.membership.rank == 0 and self.out_dir:
-            _write_outputs(report, self.out_dir)
+            write_report(report, self.out_dir)
         return report
 
 

@@ -60,6 +60,7 @@ from torch import nn
 
 from . import checkpoint
 from .balance import Placement, replan_after_join, replan_after_loss
+from .comm.agree import set_construction_checks
 from .comm.buffer import Buffer
 from .comm.health import PeerFailureError, Watchdog
 from .comm.membership import LeftOutError, Membership, Transition
@@ -99,6 +100,7 @@ class ElasticRun:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, membership: Membership, *,
                  transition: Optional[Transition] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: int = 0, ddp: bool = True) -> None:
+        set_construction_checks(True)  # off since Membership.join in a joining process
         self.module, self.optimizer, self.membership = model, optimizer, membership
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
         if not self.layers:

@@ -60,12 +60,26 @@ def _code(value: Any) -> int:
     return 2**62 + zlib.crc32(repr(value).encode())
 
 
+# Off in a process that joins a running job (moeflow.elastic), from Membership.join until the
+# ElasticRun that takes it in: it builds its model while the members build nothing, so a
+# construction-time exchange would pair with no peer and time out. ElasticRun then rebuilds the
+# Buffers on every rank together, and those constructions check again.
+_construction_checks = True
+
+
+def set_construction_checks(on: bool) -> None:
+    """Turn :func:`check_same` on or off in this process (see ``_construction_checks``)."""
+    global _construction_checks
+    _construction_checks = on
+
+
 def check_same(transport: Transport, fields: dict[str, Any], where: str, hint: str) -> None:
     """Raise ``ValueError`` on every rank of ``transport``'s group when its ranks' ``fields``
     differ (the same names, in the same order, on every rank); ``where`` starts the message,
-    ``hint`` ends it (what to do)."""
+    ``hint`` ends it (what to do). Construction-time only; a no-op in a process that is joining
+    a running job (see :func:`set_construction_checks`)."""
     names = list(fields)
-    if transport.num_ranks == 1:
+    if transport.num_ranks == 1 or not _construction_checks:
         return
     codes = gather_rows(transport, torch.tensor([_code(fields[n]) for n in names], dtype=torch.int64))
     differ = [i for i in range(len(names)) if len(set(codes[:, i].tolist())) > 1]

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .agree import set_construction_checks
 from .health import PeerFailureError, read_heartbeat, resolve_timeout
 from .transport import ProcessGroupTransport
 
@@ -167,6 +168,10 @@ class Membership:
         record = json.loads(kv.get(f"g{generation}/members"))
         transition = Transition(generation, record["members"], record["previous"])
         m._enter(transition, joined=record["joined"])
+        # the model this process builds next is built while the members build nothing: its
+        # construction-time agreement checks would wait for peers that never come (ElasticRun
+        # turns them on again before it rebuilds the Buffers on every rank)
+        set_construction_checks(False)
         return m, transition
 
     # ------------------------------------------------------------------------------- changes
