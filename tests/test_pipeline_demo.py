@@ -30,15 +30,16 @@ def test_pipelined_demo_trains_and_reports_its_timeline(tmp_path):
         assert len({lane for lane, kind, _, _ in spans if kind == "F"}) == 2 * 8  # 2 stages x 8 micro-batches
 
 
-def test_pipelined_demo_rejects_what_cannot_run():
+def test_pipelined_demo_rejects_what_cannot_run(capsys):
     from moeflow.cli import main
     from moeflow.demo import DemoConfig
     from moeflow.demo_pipeline import PipelineConfig, check_config
 
-    with pytest.raises(SystemExit, match="pp must be >= 2 and divide the 4 ranks, got pp=3"):
-        main(["demo", "--ranks", "4", "--pp", "3", "--steps", "1"])
-    with pytest.raises(SystemExit, match="not part of the pipelined demo"):
-        main(["demo", "--ranks", "4", "--pp", "2", "--steps", "1", "--rebalance-every", "5"])
+    # one line on stderr and exit status 2, before any rank starts
+    assert main(["demo", "--ranks", "4", "--pp", "3", "--steps", "1"]) == 2
+    assert "pp must be >= 2 and divide the 4 ranks, got pp=3" in capsys.readouterr().err
+    assert main(["demo", "--ranks", "4", "--pp", "2", "--steps", "1", "--rebalance-every", "5"]) == 2
+    assert "not part of the pipelined demo" in capsys.readouterr().err
     cfg = DemoConfig(num_layers=4, batch_size=8)
     for pcfg, message in ((PipelineConfig(schedule="1f1b", num_microbatches=4), "overlap needs the DualPipeV schedule"),
                           (PipelineConfig(num_microbatches=3), "batch size \\(8\\) must divide into 3 micro-batches"),
