@@ -4,6 +4,8 @@ after the run (an --out that cannot be written, found once the training is over)
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 import moeflow.launch
@@ -11,6 +13,14 @@ import moeflow.parallel.launch
 from moeflow.cli import main
 
 pytestmark = pytest.mark.faults
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except OSError as e:
+        return e.strerror
+    return "no error"
 
 
 @pytest.fixture
@@ -46,6 +56,8 @@ CASES = [
     (["bench", "--json", "{file}/out.json"], "--json {file}/out.json: the directory {file} does not exist"),
     (["bench", "--json", "{dir}/missing/out.json"], "--json {dir}/missing/out.json: the directory {dir}/missing "
                                                     "does not exist"),
+    (["bench", "--json", "/proc/moeflow.json"], "--json /proc/moeflow.json is not writable ({proc_error})"),
+    (["demo", "--out", "/proc/moeflow"], "--out /proc/moeflow is not writable ({proc_dir_error} in /proc)"),
     (["bench", "--ranks", "0"], "--ranks must be >= 1, got 0"),
     (["bench", "--ranks", "2", "0"], "--ranks must be >= 1, got 2 0"),
     (["bench", "--tokens", "0"], "--tokens must be >= 1, got 0"),
@@ -62,7 +74,10 @@ CASES = [
 
 @pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_flags_are_one_line_before_any_rank_starts(argv, message, tmp_path, capsys, no_ranks):
-    paths = dict(file=str(tmp_path / "a_file"), dir=str(tmp_path))
+    """(/proc: unwritable even for root, whose permission bits say otherwise)"""
+    paths = dict(file=str(tmp_path / "a_file"), dir=str(tmp_path),
+                 proc_error=_error(lambda: open("/proc/moeflow.json", "a")),
+                 proc_dir_error=_error(lambda: tempfile.TemporaryFile(dir="/proc")))
     (tmp_path / "a_file").write_text("")
     argv = [a.format(**paths) for a in argv]
     assert main(argv) == 2
@@ -78,8 +93,11 @@ def test_a_bad_timeout_in_the_environment_is_one_line(tmp_path, capsys, monkeypa
     assert err == "moeflow demo: error: env MOEFLOW_TIMEOUT_S must be a number of seconds, got 'soon'\n"
 
 
-def test_out_is_not_created_by_the_checks(tmp_path, no_ranks):
-    """--out may name a directory to be made (the run makes it); the checks make nothing."""
+def test_the_checks_leave_nothing_behind(tmp_path, no_ranks):
+    """--out may name a directory to be made (the run makes it), --json a file to be written
+    (the run writes it): the checks leave neither, nor their probes."""
     with pytest.raises(AssertionError, match="a rank was started"):
         main(["demo", "--out", str(tmp_path / "new" / "run"), "--quiet"])
-    assert not (tmp_path / "new").exists()
+    with pytest.raises(AssertionError, match="a rank was started"):
+        main(["bench", "--json", str(tmp_path / "out.json")])
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 from typing import Optional
 
 __all__ = ["UsageError", "check_at_least", "check_writable_dir", "check_writable_file", "add_workload_arguments",
@@ -45,26 +46,35 @@ def _nearest_existing(path: str) -> str:
 
 
 def check_writable_dir(path: str, flag: str) -> None:
-    """``path`` is a directory this process can write into, or can be made one (nothing is created)."""
+    """``path`` is a directory this process can write into, or can be made one: a temporary
+    file is made and removed in its nearest existing ancestor (permission bits do not tell:
+    root passes them on a read-only mount or /sys). Nothing is left behind."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a file, not a directory")
     base = _nearest_existing(path)
     if not os.path.isdir(base):
         raise UsageError(f"{flag} {path} cannot be created: {base} is a file")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path} is not writable (no write permission on {base})")
+    try:
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path} is not writable ({e.strerror} in {base})") from None
 
 
 def check_writable_file(path: str, flag: str) -> None:
-    """``path`` names a file this process can write: its directory exists and is writable, and it
-    is not a directory (nothing is created)."""
+    """``path`` names a file this process can write: its directory exists and the file opens
+    for appending (a new one is removed again; an existing one is not changed)."""
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a directory, not a file")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{flag} {path}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"{flag} {path} is not writable")
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path} is not writable ({e.strerror})") from None
+    if not existed:
+        os.remove(path)
 
 
 def add_workload_arguments(p: argparse.ArgumentParser, *, ranks: list[int], tokens: int, hidden: int,
