@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import UsageError, check_at_least, check_writable_dir
+from . import UsageError, check_at_least, check_writable_dir, demo_elastic
 
 DESCRIPTION = """\
 Trains a small DeepSeek-style MoE language model (bytes in, 3 layers, 16 fine-grained routed
@@ -66,9 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="activation checkpointing of every block: full keeps only its input, selective also its "
                            "matmul and attention outputs (default: none)")
 
-    from .demo_elastic import add_arguments as add_elastic_arguments
-
-    add_elastic_arguments(p)
+    demo_elastic.add_arguments(p)
 
 
 def flags_text(args: argparse.Namespace) -> str:
@@ -109,8 +107,6 @@ def check_arguments(args: argparse.Namespace) -> tuple[int, float]:
     if args.experts < DemoConfig().num_topk:
         raise UsageError(f"--experts must be >= {DemoConfig().num_topk}, the experts each token picks, "
                          f"got {args.experts}")
-    from . import demo_elastic
-
     demo_elastic.check(args, ep)  # --elastic's flags; its default --replicas (two per expert)
     replicas = args.replicas
     if replicas is None:  # experts that do not divide by the ranks: as many slots as the next multiple
@@ -132,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
         return _run_pipeline(args)
     replicas, timeout_s = check_arguments(args)
     ep = args.ranks // args.dp
-    from . import demo_elastic
-
     cfg = DemoConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
                      num_experts=args.experts, seed=args.seed,
                      bias_update_rate=0.0 if args.no_bias else DemoConfig().bias_update_rate,
