@@ -251,8 +251,12 @@ def test_a_save_that_dies_leaves_the_old_checkpoint_loadable(saved, tmp_path, cr
     shutil.copytree(a, target)
     # the survivor fails too (its peer's connection closed): each rank's outcome in its slot
     died = spawn(_save, 2, target, 1, crash, timeout_s=120, collective_timeout_s=60, return_failures=True)
-    dead = died[CRASHES[crash][2]]
+    lost = CRASHES[crash][2]
+    dead, survivor = died[lost], died[1 - lost]
     assert isinstance(dead, RankError) and dead.exitcode == CRASH, dead
+    # The save's collectives are watched: the survivor names the lost rank, whichever step it was in.
+    assert isinstance(survivor, RankError) and "PeerFailureError" in survivor.traceback, survivor
+    assert f"rank {lost} is dead or hung" in survivor.traceback, survivor.traceback
     left = sorted(os.listdir(tmp_path))
     between = crash == "rank 0 dies between the renames"
     assert any(".tmp-" in name for name in left), left  # the dead save's files

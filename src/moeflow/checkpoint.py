@@ -35,10 +35,15 @@ survives in the new directory.
 size and CRC-32s, no other file; the ranks split the checksumming. Any damaged, truncated,
 missing, extra or foreign file raises :class:`CheckpointError` on every rank, naming the file and
 what is wrong. One save to a directory at a time: concurrent saves to one ``<dir>`` are not supported.
+
+Their collectives are watched (:class:`~moeflow.comm.health.Watchdog`): a rank lost during a save or
+a load is a ``PeerFailureError`` naming it on the others within the process group's timeout (give
+the group moeflow's, ``MOEFLOW_TIMEOUT_S``); a save cut short that way leaves ``<dir>`` as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -59,6 +64,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.tensor import DTensor, Shard
 
 from .balance.replicas import check_phy2log
+from .comm.health import Watchdog, resolve_timeout
 from .layer import MoELayer
 from .parallel.mesh import is_dtensor, local_tensor
 
@@ -190,6 +196,16 @@ def _gather(obj, group: Optional[dist.ProcessGroup]) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def _watched(group: Optional[dist.ProcessGroup], what: str) -> contextlib.AbstractContextManager:
+    """The collectives of one save or load under a :class:`~moeflow.comm.health.Watchdog` guard: a
+    rank lost in the middle (killed while writing, say) is a ``PeerFailureError`` naming it on the
+    others, within the process group's timeout, instead of a Gloo/NCCL error naming a socket or a
+    hang. Every rank calls save/load in the same order, so a watchdog per call lines up."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return contextlib.nullcontext()
+    return Watchdog(group, resolve_timeout(None), name="checkpoint").guard(what)
 
 
 def _chunks(size: int, chunk: int) -> list[tuple[int, int]]:
@@ -524,17 +540,20 @@ def save(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
             directory that is not a checkpoint (nothing is written).
         CheckpointError: on every rank: the files could not be written, checksummed or published
             (``checkpoint_id`` is left as it was).
+        PeerFailureError: a rank of the group was lost during the save (on the others, naming
+            it; ``checkpoint_id`` is left as it was).
     """
     layers = _moe_layers(model, "save")
     target = _path(checkpoint_id, "save")
-    tmp, save_id = _begin_save(target, process_group)
-    try:
-        metadata = _write(model, optimizer, layers, tmp, process_group, sync_files=False)  # fsynced below
-    except CheckpointException as e:
-        if _group_rank(process_group) == 0:  # DCP raises on every rank, once every rank stopped writing
-            _remove(tmp)
-        raise CheckpointError("save", tmp, [("", f"could not be written ({_summary(e)})")]) from e
-    _finish_save(target, tmp, save_id, metadata, process_group)
+    with _watched(process_group, "save"):
+        tmp, save_id = _begin_save(target, process_group)
+        try:
+            metadata = _write(model, optimizer, layers, tmp, process_group, sync_files=False)  # fsynced below
+        except CheckpointException as e:
+            if _group_rank(process_group) == 0:  # DCP raises on every rank, once every rank stopped writing
+                _remove(tmp)
+            raise CheckpointError("save", tmp, [("", f"could not be written ({_summary(e)})")]) from e
+        _finish_save(target, tmp, save_id, metadata, process_group)
 
 
 def _write(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], layers: Mapping[str, MoELayer],
@@ -569,6 +588,7 @@ def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
             was touched), or it lacks keys or shapes of ``model`` (DCP's error, summarised).
         ValueError / TypeError: no MoELayer in ``model``, a placement for an unknown layer or
             of the wrong size (before any collective).
+        PeerFailureError: a rank of the group was lost during the load (on the others, naming it).
     """
     layers = _moe_layers(model, "load")
     target = _path(checkpoint_id, "load")
@@ -582,11 +602,12 @@ def load(model: nn.Module, checkpoint_id: Union[str, os.PathLike], *,
                              f"tensor (the layer's num_slots), got {phy2log!r}")
         check_phy2log(phy2log, layer.num_experts, layer.slots.num_slots,
                       f"moeflow.checkpoint.load: `placements[{name!r}]`", layer.buffer.rank)
-    directory = _verify(target, process_group)
-    try:
-        _read(model, optimizer, layers, directory, process_group, placements)
-    except CheckpointException as e:  # DCP raises it on every rank
-        raise CheckpointError("load", directory, [("", f"does not fit the model ({_summary(e)})")]) from e
+    with _watched(process_group, "load"):
+        directory = _verify(target, process_group)
+        try:
+            _read(model, optimizer, layers, directory, process_group, placements)
+        except CheckpointException as e:  # DCP raises it on every rank
+            raise CheckpointError("load", directory, [("", f"does not fit the model ({_summary(e)})")]) from e
 
 
 def _summary(e: CheckpointException) -> str:
@@ -663,11 +684,13 @@ def load_experts(model: nn.Module, checkpoint_id: Union[str, os.PathLike], exper
         for container, k, t in tensors:
             container[k] = _per_expert(t, slots, fresh=True)
             targets.append((container, k, t, slots))
-    directory = _verify(_path(checkpoint_id, "load_experts"), process_group)  # nothing read from a bad one
-    try:
-        dcp.load(state, checkpoint_id=directory, process_group=process_group)
-    except CheckpointException as e:  # DCP raises it on every rank
-        raise CheckpointError("load_experts", directory, [("", f"does not fit the model ({_summary(e)})")]) from e
+    with _watched(process_group, "load_experts"):
+        directory = _verify(_path(checkpoint_id, "load_experts"), process_group)  # nothing read from a bad one
+        try:
+            dcp.load(state, checkpoint_id=directory, process_group=process_group)
+        except CheckpointException as e:  # DCP raises it on every rank
+            raise CheckpointError("load_experts", directory,
+                                  [("", f"does not fit the model ({_summary(e)})")]) from e
     for container, k, t, slots in targets:
         for slot, e in slots.items():
             local_tensor(t)[slot].copy_(local_tensor(container[k][str(e)]))
