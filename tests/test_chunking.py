@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from moeflow.chunking import MIN_TOKENS, TRIALS, ChunkTuner
+from moeflow.chunking import MIN_TOKENS, TRIALS, BackwardClock, ChunkTuner
 
 
-def _run_trials(tuner, T, seconds_per_chunks, slower_elsewhere=None):
-    """Feed the tuner's trials with fixed timings; returns the counts it tried, in order."""
+def _run_trials(tuner, T, seconds_per_chunks, backward_seconds=None):
+    """Feed the tuner's trials with fixed timings (forward, and backward added to the entry as
+    the layer's BackwardClock does); returns the counts it tried, in order."""
     tried = []
     while True:
         C, timed = tuner.next(T)
         if not timed:
             return tried
         tried.append(C)
-        tuner.record(T, C, seconds_per_chunks[C])
+        entry = tuner.record(T, C, seconds_per_chunks[C])
+        if backward_seconds is not None:
+            entry[0] += backward_seconds[C]
 
 
 def test_auto_times_each_candidate_then_keeps_the_fastest():
@@ -48,6 +53,37 @@ def test_a_tie_takes_the_fewest_chunks():
     assert tuner.next(4096) == (1, False)
 
 
+def test_the_choice_counts_the_backward_of_each_trial():
+    tuner = ChunkTuner(None)
+    # the forward alone favours 4 chunks, the whole step 2
+    _run_trials(tuner, 4096, {1: 0.30, 2: 0.25, 4: 0.20}, backward_seconds={1: 0.6, 2: 0.5, 4: 0.7})
+    assert tuner.next(4096) == (2, False)
+
+
+class _SlowBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.05)
+        return grad * 2
+
+
+def test_backward_clock_adds_the_time_between_its_ends():
+    tuner = ChunkTuner(None)
+    C, timed = tuner.next(4096)
+    assert timed
+    clock = BackwardClock(torch.device("cpu"))
+    x = torch.randn(8, requires_grad=True)
+    y = _SlowBackward.apply(clock.enter(x))
+    clock.entry = tuner.record(4096, C, 0.01)
+    clock.exit(y).sum().backward()
+    assert clock.entry[0] >= 0.01 + 0.05          # the forward's time and the backward's sleep
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))  # identities in forward and backward
+
+
 def _auto_layer():
     import torch.distributed as dist
 
@@ -60,8 +96,9 @@ def _auto_layer():
     fixed = MoELayer(16, 8, 4, 2, num_chunks=1)
     x = torch.randn(1024 - 100 * rank, 16, generator=torch.Generator().manual_seed(rank))  # ranks differ in T
     for _ in range(3 * TRIALS):
-        auto(x)
-    return auto._chunk_tuner.chosen, (auto(x) - fixed(x)).abs().max().item()
+        auto(x.requires_grad_()).sum().backward()  # trials time forward and backward
+    diff = (auto(x) - fixed(x)).abs().max().item()  # this forward agrees on the choice first
+    return auto._chunk_tuner.chosen, diff
 
 
 def test_auto_ranks_pick_the_same_count_and_compute_the_same_layer():

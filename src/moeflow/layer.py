@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .balance.replicas import default_phy2log
-from .chunking import ChunkTuner
+from .chunking import BackwardClock, ChunkTuner
 from . import autograd as ag
 from .comm.agree import check_same
 from .comm.buffer import Buffer
@@ -188,6 +188,10 @@ class MoELayer(nn.Module):
         """Dispatch, experts and combine on ``[T, D]`` rows routed to ``[T, K]`` physical slots."""
         T = x_TD.size(0)
         C, T_agreed, t0 = self._num_chunks(T, x_TD.device)
+        clock = None
+        if t0 is not None and torch.is_grad_enabled() and x_TD.requires_grad:  # a trial: time its backward too
+            clock = BackwardClock(x_TD.device)
+            x_TD = clock.enter(x_TD)
         bounds = [T * c // C for c in range(C + 1)]  # a chunk may be empty: it still takes part
         wire = self.wire_dtype or x_TD.dtype
         def launch(c):
@@ -217,7 +221,10 @@ class MoELayer(nn.Module):
         if shared_out is not None:
             y = y + shared_out
         if t0 is not None:
-            self._chunk_tuner.stop(T_agreed, C, t0, x_TD.device)
+            entry = self._chunk_tuner.stop(T_agreed, C, t0, x_TD.device)
+            if clock is not None:
+                clock.entry = entry
+                y = clock.exit(y)
         return y
 
     def _num_chunks(self, T: int, device: torch.device) -> tuple[int, int, Optional[float]]:

@@ -2,8 +2,9 @@
 measured in the same run.
 
 Columns (same sizes, same router math, same weights, same routing, fp32 compute, no shared
-experts; each iteration runs every column once, interleaved, so drift on a shared machine hits
-them alike; per iteration the slowest rank decides, then the median over iterations):
+experts; each iteration runs every column once, interleaved and in a rotated order, so drift on a
+shared machine and the column before hit them alike; per iteration the slowest rank decides, then
+the median over iterations):
 
   moeflow     :class:`moeflow.MoELayer`, dropless, with ``wire_dtype`` None (fp32 on the wire,
               like the baselines: the like-for-like column) and bf16 (reported beside it);
@@ -361,8 +362,8 @@ def _bench_rank(cfg: dict) -> dict:
             grads.append(g_c)
         torch.autograd.backward(outs, grads)
 
-    for _ in range(len(ChunkTuner.candidates(T)) * TRIALS):
-        step("moeflow_auto")  # its timed trials: from here on it runs the count it chose
+    for _ in range(len(ChunkTuner.candidates(T)) * TRIALS + 1):
+        step("moeflow_auto")  # its timed trials, then the step that agrees on the choice: from here on it runs that
     auto_chunks = layers["moeflow_auto"]._chunk_tuner.chosen.get(1 << max(T - 1, 0).bit_length(), 1)
     runs = {name: (lambda n=name: step(n)) for name in layers}
     runs["comm_no_dedup"] = no_dedup_comm_step
@@ -371,8 +372,12 @@ def _bench_rank(cfg: dict) -> dict:
         runs[f"compute_C{C}"] = lambda C=C: compute_step(C)
     times: dict[str, list[float]] = {name: [] for name in runs}
     cpu_times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for it in range(cfg["warmup"] + cfg["iters"]):
-        for name, fn in runs.items():
+        # Rotated each iteration: a column's time depends on the one before it (its caches, the
+        # allocator, the other ranks' lag; seen as 10% on one column), so none always follows the same.
+        for name in names[it % len(names):] + names[:it % len(names)]:
+            fn = runs[name]
             # every rank starts each column together, so the slowest rank's time is the column's
             loop.barrier()
             with loop.guard(name):
