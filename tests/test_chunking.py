@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 
 import torch
@@ -75,13 +76,16 @@ def test_backward_clock_adds_the_time_between_its_ends():
     tuner = ChunkTuner(None)
     C, timed = tuner.next(4096)
     assert timed
-    clock = BackwardClock(torch.device("cpu"))
+    pending = collections.deque()
+    clock = BackwardClock(torch.device("cpu"), C, pending)
+    assert list(pending) == [clock]                 # a recompute of this forward would take its count
     x = torch.randn(8, requires_grad=True)
     y = _SlowBackward.apply(clock.enter(x))
     clock.entry = tuner.record(4096, C, 0.01)
     clock.exit(y).sum().backward()
     assert clock.entry[0] >= 0.01 + 0.05          # the forward's time and the backward's sleep
     assert torch.equal(x.grad, torch.full_like(x, 2.0))  # identities in forward and backward
+    assert not pending                              # its backward is over: no recompute will need it
 
 
 def _auto_layer():

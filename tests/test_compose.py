@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -44,6 +45,37 @@ def test_activation_checkpointing_changes_nothing():
         assert wrapped.keys() == a["params"].keys()
         for key, value in a["params"].items():
             torch.testing.assert_close(wrapped[key], value, rtol=1e-6, atol=1e-7, msg=str(key))
+
+
+def _checkpointed_chunks(num_chunks):
+    """A chunked layer under checkpoint() against an unchunked one without, gradients each step.
+    torch stops a recompute as soon as it has the tensors it saves (early stop), which cut the
+    chunk pipeline with transfers in flight and hung the next one; "auto" must also recompute
+    a trial forward with that trial's chunk count, not the next trial's."""
+    from moeflow.chunking import CANDIDATES, TRIALS
+
+    layers = []
+    for chunks in (num_chunks, 1):
+        torch.manual_seed(0)
+        layers.append(moeflow.MoELayer(32, 16, 8, 2, num_chunks=chunks))
+    x = torch.randn(1024, 32, generator=torch.Generator().manual_seed(dist.get_rank()))
+    worst = 0.0
+    for _ in range(len(CANDIDATES) * TRIALS + 2):  # "auto": every trial, the choice, one step after
+        grads = []
+        for layer, ac in zip(layers, (True, False)):
+            xx = x.clone().requires_grad_()
+            y = checkpoint(layer, xx, use_reentrant=False) if ac else layer(xx)
+            layer.zero_grad()
+            y.square().sum().backward()
+            grads.append(torch.cat([xx.grad.flatten(), layer.experts.w1.grad.flatten()]))
+        worst = max(worst, float((grads[0] - grads[1]).abs().max() / grads[1].abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("num_chunks", [2, "auto"])
+def test_a_chunked_layer_recomputed_under_activation_checkpointing(num_chunks):
+    for worst in spawn(_checkpointed_chunks, 2, num_chunks, timeout_s=120, collective_timeout_s=60):
+        assert worst < 1e-5, worst
 
 
 def _compiled():

@@ -54,9 +54,19 @@ class Pending(Generic[V]):
 
     def __init__(self, event: EventOverlap, tensors: tuple, build: Callable[[tuple], V]):
         self.event, self._tensors, self._build = event, tensors, build
+        self.done = False
 
     def wait(self) -> V:
+        self.done = True
         return self._build(_Wait.apply(self.event, *self._tensors))
+
+    def finish(self) -> None:
+        """Complete the transfer without reading it (once; nothing if :meth:`wait` ran): for a
+        forward cut short, whose transfers every rank posted alike. A transfer posted and never
+        waited on can stall the group's next one."""
+        if not self.done:
+            self.done = True
+            self.event.current_stream_wait()
 
 
 class _Wait(torch.autograd.Function):

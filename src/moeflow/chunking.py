@@ -24,6 +24,7 @@ backward, none after the trials).
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Callable, Optional
 
@@ -103,12 +104,19 @@ class ChunkTuner:
 class BackwardClock:
     """Adds the backward of a trial's routed part to its entry: :meth:`exit` wraps the part's
     output (its gradient arriving starts the clock), :meth:`enter` its input (the input's
-    gradient leaving stops it). Both are identities in the forward."""
+    gradient leaving stops it). Both are identities in the forward.
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    An activation-checkpoint recompute of a trial forward must run the trial's chunk count (the
+    tensors it saves depend on it), not the next trial's: the layer queues each trial's clock in
+    ``pending`` (``chunks`` is the count), a recompute takes the oldest one (backwards run in the
+    order of their forwards), and the end of the trial's backward removes it if no recompute did.
+    """
+
+    def __init__(self, device: torch.device, chunks: int, pending: "collections.deque[BackwardClock]"):
+        self.device, self.chunks, self.pending = device, chunks, pending
         self.entry: Optional[list[float]] = None  # the trial's, once its forward is over
         self.started: Optional[float] = None
+        pending.append(self)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         return _Clock.apply(x, self, False)
@@ -121,9 +129,12 @@ class BackwardClock:
         now = time.perf_counter()
         if starts:
             self.started = now
-        elif self.started is not None and self.entry is not None:
-            self.entry[0] += now - self.started
-            self.started = None
+        else:
+            if self.started is not None and self.entry is not None:
+                self.entry[0] += now - self.started
+                self.started = None
+            if self in self.pending:  # its backward is over: no recompute will need its count
+                self.pending.remove(self)
 
 
 class _Clock(torch.autograd.Function):

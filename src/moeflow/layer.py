@@ -22,6 +22,7 @@ rank, split contiguously). Planning, migration and replica sync live there too.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, Optional, Union
 
@@ -34,6 +35,7 @@ from .chunking import BackwardClock, ChunkTuner
 from . import autograd as ag
 from .comm.agree import check_same
 from .comm.buffer import Buffer
+from .comm.health import PeerFailureError
 from .comm.interleave import in_backward
 from .comm.transport import ProcessGroupTransport
 from .experts import GroupedExperts, SwiGLU
@@ -125,6 +127,7 @@ class MoELayer(nn.Module):
         self.hidden, self.num_experts, self.num_topk = hidden, num_experts, num_topk
         self.num_chunks, self.capacity_factor, self.wire_dtype = num_chunks, capacity_factor, wire_dtype
         self._chunk_tuner: Optional[ChunkTuner] = None  # made at the first "auto" forward
+        self._trials: collections.deque[BackwardClock] = collections.deque()  # see BackwardClock
         if self.mesh is None or self.mesh.dp is None:
             routing_group = self.buffer.group
         # the router's load sums go through a watched Transport, so that a missing peer is named:
@@ -190,7 +193,7 @@ class MoELayer(nn.Module):
         C, T_agreed, t0 = self._num_chunks(T, x_TD.device)
         clock = None
         if t0 is not None and torch.is_grad_enabled() and x_TD.requires_grad:  # a trial: time its backward too
-            clock = BackwardClock(x_TD.device)
+            clock = BackwardClock(x_TD.device, C, self._trials)
             x_TD = clock.enter(x_TD)
         bounds = [T * c // C for c in range(C + 1)]  # a chunk may be empty: it still takes part
         wire = self.wire_dtype or x_TD.dtype
@@ -200,23 +203,35 @@ class MoELayer(nn.Module):
                                self.slots.num_slots, async_finish=True)
 
         shared_out = None
-        pending = launch(0)
-        if self.shared is not None:
-            shared_out = self.shared(x_TD)  # runs while chunk 0 travels
+        posted = [launch(0)]  # every transfer in flight or done, in order
         outs: list = [None] * C
-        combines: list = []
-        for c in range(C):
-            d = pending.wait()
-            if c + 1 < C:
-                pending = launch(c + 1)  # travels while the experts below run
-            h = self.experts(d.recv_x.to(x_TD.dtype), d.recv_topk_idx, d.recv_topk_weights,
-                             num_tokens_per_expert=d.num_recv_tokens_per_expert_list)
-            combines.append((c, ag.combine(self.buffer, h.to(wire), d.handle, async_finish=True)))
-            if len(combines) > 1:  # wait for the previous chunk's combine only now
-                cc, cp = combines.pop(0)
+        try:
+            if self.shared is not None:
+                shared_out = self.shared(x_TD)  # runs while chunk 0 travels
+            pending = posted[0]
+            combines: list = []
+            for c in range(C):
+                d = pending.wait()
+                if c + 1 < C:
+                    pending = launch(c + 1)  # travels while the experts below run
+                    posted.append(pending)
+                h = self.experts(d.recv_x.to(x_TD.dtype), d.recv_topk_idx, d.recv_topk_weights,
+                                 num_tokens_per_expert=d.num_recv_tokens_per_expert_list)
+                combines.append((c, ag.combine(self.buffer, h.to(wire), d.handle, async_finish=True)))
+                posted.append(combines[-1][1])
+                if len(combines) > 1:  # wait for the previous chunk's combine only now
+                    cc, cp = combines.pop(0)
+                    outs[cc] = cp.wait()
+            for cc, cp in combines:
                 outs[cc] = cp.wait()
-        for cc, cp in combines:
-            outs[cc] = cp.wait()
+        except BaseException as e:
+            # torch ends an activation-checkpoint recompute (non-reentrant, early stop) by raising
+            # as soon as it has every tensor it saves: transfers of the next chunk may be in
+            # flight, posted alike on every rank. Left unwaited they stall the backward's transfers.
+            if in_backward() and not isinstance(e, PeerFailureError):
+                for p in posted:
+                    p.finish()
+            raise
         y = torch.cat(outs).to(x_TD.dtype) if C > 1 else outs[0].to(x_TD.dtype)
         if shared_out is not None:
             y = y + shared_out
@@ -233,6 +248,8 @@ class MoELayer(nn.Module):
         fixed count is used as is, "auto" agrees on the largest T first (see ChunkTuner)."""
         if self.num_chunks != "auto":
             return self.num_chunks, T, None
+        if in_backward() and self._trials:  # an activation-checkpoint recompute of a trial forward
+            return self._trials.popleft().chunks, T, None
         if self.buffer.group_size > 1:
             t = torch.tensor([T], device=device)
             # one tiny collective per forward so that ranks with different T pick the same C
@@ -273,6 +290,7 @@ class MoELayer(nn.Module):
         self.router.transport, self.router.group = buffer.transport, buffer.group
         self.router.num_nodes = self.router.max_nodes_per_token = buffer.num_nodes  # no node limit (checked above)
         self._chunk_tuner = None  # its timings were for the old group
+        self._trials.clear()
         return self.slots.regroup(buffer, phy2log, previous=previous, old_ranks=old_ranks,
                                   old_num_ranks=old_num_ranks, optimizer=optimizer)
 
