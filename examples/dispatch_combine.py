@@ -7,6 +7,8 @@ Each rank routes its tokens to top-2 of 8 experts (split over the ranks), dispat
 toy "expert" on what arrived, and combines the results back onto the tokens.
 """
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -41,4 +43,7 @@ def main():
 
 if __name__ == "__main__":
     for line in moeflow.parallel.run(main, 2):  # under torchrun: its ranks; else 2 local ones
-        print(line, flush=True)
+        # one write per line (print writes the newline apart when Python is unbuffered): under
+        # torchrun the workers of a node share one stdout, and their lines must not run together
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()

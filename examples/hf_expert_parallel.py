@@ -10,6 +10,7 @@ agree to float32 rounding, although half of each token's experts now live on the
 """
 
 import copy
+import sys
 
 import torch
 import torch.distributed as dist
@@ -44,4 +45,7 @@ def main():
 
 if __name__ == "__main__":
     for line in moeflow.parallel.run(main, 2):  # under torchrun: its ranks; else 2 local ones
-        print(line, flush=True)
+        # one write per line (print writes the newline apart when Python is unbuffered): under
+        # torchrun the workers of a node share one stdout, and their lines must not run together
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()

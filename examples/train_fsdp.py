@@ -10,6 +10,8 @@ Every rank trains on its own batches; nothing is synchronised by hand. Each rank
 loss before and after, and a checksum of its expert bias (the same on every rank).
 """
 
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -75,4 +77,7 @@ def main():
 
 if __name__ == "__main__":
     for line in moeflow.parallel.run(main, 4):  # under torchrun: its ranks; else 4 local ones
-        print(line, flush=True)
+        # one write per line (print writes the newline apart when Python is unbuffered): under
+        # torchrun the workers of a node share one stdout, and their lines must not run together
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
