@@ -74,3 +74,35 @@ def test_hf_expert_parallel_example_runs():
                      r"max \|logit difference\| vs the unmodified model ([\d.e+-]+)$", line)
         assert m, line
         assert float(m.group(1)) < 1e-4  # float32 rounding, not a routing or weight error
+
+
+class _Writes:
+    """A stdout that records each write call."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.calls.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("name", ["dispatch_combine.py", "hf_expert_parallel.py", "train_fsdp.py"])
+def test_example_lines_go_out_in_one_write_each(name, monkeypatch):
+    """Under torchrun the workers of a node share one stdout: a line written in two calls (print's
+    text, then its newline, when Python is unbuffered) can have another worker's line between them."""
+    import runpy
+
+    import moeflow.parallel
+
+    if name == "hf_expert_parallel.py":
+        pytest.importorskip("transformers")
+    lines = ["rank 0: first", "rank 1: second"]
+    monkeypatch.setattr(moeflow.parallel, "run", lambda fn, num_ranks, *a, **k: lines)  # no ranks started
+    out = _Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")
+    assert out.calls == [line + "\n" for line in lines]
