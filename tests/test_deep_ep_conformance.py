@@ -15,6 +15,7 @@ rank, or never ran.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -597,9 +598,16 @@ def _conformance():
     return check.results
 
 
+@functools.lru_cache(maxsize=None)
+def _records(R: int) -> list:
+    return spawn(_conformance, R, timeout_s=240)
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda R: f"{R}ranks")
 def records(request):
-    return request.param, spawn(_conformance, request.param, timeout_s=240)
+    # pytest sets a parametrized module fixture up again each time the test order switches its
+    # parameter (in random order: 38 times for this module, each a full run); one run per R
+    return request.param, _records(request.param)
 
 
 def _expect(records, name: str):
