@@ -39,6 +39,7 @@ so Buffers must be created in the same order on every rank of a group (as DeepEP
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import json
@@ -101,11 +102,16 @@ class _Heartbeat:
 
     One per process (not one per Buffer: a model has a Buffer per layer, and the store is shared
     by every rank), so this is the one module-level object in the package. The thread ends when
-    the last watchdog is garbage-collected, or when the store goes away (process group torn down).
+    the last watchdog is garbage-collected, when the store goes away (process group torn down),
+    or at interpreter exit (:func:`_stop_at_exit`).
     """
+
+    # How long the exit waits for a store write in flight (a healthy one takes a millisecond).
+    EXIT_JOIN_S = 5.0
 
     _lock = threading.Lock()
     _instance: Optional["_Heartbeat"] = None
+    _every: "weakref.WeakSet[_Heartbeat]" = weakref.WeakSet()  # a new store (elastic regroup) gets a new one
 
     def __init__(self, store: dist.Store, global_rank: int):
         self.store, self.global_rank = store, global_rank
@@ -114,6 +120,7 @@ class _Heartbeat:
         self.created: dict[int, int] = {}  # group key -> watchdogs created on it
         self.thread: Optional[threading.Thread] = None
         self.failed = False  # its latest watched transfer failed (set by diagnose, cleared by a success)
+        self.stopped = threading.Event()  # set at interpreter exit: the thread ends, none starts again
 
     @classmethod
     def get(cls, store: dist.Store, global_rank: int) -> "_Heartbeat":
@@ -121,6 +128,7 @@ class _Heartbeat:
             hb = cls._instance
             if hb is None or hb.store is not store or hb.global_rank != global_rank:
                 hb = cls._instance = _Heartbeat(store, global_rank)
+                cls._every.add(hb)
             return hb
 
     def register(self, wd: "Watchdog", group_key: int) -> str:
@@ -128,7 +136,7 @@ class _Heartbeat:
             k = self.created.get(group_key, 0)
             self.created[group_key] = k + 1
             self.watchdogs.add(wd)
-            if self.thread is None or not self.thread.is_alive():
+            if (self.thread is None or not self.thread.is_alive()) and not self.stopped.is_set():
                 self.thread = threading.Thread(target=self._loop, name="moeflow-heartbeat", daemon=True)
                 self.thread.start()
         return f"{group_key:08x}.{k}"
@@ -158,14 +166,33 @@ class _Heartbeat:
             with self._lock:
                 # Checked under the lock register() takes, so a watchdog registered now either
                 # is seen here or finds no thread and starts one.
-                if not self.watchdogs:
+                if not self.watchdogs or self.stopped.is_set():
                     self.thread = None
                     return
             if not self.publish():
                 with self._lock:
                     self.thread = None
                 return
-            time.sleep(self.interval())
+            self.stopped.wait(self.interval())
+
+    def stop(self, timeout_s: float) -> None:
+        """End the thread and wait (up to ``timeout_s``) for a store write in flight to return."""
+        self.stopped.set()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """Stop the heartbeat before the interpreter finalizes. A daemon thread that returns from a
+    C++ call which released the GIL (``store.set``) after finalization began is ended with
+    ``pthread_exit``, whose unwinding through the binding's GIL guard calls ``std::terminate``:
+    the process aborts ("terminate called without an active exception", SIGABRT) although its
+    work is done, and torchrun reports the job as failed. atexit handlers run after the main
+    thread's work and before finalization, so the thread ends cleanly here."""
+    for hb in list(_Heartbeat._every):
+        hb.stop(_Heartbeat.EXIT_JOIN_S)
 
 
 def read_heartbeat(store: dist.Store, global_rank: int) -> Optional[dict]:
