@@ -97,7 +97,9 @@ def _exit_with_launcher(rank: int, lifeline, tempdir: str | None) -> None:
             pass
         if rank == 0 and tempdir:
             shutil.rmtree(tempdir, ignore_errors=True)
-        print(f"moeflow.spawn: rank {rank}: the launcher is gone; exiting", file=sys.stderr, flush=True)
+        # one write (print sends the newline apart when Python is unbuffered): ranks share stderr
+        sys.stderr.write(f"moeflow.spawn: rank {rank}: the launcher is gone; exiting\n")
+        sys.stderr.flush()
         os._exit(1)
 
     threading.Thread(target=watch, name="moeflow-launcher-watch", daemon=True).start()

@@ -97,8 +97,9 @@ def _poll_parent(agent: int) -> None:
 
 
 def _agent_gone(agent: int) -> None:
-    print(f"moeflow: rank {os.environ.get('RANK', '?')}: torchrun's agent (pid {agent}) is gone; exiting",
-          file=sys.stderr, flush=True)
+    # one write (print sends the newline apart when Python is unbuffered): workers share stderr
+    sys.stderr.write(f"moeflow: rank {os.environ.get('RANK', '?')}: torchrun's agent (pid {agent}) is gone; exiting\n")
+    sys.stderr.flush()
     os._exit(1)
 
 
