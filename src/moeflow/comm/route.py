@@ -303,9 +303,7 @@ class _Sum:
             self.out.zero_()
             return
         first = self.own_msgs[0]
-        _zero_rows_not_in(self.out, self.index[first])
-        out_w, seg_w = _layout.wide_pair(self.out, segments[first])
-        out_w.index_copy_(0, self.index[first], seg_w)  # 0 + a is a: a copy, as wide words
+        _place_rows(self.out, self.index[first], segments[first])  # 0 + a is a: a copy
         for k in self.own_msgs[1:]:
             self.out.index_add_(0, self.index[k], segments[k])
 
@@ -374,13 +372,21 @@ def _rows_out(like: torch.Tensor, num_recv: int, num_rows: int) -> torch.Tensor:
     return out
 
 
-def _zero_rows_not_in(out: torch.Tensor, idx: torch.Tensor) -> None:
-    """Zero the rows of ``out`` that ``idx`` does not list. On CPU only those rows are written (a
-    fresh output's pages are touched once, by the copy that follows); elsewhere all of ``out``,
-    which needs no host sync."""
-    if out.device.type != "cpu":
+def _place_rows(out: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
+    """``out[idx[i]] = rows[i]``, every other row of ``out`` zero; rows move as wide words.
+
+    On CPU as a gather: ``index_copy_`` moves rows element by element there (2.4 ms for 16 MiB
+    of rows on the project's VM) while ``index_select`` copies each row whole (0.7 ms), so each
+    row of ``out`` is gathered from ``rows`` (the ones ``idx`` does not list from row 0, then
+    zeroed). Elsewhere ``out`` is zeroed and ``index_copy_`` scatters the rows: no host sync."""
+    out_w, rows_w = _layout.wide_pair(out, rows)
+    if out.device.type != "cpu" or not idx.numel():
         out.zero_()
+        out_w.index_copy_(0, idx, rows_w)
         return
+    where = torch.zeros(out.size(0), dtype=torch.int64)
+    where[idx] = torch.arange(idx.numel())
+    torch.index_select(rows_w, 0, where, out=out_w)
     missing = torch.ones(out.size(0), dtype=torch.bool)
     missing[idx] = False
     out.index_fill_(0, missing.nonzero().flatten(), 0)
