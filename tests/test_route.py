@@ -228,3 +228,19 @@ def test_two_source_sum_in_the_output_dtype_is_the_fp32_sum(dtype):
     for got in (blockwise, direct):
         assert torch.equal(got.view(torch.uint8), fp32.to(dtype).view(torch.uint8))
     assert not _Sum(direct, idx + [idx[0]], (), [0], {dtype}).direct  # three sources: fp32, in order
+
+
+@pytest.mark.parametrize("listed", [0, 10, 25, 49, 50])
+def test_place_rows_puts_each_row_at_its_token_and_zeros_the_rest(listed):
+    # both ways of placing (a gather when at least half the rows are listed, else a scatter)
+    from moeflow.comm.route import _place_rows
+
+    T, W = 50, 6
+    g = torch.Generator().manual_seed(listed)
+    idx = torch.randperm(T, generator=g)[:listed].sort().values
+    rows = torch.randn(listed, W, generator=g).bfloat16()
+    out = torch.full((T, W), 7.0, dtype=torch.bfloat16)  # stale values must not survive
+    _place_rows(out, idx, rows)
+    expected = torch.zeros(T, W, dtype=torch.bfloat16)
+    expected[idx] = rows
+    assert torch.equal(out, expected)

@@ -375,20 +375,26 @@ def _rows_out(like: torch.Tensor, num_recv: int, num_rows: int) -> torch.Tensor:
 def _place_rows(out: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
     """``out[idx[i]] = rows[i]``, every other row of ``out`` zero; rows move as wide words.
 
-    On CPU as a gather: ``index_copy_`` moves rows element by element there (2.4 ms for 16 MiB
-    of rows on the project's VM) while ``index_select`` copies each row whole (0.7 ms), so each
-    row of ``out`` is gathered from ``rows`` (the ones ``idx`` does not list from row 0, then
-    zeroed). Elsewhere ``out`` is zeroed and ``index_copy_`` scatters the rows: no host sync."""
+    On CPU ``index_copy_`` moves rows element by element while ``index_select`` copies each row
+    whole, in about half the time (``python benchmarks/bench_row_copies.py``). So when ``idx``
+    lists at least half of ``out``'s rows, every row of ``out`` is gathered from ``rows`` (the
+    unlisted ones from row 0, then zeroed); with fewer, the unlisted rows are zeroed and the
+    listed ones scattered. Both write each page of a fresh ``out`` once. Elsewhere ``out`` is
+    zeroed and ``index_copy_`` scatters the rows: no host sync."""
     out_w, rows_w = _layout.wide_pair(out, rows)
-    if out.device.type != "cpu" or not idx.numel():
+    T = out.size(0)
+    if out.device.type != "cpu":
         out.zero_()
         out_w.index_copy_(0, idx, rows_w)
         return
-    where = torch.zeros(out.size(0), dtype=torch.int64)
-    where[idx] = torch.arange(idx.numel())
-    torch.index_select(rows_w, 0, where, out=out_w)
-    missing = torch.ones(out.size(0), dtype=torch.bool)
+    missing = torch.ones(T, dtype=torch.bool)
     missing[idx] = False
+    if 2 * idx.numel() >= T and idx.numel():
+        where = torch.zeros(T, dtype=torch.int64)
+        where[idx] = torch.arange(idx.numel())
+        torch.index_select(rows_w, 0, where, out=out_w)
+    else:
+        out_w.index_copy_(0, idx, rows_w)
     out.index_fill_(0, missing.nonzero().flatten(), 0)
 
 
