@@ -445,38 +445,40 @@ def test_node_lost_under_torchrun_the_other_node_goes_on(tmp_path):
     killed, its agent stops the node's other worker and fails; the workers of node 0 (whose agent
     hosts the store) recover in their processes and finish the run on 2 ranks. The stopped
     worker was named by no error: the survivors see its heartbeat stop (no wait for the timeout)."""
-    import os
-    import socket
     import subprocess
     import sys
     import time
     from pathlib import Path
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, MOEFLOW_TIMEOUT_S="20",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")])))
-    logs = [tmp_path / f"node{n}.txt" for n in range(2)]
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
-                                "2", "--node-rank", str(n), "--max-restarts", "0", "--master-addr", "127.0.0.1",
-                                "--master-port", str(port), str(Path(__file__).resolve()), "--torchrun-worker"],
-                               stdout=open(logs[n], "w"), stderr=subprocess.STDOUT, cwd=root, env=env)
-              for n in range(2)]
-    lines: list = []
-    try:
-        # node 0's agent then waits at torchrun's exit barrier for node 1 (300 s): not waited for here
-        deadline = time.monotonic() + 240
-        while len(lines) < 2 and time.monotonic() < deadline and agents[0].poll() is None:
-            time.sleep(1)
-            # the two workers share the agent's stdout: their lines may run into each other
-            lines = sorted(re.findall(r"RESULT rank\d .*?ranks=\d+", logs[0].read_text()))
-        agents[1].wait(timeout=60)
-    finally:
-        for a in agents:
-            if a.poll() is None:
-                a.kill()
+    from _torchrun import ATTEMPTS, ROOT, env, free_port, start_failed_transiently
+
+    for attempt in range(1, ATTEMPTS + 1):
+        port = free_port()
+        logs = [tmp_path / f"attempt{attempt}-node{n}.txt" for n in range(2)]
+        agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                                    "2", "--node-rank", str(n), "--max-restarts", "0", "--master-addr", "127.0.0.1",
+                                    "--master-port", str(port), str(Path(__file__).resolve()), "--torchrun-worker"],
+                                   stdout=open(logs[n], "w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env=dict(env(), MOEFLOW_TIMEOUT_S="20"))
+                  for n in range(2)]
+        lines: list = []
+        try:
+            # node 0's agent then waits at torchrun's exit barrier for node 1 (300 s): not waited for here
+            deadline = time.monotonic() + 240
+            while len(lines) < 2 and time.monotonic() < deadline and agents[0].poll() is None:
+                time.sleep(1)
+                # the two workers share the agent's stdout: their lines may run into each other
+                lines = sorted(re.findall(r"RESULT rank\d .*?ranks=\d+", logs[0].read_text()))
+            agents[1].wait(timeout=60)
+        finally:
+            for a in agents:
+                if a.poll() is None:
+                    a.kill()
+        # Gloo's start-up failed on a worker (tests/_torchrun.py): once, the job runs again
+        if len(lines) < 2 and attempt < ATTEMPTS and any(
+                start_failed_transiently(log.read_text(), "in _torchrun_worker") for log in logs):
+            continue
+        break
     assert agents[1].returncode != 0, logs[1].read_text()[-3000:]
     assert [line.split()[1] for line in lines] == ["rank0", "rank1"], logs[0].read_text()[-3000:]
     for line in lines:
