@@ -35,7 +35,7 @@ __all__ = ["ChunkTuner", "BackwardClock"]
 
 CANDIDATES = (1, 2, 4)
 MIN_TOKENS = 256   # a chunk of fewer tokens pays more in per-message latency than it can hide
-TRIALS = 3         # forwards timed per candidate (the shortest counts): one slow outlier does not decide
+TRIALS = 5         # forwards timed per candidate (the shortest counts): slow outliers do not decide
 
 
 class ChunkTuner:
