@@ -770,7 +770,10 @@ def _ll_memory():
     R = dist.get_world_size()
     T, H, E, K = 8, 256, 4 * R, 3
     buffer = deep_ep.Buffer(low_latency_mode=True)
-    x, idx = torch.randn(T, H).bfloat16(), torch.randint(0, E, (T, K))
+    g = torch.Generator().manual_seed(dist.get_rank())
+    # distinct experts per token, as torch.topk gives them (randint repeated one now and then,
+    # which low-latency mode now refuses)
+    x, idx = torch.randn(T, H, generator=g).bfloat16(), torch.rand(T, E, generator=g).argsort(1)[:, :K]
     for fp8 in (False, True):
         for _ in range(2):  # two alternating sets
             recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=fp8)

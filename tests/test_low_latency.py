@@ -158,9 +158,11 @@ def test_low_latency_matches_reference(world_size, trim_on_cpu):
 def _bad():
     buffer = Buffer(low_latency_mode=True)
     rank = dist.get_rank()
-    x, idx = torch.randn(5, 128).bfloat16(), torch.zeros(5, 2, dtype=torch.int64)
+    x, idx = torch.randn(5, 128).bfloat16(), torch.tensor([[0, 1]] * 5)
     msgs = []
-    for kwargs in (dict(x=x, num_max=4), dict(x=x.float()), dict(idx=idx + 99), dict(x=x[:, :100], fp8=True)):
+    twice = torch.tensor([[0, 1], [2, 3], [5, -1], [4, 4], [6, 7]])
+    for kwargs in (dict(x=x, num_max=4), dict(x=x.float()), dict(idx=idx + 99), dict(x=x[:, :100], fp8=True),
+                   dict(idx=twice)):
         try:
             buffer.low_latency_dispatch(kwargs.get("x", x), kwargs.get("idx", idx), kwargs.get("num_max", 8), 8,
                                         use_fp8=kwargs.get("fp8", False))
@@ -179,14 +181,17 @@ def _bad():
 
 def test_bad_input_names_argument_and_rank():
     for rank, msgs in spawn(_bad, 2, timeout_s=60):
-        assert len(msgs) == 6, msgs
+        assert len(msgs) == 7, msgs
         kinds = [k for k, _ in msgs]
-        assert kinds == ["ValueError", "TypeError", "ValueError", "ValueError", "ValueError", "ValueError"]
+        assert kinds == ["ValueError", "TypeError", "ValueError", "ValueError", "ValueError", "ValueError",
+                         "ValueError"]
         assert all(f"rank {rank}" in m for _, m in msgs)
         assert "`x`" in msgs[0][1] and "more than num_max_dispatch_tokens_per_rank=4" in msgs[0][1]
-        assert "`topk_idx`" in msgs[2][1] and "found 99" in msgs[2][1]
-        assert "multiple of 128" in msgs[3][1] and "low_latency_mode=True" in msgs[4][1]
-        assert f"`round_scale` on rank {rank} needs use_fp8=True" in msgs[5][1]
+        assert "`topk_idx`" in msgs[2][1] and "found 100" in msgs[2][1]
+        assert "multiple of 128" in msgs[3][1]
+        assert "`topk_idx`" in msgs[4][1] and "lists an expert twice for token 3 ([4, 4]; 1 such tokens)" in msgs[4][1]
+        assert "low_latency_mode=True" in msgs[5][1]
+        assert f"`round_scale` on rank {rank} needs use_fp8=True" in msgs[6][1]
 
 
 def test_fp8_cast_into_kept_buffers_matches_fresh_cast():

@@ -100,13 +100,21 @@ class ArgChecker:
                                             f"got {num_experts!r}")
 
     def topk_idx(self, where: str, topk_idx, num_tokens: Optional[int], num_experts: int,
-                 values: bool = True, num_tokens_per_expert: Optional[torch.Tensor] = None) -> None:
+                 values: bool = True, num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 distinct: bool = False) -> None:
         """Shape and dtype; with ``values`` the ids too, and with ``num_tokens_per_expert``
-        (``[E]``) that it counts ``topk_idx``'s pairs per expert (one host sync for all)."""
+        (``[E]``) that it counts ``topk_idx``'s pairs per expert (one host sync for all). With
+        ``distinct``, that no token lists an expert twice (low-latency mode sizes each expert's
+        slots for one copy of each token)."""
         self.tensor(where, "topk_idx", topk_idx, torch.int64, (num_tokens, None))
         if not values:
             return
         stats = list(torch.aminmax(topk_idx)) if topk_idx.numel() else []
+        repeated = None
+        if distinct and topk_idx.numel():
+            ids = topk_idx.sort(1).values
+            repeated = ((ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)).any(1)
+            stats.append(repeated.sum())
         if num_tokens_per_expert is not None:
             # counts from another batch would size the receive buffers and the per-expert list
             # wrongly, and nothing downstream could tell: [E] pairs per expert (shifted by one so
@@ -124,6 +132,10 @@ class ArgChecker:
             lo, hi = got[0], got[1]
             if lo < -1 or hi >= num_experts:
                 self.fail(where, "topk_idx", f"must lie in [-1, {num_experts}), found {lo if lo < -1 else hi}")
+        if repeated is not None and got[2]:
+            t = int(repeated.nonzero()[0])
+            self.fail(where, "topk_idx", f"lists an expert twice for token {t} ({topk_idx[t].tolist()}; {got[2]} such "
+                      "tokens): each token's experts must be distinct, as torch.topk gives them")
         if num_tokens_per_expert is not None and got[-1]:
             e = int(differ.nonzero()[0])
             self.fail(where, "num_tokens_per_expert", f"does not count `topk_idx`: expert {e} has "

@@ -184,7 +184,7 @@ class LowLatency:
         # Id values are checked on CPU only, where it costs no device sync; on CUDA it would be a
         # host sync and this path must stay capturable, so ids must be valid there.
         c.topk_idx(where, topk_idx, T, E, values=topk_idx.device.type == "cpu" if isinstance(topk_idx, torch.Tensor)
-                   else True)
+                   else True, distinct=True)
         return _Config(T_max, H, E, topk_idx.size(1), bool(use_fp8), x.device, bool(round_scale), bool(use_ue8m0))
 
     # ------------------------------------------------------------------ dispatch
@@ -342,7 +342,7 @@ class LowLatency:
         T_max, H, E, T = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts, handle.num_tokens
         c.tensor(where, "x", x, (torch.bfloat16, torch.float16, torch.float32), (E // self.R, self.R * T_max, H))
         c.topk_idx(where, topk_idx, T, E, values=topk_idx.device.type == "cpu" if isinstance(topk_idx, torch.Tensor)
-                   else True)
+                   else True, distinct=True)
         c.tensor(where, "topk_weights", topk_weights, torch.float32, (T, topk_idx.size(1)))
         if out is not None:
             c.tensor(where, "out", out, x.dtype, (T, H))
