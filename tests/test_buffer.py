@@ -62,6 +62,8 @@ def cases_for(R: int) -> list[dict]:
         dict(name="256-experts-top-8", seed=11, N=24, H=128, E=256 - 256 % R, K=8),
         dict(name="alignment-4", seed=12, N=19, H=32, E=E, K=3, align=4, drop=0.3),
         dict(name="odd-hidden-fp32", seed=13, N=10, H=33, E=E, K=2, dtype=torch.float32),
+        # most tokens reach every rank: on 2 ranks the combine sums long spans of tokens at once
+        dict(name="long-spans", seed=14, N=[300 - 7 * r for r in range(R)], H=64, E=E, K=min(6, E), drop=0.03),
     ]
 
 
@@ -89,7 +91,7 @@ def _run_cases(cases):
         results.append(dict(x=x, idx=idx, w=w, recv_x=recv_x, recv_idx=recv_idx, recv_w=recv_w, counts=counts,
                             y=y, combined=combined, combined_w=combined_w, plain=plain, pending=pending,
                             same_cached=same_cached, in_rank=in_rank, per_rank=per_rank, per_expert=per_expert,
-                            per_rdma=per_rdma))
+                            per_rdma=per_rdma, cut=[r is not None for r in handle.plan.hops[0].send_runs]))
     return results
 
 
@@ -118,6 +120,8 @@ def _check_case(case, per_rank_results, R):
         assert got["counts"] == exp["counts"], where
         assert got["same_cached"], f"{where}: cached dispatch differs from fresh"
         assert got["per_rdma"] is None
+        if name == "long-spans" and R == 2:  # the other rank's tokens go straight from x, run by run
+            assert got["cut"] == [r != d for r in range(R)], where
         # layout: counts derived from topk_idx on the source rank
         idx = got["idx"]
         E, L = case["E"], case["E"] // R

@@ -201,33 +201,48 @@ def test_row_format_fields_are_aligned_and_round_trip():
     assert torch.equal(glob.topk_idx.long(), meta.topk_idx[idx])
 
 
+@pytest.mark.parametrize("listed", [50, 510])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_two_source_sum_in_the_output_dtype_is_the_fp32_sum(dtype):
+def test_two_source_sum_in_the_output_dtype_is_the_fp32_sum(dtype, listed):
     """MoELayer on two ranks sums at most two copies per token; that sum is done in the output's
-    dtype (no fp32 pass), which must be bit-identical to the fp32 accumulation, edge values too."""
+    dtype (no fp32 pass), which must be bit-identical to the fp32 accumulation, edge values too.
+    50 of 64 tokens per segment: short spans, indexed ops; 510 of 512: long spans, one op each."""
     from moeflow.comm.route import _Sum, reduce_rows
 
-    T, W = 64, 16
+    T, W = {50: 64, 510: 512}[listed], 16
     g = torch.Generator().manual_seed(3)
-    idx = [torch.randperm(T, generator=g)[:50].sort().values for _ in range(2)]
-    segs = [(torch.randn(50, W, generator=g) * torch.logspace(-6, 6, W)).to(dtype) for _ in range(2)]
+    idx = [torch.randperm(T, generator=g)[:listed].sort().values for _ in range(2)]
+    segs = [(torch.randn(listed, W, generator=g) * torch.logspace(-6, 6, W)).to(dtype) for _ in range(2)]
     edge = torch.tensor([1e30, 1.0, 3.0, 2 ** -9, 65504.0, 1e-30, float("inf"), 0.5])
+    idx[1][0] = idx[0][0]  # the edge row is summed from both
     segs[0][0, :8], segs[1][0, :8] = edge.to(dtype), torch.tensor([1e-5, 2 ** -9, 2 ** -7, -1.0, 1.0, -1e-30,
                                                                       1.0, 2 ** -10]).to(dtype)
-    idx[1][0] = idx[0][0]  # the edge row is summed from both
     fp32 = torch.zeros(T, W)
     for s, i in zip(segs, idx):
         fp32.index_add_(0, i, s.float())
     blockwise = torch.empty(T, W, dtype=dtype)
     reduce_rows(blockwise, segs, idx)
-    direct = torch.empty(T, W, dtype=dtype)
+    direct = torch.full((T, W), 7.0, dtype=dtype)  # stale values must not survive
     total = _Sum(direct, idx, (), [1], {dtype})
     assert total.direct
+    assert (total.spans is not None) == (listed == 510)
     total.own(segs)   # this rank's own segment first (it needs no transfer), the other after
     total.rest(segs)
     for got in (blockwise, direct):
         assert torch.equal(got.view(torch.uint8), fp32.to(dtype).view(torch.uint8))
     assert not _Sum(direct, idx + [idx[0]], (), [0], {dtype}).direct  # three sources: fp32, in order
+
+
+def test_spans_cut_tokens_where_their_sources_change():
+    from moeflow.comm.route import _spans
+
+    T = 256
+    own = torch.cat([torch.arange(0, 30), torch.arange(31, T)])    # token 30 missing
+    peer = torch.arange(10, T)                                     # tokens 0-9 missing
+    assert _spans([own, peer], T) == [(0, 10, [(0, 0)]), (10, 30, [(0, 10), (1, 0)]), (30, 31, [(1, 20)]),
+                                      (31, T, [(0, 30), (1, 21)])]
+    assert _spans([own, torch.arange(0, 64, 2)], T) is None          # every other token: spans of 1
+    assert _spans([torch.arange(5)], 5) is None                      # too few tokens to pay
 
 
 @pytest.mark.parametrize("listed", [0, 10, 25, 49, 50])
@@ -244,3 +259,48 @@ def test_place_rows_puts_each_row_at_its_token_and_zeros_the_rest(listed):
     expected = torch.zeros(T, W, dtype=torch.bfloat16)
     expected[idx] = rows
     assert torch.equal(out, expected)
+
+
+def test_runs_between_cuts_around_the_gaps_and_refuses_short_runs():
+    from moeflow.comm.plan import MIN_RUN_ROWS, runs_between
+
+    assert runs_between([3, 4, 10], 100) == ((0, 3), (5, 5), (11, 89))
+    assert runs_between([], 64) == ((0, 64),)
+    assert runs_between([0, 63], 64) == ((1, 62),)
+    assert runs_between(list(range(64)), 64) == ()                    # nothing sent: no message at all
+    assert runs_between(None, 100) is None                            # no gap list: gather
+    assert runs_between([3, 4, 10], 3 * MIN_RUN_ROWS + 2) is None     # 3 runs of 32 rows on average
+
+
+def test_gap_lists_make_both_sides_cut_each_message_into_the_same_runs():
+    """Through a simulated count exchange: a message the sender cuts into runs is expected in
+    the same runs by its receiver, and the runs' rows are the message's rows, in order."""
+    R, E, T = 3, 6, [300, 260, 280]
+    g = torch.Generator().manual_seed(5)
+    idxs = [torch.stack([torch.randperm(E, generator=g)[:5] for _ in range(t)]) for t in T]
+    for idx, drop in zip(idxs, (0.02, 0.02, 0.4)):  # rank 2 leaves out many tokens: its messages are gathered
+        idx[torch.rand(idx.shape, generator=g) < drop] = -1
+    table = CountTable(R, R, E // R, signature_cols=6, gap_cols=16)
+    in_rank = [layout.is_token_in_rank(idx, E, R) for idx in idxs]
+    sent = [table.pack(r, (0,) * 6, in_rank[r], None, 0) for r in range(R)]
+    recv = [torch.stack([sent[s][d] for s in range(R)]) for d in range(R)]
+    hops = []
+    for d in range(R):
+        gaps = table.gaps(recv[d])
+        for s in range(R):
+            missing = (~in_rank[s][:, d]).nonzero().flatten().tolist()
+            assert gaps[s] == (missing if len(missing) <= 16 else None)
+        hops.append(flat_hop(in_rank[d], table.matrix(recv[d])[:, d].tolist(), gaps, d, 16))
+    cut = 0
+    for s in range(R):
+        for d in range(R):
+            runs = hops[s].send_runs[d]
+            assert runs == hops[d].recv_runs[s] and (runs is None or s != d)
+            if runs is not None:
+                cut += 1
+                so = hops[s].send_offsets
+                rows = torch.cat([torch.arange(first, first + n) for first, n in runs])
+                assert torch.equal(rows, hops[s].send_idx[so[d]:so[d + 1]])
+                assert sum(n for _, n in runs) == hops[d].recv_counts[s]
+    assert 0 < cut < R * (R - 1)  # some messages travel in runs, some are gathered
+    assert table.gaps(recv[0]) is not None and CountTable(R, R, E // R, 6).gaps(recv[0][:, :-17]) is None

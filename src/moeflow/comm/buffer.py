@@ -21,7 +21,7 @@ from .checks import SIGNATURE, ArgChecker, DispatchArgs, resolve_ranks_per_node
 from .compat import DeepEPBufferMethods
 from .handle import DispatchHandle
 from .low_latency import LowLatency, LowLatencyHandle
-from .plan import CountTable, RowMeta
+from .plan import GAP_COLS, CountTable, RowMeta
 from .route import PlanRunner
 from .transport import ByteCounters, EventOverlap, Transport, Workspace, make_transport
 
@@ -101,6 +101,11 @@ class Buffer(DeepEPBufferMethods):
         self._check = ArgChecker(rank, R)
         # L of the count table's per-expert columns, the same on every rank (see _exchange_counts)
         self._num_local_experts = 0
+        # Gap lists in the count table (flat hops then send long runs of tokens without a gather):
+        # on Gloo only, where a gather is a CPU copy of most of x; on NCCL it is a cheap kernel
+        # and reading the lists would cost host syncs. Few ranks only (with many, no list fits),
+        # and one node (node-aware hops do not use them).
+        self._gap_cols = GAP_COLS if R <= 8 and self.num_nodes == 1 and dist.get_backend(group) == "gloo" else 0
         # Collective, once: a rank with another topology would size its count tables and routes
         # differently from the first dispatch on.
         check_same(self.transport, dict(ranks_per_node=self.ranks_per_node, low_latency_mode=bool(low_latency_mode)),
@@ -215,7 +220,7 @@ class Buffer(DeepEPBufferMethods):
                                                 for n in table.num_recv_per_expert(recv)]
         meta = RowMeta(args.scales, topk_idx, topk_weights)
         routed = self._runner.dispatch(args.x, meta, is_token_in_rank, num_recv_per_rank, args.num_experts,
-                                       table.rail(recv, self.rank), W)
+                                       table.rail(recv, self.rank), W, table.gaps(recv), self._gap_cols)
         out = routed.outputs(args.scales is not None, meta)
         handle = DispatchHandle(routed.plan.num_tokens, args.x.size(1), tuple(matrix[self.rank].tolist()),
                                 tuple(num_recv_per_rank), is_token_in_rank, routed.plan,
@@ -244,7 +249,7 @@ class Buffer(DeepEPBufferMethods):
             # Collective: the count exchange. Host sync: the counts size what follows.
             return self.transport.exchange_counts(send).cpu()
 
-        table = CountTable(R, self.ranks_per_node, self._num_local_experts, len(SIGNATURE))
+        table = CountTable(R, self.ranks_per_node, self._num_local_experts, len(SIGNATURE), self._gap_cols)
         recv = exchange(table)
         if error is not None:
             raise error
@@ -257,7 +262,7 @@ class Buffer(DeepEPBufferMethods):
         L = args.num_experts // R
         if L and L != table.num_local_experts:  # every rank agrees on E, so every rank gets here
             self._num_local_experts = L
-            table = CountTable(R, self.ranks_per_node, L, len(SIGNATURE))
+            table = CountTable(R, self.ranks_per_node, L, len(SIGNATURE), self._gap_cols)
             recv = exchange(table)
         return table, recv
 

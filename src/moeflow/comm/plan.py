@@ -19,8 +19,8 @@ import torch
 
 from .. import layout as _layout
 
-__all__ = ["Hop", "Plan", "CountTable", "RowFormat", "RowMeta", "flat_hop", "rail_hop", "in_node_hop", "offsets",
-           "pack_meta"]
+__all__ = ["GAP_COLS", "Hop", "Plan", "CountTable", "RowFormat", "RowMeta", "flat_hop", "rail_hop", "in_node_hop", "offsets",
+           "pack_meta", "runs_between"]
 
 _ALIGN = 8  # bytes; every field of a row starts on this boundary, so it can be viewed in place
 
@@ -46,6 +46,9 @@ class Hop:
         send_idx: ``[rows sent]`` int64, the input row each sent row carries.
         send_peers, send_counts: destination rank and row count of each sent message.
         recv_peers, recv_counts: source rank and row count of each received message.
+        send_runs, recv_runs: per message (empty: none), None or the message's rows as runs of
+            consecutive input rows, ``((first row, rows), ...)`` sent (and received) as one wire
+            message each, straight from the input: no gather (see :func:`runs_between`).
     """
 
     send_idx: torch.Tensor
@@ -53,6 +56,8 @@ class Hop:
     send_counts: tuple[int, ...]
     recv_peers: tuple[int, ...]
     recv_counts: tuple[int, ...]
+    send_runs: tuple = ()
+    recv_runs: tuple = ()
 
     @property
     def num_recv(self) -> int:
@@ -99,14 +104,17 @@ class CountTable:
     rank's ``num_worst_tokens``, the call's signature (what every rank must agree on), with
     several nodes the rail hop's rows to each node's rank with this rank's local index, this
     rank's rows for every rank (the same in every row, so every rank learns the ``[R, R]`` row
-    matrix: DeepEP's ``rank_prefix_matrix``), and its rows per local expert of the destination.
-    Read on the host (the counts size what follows).
+    matrix: DeepEP's ``rank_prefix_matrix``), its rows per local expert of the destination,
+    and with ``gap_cols`` the tokens it does not send to the destination when they are at most
+    ``gap_cols`` (their count first, -1 when more): both sides then cut that message into the
+    same runs (:func:`runs_between`). Read on the host (the counts size what follows).
     """
 
     num_ranks: int
     ranks_per_node: int
     num_local_experts: int
     signature_cols: int
+    gap_cols: int = 0
 
     @property
     def _rail(self) -> int:
@@ -119,6 +127,10 @@ class CountTable:
     @property
     def _experts(self) -> int:
         return self._matrix + self.num_ranks
+
+    @property
+    def _gaps(self) -> int:
+        return self._experts + self.num_local_experts
 
     def pack(self, rank: int, signature: tuple[int, ...], is_token_in_rank: torch.Tensor,
              num_tokens_per_expert: Optional[torch.Tensor], num_worst_tokens: int) -> torch.Tensor:
@@ -133,7 +145,13 @@ class CountTable:
         # (counts for another E than the table's stay 0: the signature tells every rank, which raises)
         if self.num_local_experts and num_tokens_per_expert is not None \
                 and num_tokens_per_expert.numel() == R * self.num_local_experts:
-            table[:, self._experts:] = num_tokens_per_expert.to(table).view(R, -1)
+            table[:, self._experts:self._gaps] = num_tokens_per_expert.to(table).view(R, -1)
+        if self.gap_cols:
+            table[:, self._gaps] = -1
+            for r, gaps in enumerate(_gaps(is_token_in_rank, self.gap_cols)):
+                if gaps is not None:
+                    table[r, self._gaps] = gaps.numel()
+                    table[r, self._gaps + 1:self._gaps + 1 + gaps.numel()] = gaps
         return table
 
     def failed(self, device: torch.device) -> torch.Tensor:
@@ -143,7 +161,8 @@ class CountTable:
         return table
 
     def _zeros(self, device: torch.device) -> torch.Tensor:
-        return torch.zeros(self.num_ranks, self._experts + self.num_local_experts, dtype=torch.int64, device=device)
+        cols = self._gaps + (self.gap_cols + 1 if self.gap_cols else 0)
+        return torch.zeros(self.num_ranks, cols, dtype=torch.int64, device=device)
 
     # Readers of the received table ``recv`` (row s: what rank s sent here), on the host.
     def bad_ranks(self, recv: torch.Tensor) -> list[int]:
@@ -166,15 +185,54 @@ class CountTable:
 
     def num_recv_per_expert(self, recv: torch.Tensor) -> list[int]:
         """``[L]`` rows arriving here for each local expert."""
-        return recv[:, self._experts:].sum(0).tolist()
+        return recv[:, self._experts:self._gaps].sum(0).tolist()
+
+    def gaps(self, recv: torch.Tensor) -> Optional[list[Optional[list[int]]]]:
+        """Per source rank, the tokens it does not send here (None: more than ``gap_cols``);
+        None without gap columns."""
+        if not self.gap_cols:
+            return None
+        at = self._gaps
+        return [None if n < 0 else row[at + 1:at + 1 + n] for row in recv.tolist() for n in (row[at],)]
 
 
-def flat_hop(is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int]) -> Hop:
+def _gaps(is_token_in_rank: torch.Tensor, limit: int) -> list[Optional[torch.Tensor]]:
+    """Per rank, the tokens not sent there (``[gaps]`` int64), or None when more than ``limit``."""
+    missing = ~is_token_in_rank
+    counts = missing.sum(0).tolist()  # host sync (CUDA)
+    return [missing[:, r].nonzero().flatten() if n <= limit else None for r, n in enumerate(counts)]
+
+
+GAP_COLS = 64  # gap columns of a count table that has them: runs of 64 rows or more at 4096 tokens
+MIN_RUN_ROWS = 32  # rows per run (or combine span) on average below which one indexed op beats an op per run
+
+
+def runs_between(gaps: Optional[list[int]], num_tokens: int) -> Optional[tuple[tuple[int, int], ...]]:
+    """The tokens ``[0, num_tokens)`` but ``gaps`` (ascending) as runs ``((first, rows), ...)``,
+    or None when there is no gap list or the runs average fewer than ``MIN_RUN_ROWS`` rows. The
+    sender and the receiver of a message call it with the same arguments, so they cut it alike."""
+    if gaps is None:
+        return None
+    runs, start = [], 0
+    for g in list(gaps) + [num_tokens]:
+        if g > start:
+            runs.append((start, g - start))
+        start = g + 1
+    if len(runs) * MIN_RUN_ROWS > num_tokens - len(gaps):
+        return None
+    return tuple(runs)
+
+
+def flat_hop(is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int],
+             recv_gaps: Optional[list[Optional[list[int]]]] = None, rank: int = -1, gap_limit: int = 0) -> Hop:
     """Each token once to each rank it reaches, rank after rank, token order kept.
 
     Args:
         is_token_in_rank: ``[T, R]`` bool.
         num_recv_per_rank: ``[R]`` rows arriving from each rank (from the count exchange).
+        recv_gaps: per source rank, the tokens it does not send here (:meth:`CountTable.gaps`);
+            with it, messages to and from other ranks (not ``rank``) whose tokens form long runs
+            travel run by run (``gap_limit``: the table's ``gap_cols``).
     """
     R = is_token_in_rank.size(1)
     # nonzero over the [R, T] transpose lists (rank, token) pairs rank-major: the wire order.
@@ -182,7 +240,15 @@ def flat_hop(is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int]) -> Ho
     pairs = is_token_in_rank.t().nonzero()
     counts = is_token_in_rank.sum(0).tolist()  # host sync (CUDA): message sizes
     ranks = tuple(range(R))
-    return Hop(pairs[:, 1].contiguous(), ranks, tuple(counts), ranks, tuple(int(n) for n in num_recv_per_rank))
+    num_recv = tuple(int(n) for n in num_recv_per_rank)
+    if recv_gaps is None:
+        return Hop(pairs[:, 1].contiguous(), ranks, tuple(counts), ranks, num_recv)
+    T = is_token_in_rank.size(0)
+    sent_gaps = [g.tolist() if g is not None else None for g in _gaps(is_token_in_rank, gap_limit)]
+    send_runs = tuple(runs_between(g, T) if r != rank else None for r, g in enumerate(sent_gaps))
+    recv_runs = tuple(runs_between(g, num_recv[s] + len(g)) if s != rank and g is not None else None
+                      for s, g in enumerate(recv_gaps))
+    return Hop(pairs[:, 1].contiguous(), ranks, tuple(counts), ranks, num_recv, send_runs, recv_runs)
 
 
 def rail_hop(is_token_in_node: torch.Tensor, rank: int, ranks_per_node: int, num_recv_per_node: list[int]) -> Hop:

@@ -16,7 +16,7 @@ import torch
 
 from .. import layout as _layout
 from ..quant import FP8_BLOCK
-from .plan import Hop, Plan, RowFormat, RowMeta, flat_hop, in_node_hop, pack_meta, rail_hop
+from .plan import MIN_RUN_ROWS, Hop, Plan, RowFormat, RowMeta, flat_hop, in_node_hop, pack_meta, rail_hop
 from .transport import Transport, Workspace, rows_view
 
 __all__ = ["PlanRunner", "Routed", "Outputs", "reduce_rows", "wait"]
@@ -105,14 +105,18 @@ class PlanRunner:
                      new_call: bool = True) -> tuple[list, Callable[[], None]]:
         """Move rows along ``hop``: with ``gather`` rows ``src[hop.send_idx]``, else ``src`` is
         already in send order; arrivals fill ``out`` ``[hop.num_recv, W]``. Returns the works to
-        wait on and a callback that gives the send buffer back once they are done."""
+        wait on and a callback that gives the send buffer back once they are done. With
+        ``gather``, a message the hop cuts into runs (``hop.send_runs``) is sent run by run
+        straight from ``src``, and one it receives in runs (``hop.recv_runs``) is received so."""
         rank, so, ro = self.transport.rank, hop.send_offsets, hop.recv_offsets
         src_w, out_w = _layout.wide_pair(src, out)
+        send_runs = hop.send_runs if gather and hop.send_runs else (None,) * len(hop.send_peers)
+        recv_runs = hop.recv_runs if gather and hop.recv_runs else (None,) * len(hop.recv_peers)
         # every message to a peer, empty ones too: a message's tag is its place among the pair's
         remote = [k for k, p in enumerate(hop.send_peers) if p != rank]
-        num_remote = sum(hop.send_counts[k] for k in remote)
-        buf = self.workspace.take(num_remote * src_w.size(1) * src_w.element_size(), src.device) \
-            if gather and num_remote else None
+        num_gathered = sum(hop.send_counts[k] for k in remote if send_runs[k] is None)
+        buf = self.workspace.take(num_gathered * src_w.size(1) * src_w.element_size(), src.device) \
+            if gather and num_gathered else None
         cursor = [0]
 
         def rows_for(k: int) -> Callable[[], torch.Tensor]:
@@ -121,7 +125,7 @@ class PlanRunner:
                 if not n or not gather:
                     return _bytes(src_w[so[k]:so[k + 1]] if n else src_w[:0])
                 cursor[0] += n
-                rows = rows_view(buf, num_remote, src_w)[at:at + n]
+                rows = rows_view(buf, num_gathered, src_w)[at:at + n]
                 torch.index_select(src_w, 0, hop.send_idx[so[k]:so[k + 1]], out=rows)
                 return _bytes(rows)
             return build
@@ -136,8 +140,16 @@ class PlanRunner:
                 else:
                     dst.copy_(src_w[so[ks]:so[ks + 1]])
 
-        sends = [(hop.send_peers[k], rows_for(k)) for k in remote]
-        recvs = [(p, _bytes(out_w[ro[k]:ro[k + 1]])) for k, p in enumerate(hop.recv_peers) if p != rank]
+        sends, recvs = [], []
+        for k in remote:
+            runs = send_runs[k]
+            sends += [(hop.send_peers[k], rows_for(k))] if runs is None else \
+                [(hop.send_peers[k], _bytes(src_w[first:first + n])) for first, n in runs]
+        for k, p in enumerate(hop.recv_peers):
+            if p != rank:
+                rows, runs = out_w[ro[k]:ro[k + 1]], recv_runs[k]
+                recvs += [(p, _bytes(rows))] if runs is None else \
+                    [(p, _bytes(part)) for part in rows.split([n for _, n in runs])]
         own_bytes = sum(hop.send_counts[ks] for ks, _ in own) * out.size(1) * out.element_size()
         works = self.transport.exchange(sends, recvs, kind, device=out.device, new_call=new_call,
                                         on_first_step=own_rows, own_bytes=own_bytes)
@@ -229,16 +241,19 @@ class PlanRunner:
 
     # ------------------------------------------------------------------ fresh dispatch
     def dispatch(self, x: torch.Tensor, meta: RowMeta, is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int],
-                 num_experts: int, num_recv_per_node: Optional[list[int]] = None, num_rows: int = 0) -> Routed:
+                 num_experts: int, num_recv_per_node: Optional[list[int]] = None, num_rows: int = 0,
+                 recv_gaps: Optional[list] = None, gap_limit: int = 0) -> Routed:
         """Plan and run a fresh dispatch of payload rows ``x`` ``[T, H]`` and their metadata
         ``meta``: one hop (flat), or with ``num_recv_per_node`` (the rail hop's rows from each
         node, from the count exchange) two. Metadata reaches the destination with its local ids
         (E / R local experts; -1 and weight 0 elsewhere) and its source token index. The payload
-        lands in ``recv_x`` ``[max(M, num_rows), H]``, zero rows past M."""
+        lands in ``recv_x`` ``[max(M, num_rows), H]``, zero rows past M. ``recv_gaps``,
+        ``gap_limit``: the count exchange's gap lists (:meth:`CountTable.gaps`) and its
+        ``gap_cols``; with them a flat hop sends long runs of tokens without gathering them."""
         R = is_token_in_rank.size(1)
         fmt = _meta_format(meta, num_experts // R - 1)
         if num_recv_per_node is None:
-            hop = flat_hop(is_token_in_rank, num_recv_per_rank)
+            hop = flat_hop(is_token_in_rank, num_recv_per_rank, recv_gaps, self.transport.rank, gap_limit)
             recv_x = _rows_out(x, hop.num_recv, num_rows)
             works, release = self.send_forward(hop, x, recv_x[:hop.num_recv], "dispatch")
             recv_meta = self._send_meta(hop, fmt, meta, works, dst_rank=hop.send_peer_of_rows(),
@@ -285,9 +300,12 @@ class _Sum:
     """A hop's returned segments summed onto its input rows ``out``, as :func:`reduce_rows` does.
 
     With at most two sources per row, no biases and segments of ``out``'s dtype the sum is done
-    in that dtype by ``index_add_`` (exact: ``0 + a`` is ``a``, and ``a + b`` is computed in fp32
-    and rounded once, as the fp32 accumulation rounds it; two terms add the same in any order),
-    and this rank's own segments are added while the other rows travel.
+    in that dtype (exact: ``0 + a`` is ``a``, and ``a + b`` is computed in fp32 and rounded once,
+    as the fp32 accumulation rounds it; two terms add the same in any order), and what needs
+    only this rank's own segments is written while the other rows travel. On CPU, when the
+    tokens fall into long spans with the same sources (:func:`_spans`), each span is one copy or
+    one two-input add, which reads each row once; elsewhere the own rows are placed and the
+    others added with ``index_add_``.
     """
 
     def __init__(self, out: torch.Tensor, index: list[torch.Tensor], biases: tuple, own: list[int],
@@ -295,9 +313,13 @@ class _Sum:
         """``dtypes``: of the segments (own ones in the rows' dtype, the others in the wire's)."""
         self.out, self.index, self.biases, self.own_msgs = out, index, biases, own
         self.direct = not biases and dtypes == {out.dtype} and sum(1 for i in index if i.numel()) <= 2
+        self.spans = _spans(index, out.size(0)) if self.direct and out.device.type == "cpu" else None
 
     def own(self, segments: list) -> None:
         if not self.direct:
+            return
+        if self.spans is not None:
+            self._write_spans(segments, own=True)
             return
         if not self.own_msgs:
             self.out.zero_()
@@ -311,9 +333,47 @@ class _Sum:
         if not self.direct:
             reduce_rows(self.out, segments, self.index, self.biases)
             return
+        if self.spans is not None:
+            self._write_spans(segments, own=False)
+            return
         for k, seg in enumerate(segments):
             if k not in self.own_msgs and seg.numel():
                 self.out.index_add_(0, self.index[k], seg)
+
+    def _write_spans(self, segments: list, own: bool) -> None:
+        """The spans whose sources are all this rank's own (``own``), or the others."""
+        for t0, t1, sources in self.spans:
+            if all(k in self.own_msgs for k, _ in sources) != own:
+                continue
+            n, dst = t1 - t0, self.out[t0:t1]
+            rows = [segments[k][at:at + n] for k, at in sources]
+            if not rows:
+                dst.zero_()
+            elif len(rows) == 1:
+                dst.copy_(rows[0])
+            else:
+                torch.add(rows[0], rows[1], out=dst)
+
+
+def _spans(index: list[torch.Tensor], T: int) -> Optional[list[tuple[int, int, list[tuple[int, int]]]]]:
+    """Tokens ``[0, T)`` cut into spans ``(t0, t1, sources)`` in which every token has the same
+    segments, at consecutive rows: ``sources`` lists ``(segment, row of token t0)``; token ``t``
+    of the span is row ``row + t - t0`` of each. ``index[k]`` (ascending, distinct) lists the
+    tokens of segment ``k``. None when the spans are shorter than ``MIN_RUN_ROWS`` tokens on average
+    (then indexed ops are cheaper). Host sync: CPU only."""
+    if T < MIN_RUN_ROWS:
+        return None
+    row = torch.full((len(index), T), -1, dtype=torch.int64)
+    for k, idx in enumerate(index):
+        row[k, idx] = torch.arange(idx.numel())
+    before, after = row[:, :-1], row[:, 1:]
+    same = ((after == before + 1) & (before >= 0)) | ((after < 0) & (before < 0))
+    starts = [0] + (~same.all(0)).nonzero().flatten().add_(1).tolist()
+    if len(starts) * MIN_RUN_ROWS > T:
+        return None
+    firsts = row[:, starts].t().tolist()
+    return [(t0, t1, [(k, at) for k, at in enumerate(first) if at >= 0])
+            for t0, t1, first in zip(starts, starts[1:] + [T], firsts)]
 
 
 def reduce_rows(out: torch.Tensor, segments: list[torch.Tensor], index: list[torch.Tensor], biases: tuple = ()) -> None:
