@@ -1,6 +1,8 @@
 """The combine's row copies on CPU, one thread: this rank's own rows placed into a fresh output
-(``index_copy_``, and the gather ``moeflow.comm.route._place_rows`` uses instead) and the other
-rank's rows summed onto it (``index_add_``), at ``moeflow bench``'s shape (4096 tokens, hidden
+(``index_copy_``, and the gather ``moeflow.comm.route._place_rows`` uses instead), then with the
+other rank's rows summed onto them by ``index_add_`` (before), against the whole two-source sum
+as the combine does it now (``moeflow.comm.route._Sum``: span by span, one copy or one
+two-input add each, every row read once), at ``moeflow bench``'s shape (4096 tokens, hidden
 2048, bf16; each token's copy present with probability 0.995, as with top-8 of 64 experts on 2
 ranks). Thread CPU time, median of 30, so another job on the machine adds little.
 
@@ -13,7 +15,8 @@ import time
 
 import torch
 
-from moeflow.comm.route import _place_rows
+from moeflow.commands import speed_words
+from moeflow.comm.route import _place_rows, _Sum
 
 
 def _median_ms(fn, reps: int = 30) -> float:
@@ -49,15 +52,31 @@ def main() -> None:
     a.zero_().view(torch.int64).index_copy_(0, own_idx, own.view(torch.int64))
     _place_rows(b, own_idx, own)
     assert torch.equal(a, b), "the gather must place the same rows"
-    out = b.clone()
-    rows = [("own rows, zero + index_copy_ (before)", _median_ms(index_copy)),
-            ("own rows, gather (_place_rows, now)", _median_ms(gather)),
-            ("peer rows summed, index_add_", _median_ms(lambda: out.index_add_(0, peer_idx, peer)))]
+    def place_and_add():  # what the combine did before: own rows placed, the peer's index_add_-ed
+        fresh = torch.empty(T, H, dtype=torch.bfloat16)
+        _place_rows(fresh, own_idx, own)
+        fresh.index_add_(0, peer_idx, peer)
+        return fresh
+
+    def spans():  # own rows while the peer's travel, then the rest, into a fresh output
+        total = _Sum(torch.empty(T, H, dtype=torch.bfloat16), [own_idx, peer_idx], (), [0], {torch.bfloat16})
+        assert total.spans is not None
+        total.own([own, peer])
+        total.rest([own, peer])
+        return total.out
+
+    assert torch.equal(place_and_add().view(torch.int16), spans().view(torch.int16)), "both must sum alike"
+
+    rows = [("own rows, zero + index_copy_ (older)", _median_ms(index_copy)),
+            ("own rows, gather (_place_rows)", _median_ms(gather)),
+            ("own placed + peer index_add_ (before)", _median_ms(place_and_add)),
+            ("both, span by span (_Sum, now)", _median_ms(spans))]
     mib = T * H * 2 / 2**20
     print(f"combine row copies, {T} x {H} bf16 ({mib:.0f} MiB output), one thread, thread CPU time (median of 30)")
     for name, ms in rows:
         print(f"  {name:40s} {ms:6.2f} ms")
-    print(f"  gather vs index_copy_: {rows[0][1] / rows[1][1]:.1f}x faster")
+    print(f"  gather vs index_copy_: {speed_words(rows[1][1], rows[0][1])}")
+    print(f"  span by span vs placed + index_add_: {speed_words(rows[3][1], rows[2][1])}")
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def _gaps(is_token_in_rank: torch.Tensor, limit: int) -> list[Optional[torch.Ten
     return [missing[:, r].nonzero().flatten() if n <= limit else None for r, n in enumerate(counts)]
 
 
-GAP_COLS = 64  # gap columns of a count table that has them: runs of 64 rows or more at 4096 tokens
+GAP_COLS = 32  # gap columns of a count table that has them: at most 33 runs, each one wire message
 MIN_RUN_ROWS = 32  # rows per run (or combine span) on average below which one indexed op beats an op per run
 
 
