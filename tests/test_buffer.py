@@ -64,6 +64,8 @@ def cases_for(R: int) -> list[dict]:
         dict(name="odd-hidden-fp32", seed=13, N=10, H=33, E=E, K=2, dtype=torch.float32),
         # most tokens reach every rank: on 2 ranks the combine sums long spans of tokens at once
         dict(name="long-spans", seed=14, N=[300 - 7 * r for r in range(R)], H=64, E=E, K=min(6, E), drop=0.03),
+        dict(name="long-spans-fp8", seed=15, N=[290 + 5 * r for r in range(R)], H=256, E=E, K=min(6, E), fp8=True,
+             drop=0.03, async_=True),
     ]
 
 
@@ -120,7 +122,7 @@ def _check_case(case, per_rank_results, R):
         assert got["counts"] == exp["counts"], where
         assert got["same_cached"], f"{where}: cached dispatch differs from fresh"
         assert got["per_rdma"] is None
-        if name == "long-spans" and R == 2:  # the other rank's tokens go straight from x, run by run
+        if name.startswith("long-spans") and R == 2:  # the other rank's tokens go straight from x, run by run
             assert got["cut"] == [r != d for r in range(R)], where
         # layout: counts derived from topk_idx on the source rank
         idx = got["idx"]
