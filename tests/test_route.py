@@ -228,9 +228,25 @@ def test_two_source_sum_in_the_output_dtype_is_the_fp32_sum(dtype, listed):
     assert (total.spans is not None) == (listed == 510)
     total.own(segs)   # this rank's own segment first (it needs no transfer), the other after
     total.rest(segs)
-    for got in (blockwise, direct):
+    pieces = torch.full((T, W), 7.0, dtype=dtype)  # the other segment arriving in three pieces
+    total = _Sum(pieces, idx, (), [1], {dtype})
+    total.own(segs)
+    for upto in (listed // 3, listed // 3, 2 * listed // 3 + 1, None):  # a limit may cut a span, or repeat
+        total.rest(segs, upto)
+    for got in (blockwise, direct, pieces):
         assert torch.equal(got.view(torch.uint8), fp32.to(dtype).view(torch.uint8))
     assert not _Sum(direct, idx + [idx[0]], (), [0], {dtype}).direct  # three sources: fp32, in order
+
+
+def test_combine_messages_travel_in_pieces_only_between_two_peers_on_cpu():
+    from moeflow.comm.route import _piece_cuts
+
+    assert _piece_cuts(4075, 2, cpu=True) == [(0, 1018), (1018, 2037), (2037, 3056), (3056, 4075)]
+    assert _piece_cuts(1100, 2, cpu=True) == [(0, 550), (550, 1100)]
+    assert _piece_cuts(1000, 2, cpu=True) == [(0, 1000)]
+    assert _piece_cuts(4075, 3, cpu=True) == [(0, 4075)]     # three peers: summed after all arrived
+    assert _piece_cuts(4075, 2, cpu=False) == [(0, 4075)]    # NCCL: one message, summed by kernels
+    assert _piece_cuts(0, 2, cpu=True) == []
 
 
 def test_spans_cut_tokens_where_their_sources_change():

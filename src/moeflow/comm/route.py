@@ -157,12 +157,15 @@ class PlanRunner:
 
     def send_backward(self, hop: Hop, rows: torch.Tensor, kind: str, *, wire_dtype: Optional[torch.dtype] = None,
                       new_call: bool = True, on_first_step: Optional[Callable[[list], None]] = None
-                      ) -> tuple[list[torch.Tensor], list, Callable[[], None]]:
+                      ) -> tuple[list[torch.Tensor], list[tuple[list, Optional[int]]], Callable[[], None]]:
         """Rows of ``hop``'s output ``[hop.num_recv, W]`` back to the ranks they came from, in
         ``wire_dtype`` (default: their own). Returns one segment per sent message of the hop
         (what came back for it, ``[send_counts[k], W]``; this rank's own: a view of ``rows``),
-        the works to wait on, and a callback that gives the buffer back. ``on_first_step(segments)``
-        runs while the first message travels (this rank's own segments are ready then)."""
+        the pieces to wait on in order, each ``(works, rows)``: once its works are done the
+        first ``rows`` rows of every segment have arrived (None: all of them; see
+        :func:`_piece_cuts`), and a callback that gives the buffer back.
+        ``on_first_step(segments)`` runs while the first message travels (this rank's own
+        segments are ready then)."""
         rank, ro = self.transport.rank, hop.recv_offsets
         wire = wire_dtype or rows.dtype
         W = rows.size(1)
@@ -180,15 +183,28 @@ class PlanRunner:
         for ks, kr in own:
             segments[ks] = rows[ro[kr]:ro[kr + 1]]  # never leaves: read in place
 
-        def back(k: int) -> Callable[[], torch.Tensor]:
-            return lambda: _bytes(rows[ro[k]:ro[k + 1]].to(wire))  # a cast only where the wire is narrower
+        def back(k: int, a: int, b: int) -> Callable[[], torch.Tensor]:
+            return lambda: _bytes(rows[ro[k] + a:ro[k] + b].to(wire))  # a cast only where the wire is narrower
 
-        sends = [(p, back(k)) for k, p in enumerate(hop.recv_peers) if p != rank]
-        recvs = [(hop.send_peers[k], _bytes(segments[k])) for k in remote]
+        cpu = rows.device.type == "cpu"
+        sent = [[(p, back(k, a, b)) for a, b in _piece_cuts(hop.recv_counts[k], len(hop.recv_peers), cpu)]
+                for k, p in enumerate(hop.recv_peers) if p != rank]
+        recvd = [[(hop.send_peers[k], _bytes(segments[k][a:b]))
+                  for a, b in _piece_cuts(hop.send_counts[k], len(hop.send_peers), cpu)] for k in remote]
+        got = [[b for a, b in _piece_cuts(hop.send_counts[k], len(hop.send_peers), cpu)] for k in remote]
+        num_pieces = max([len(m) for m in sent + recvd] + [1])
         own_bytes = sum(hop.send_counts[ks] for ks, _ in own) * W * rows.element_size()
-        works = self.transport.exchange(sends, recvs, kind, device=rows.device, new_call=new_call, own_bytes=own_bytes,
-                                        on_first_step=(lambda: on_first_step(segments)) if on_first_step else None)
-        return segments, works, self._release(buf)
+        pieces = []
+        for j in range(num_pieces):  # piece j of every message, in one exchange: its works say when it landed
+            first = j == 0 and on_first_step is not None
+            works = self.transport.exchange(
+                [m[j] for m in sent if j < len(m)], [m[j] for m in recvd if j < len(m)], kind, device=rows.device,
+                new_call=new_call and j == 0, own_bytes=own_bytes if j == 0 else 0,
+                on_first_step=(lambda: on_first_step(segments)) if first else None)
+            # rows arrived in every segment once pieces 0..j are done; the last piece: all of them
+            upto = None if j + 1 == num_pieces else min((g[min(j, len(g) - 1)] for g in got if g), default=0)
+            pieces.append((works, upto))
+        return segments, pieces, self._release(buf)
 
     def _release(self, buf: Optional[torch.Tensor]) -> Callable[[], None]:
         return (lambda: self.workspace.give(buf)) if buf is not None else _noop
@@ -224,16 +240,19 @@ class PlanRunner:
             if h == 0:
                 total = _Sum(out, index, biases, [ks for ks, _ in _own_pairs(hop, self.transport.rank)],
                              {wire, rows.dtype})
-                segments, works, release = self.send_backward(hop, rows, kind, wire_dtype=wire, new_call=new_call
-                                                              and len(plan.hops) == 1, on_first_step=total.own)
+                segments, pieces, release = self.send_backward(hop, rows, kind, wire_dtype=wire, new_call=new_call
+                                                               and len(plan.hops) == 1, on_first_step=total.own)
 
-                def finish(segments=segments, release=release) -> None:
-                    total.rest(segments)
+                def finish(segments=segments, pieces=pieces, release=release) -> None:
+                    for works, upto in pieces:  # each piece summed as it lands, while the next travels
+                        wait(works)
+                        total.rest(segments, upto)
                     release()
-                return works, finish
-            segments, works, release = self.send_backward(hop, rows, kind, wire_dtype=wire,
-                                                          new_call=new_call and h == len(plan.hops) - 1)
-            wait(works)  # this hop's partial sums need every row of the node
+                return [], finish
+            segments, pieces, release = self.send_backward(hop, rows, kind, wire_dtype=wire,
+                                                           new_call=new_call and h == len(plan.hops) - 1)
+            for works, _ in pieces:  # this hop's partial sums need every row of the node
+                wait(works)
             rows = torch.empty(plan.hops[h - 1].num_recv, rows.size(1), dtype=torch.float32, device=rows.device)
             reduce_rows(rows, segments, index)
             release()
@@ -314,6 +333,8 @@ class _Sum:
         self.out, self.index, self.biases, self.own_msgs = out, index, biases, own
         self.direct = not biases and dtypes == {out.dtype} and sum(1 for i in index if i.numel()) <= 2
         self.spans = _spans(index, out.size(0)) if self.direct and out.device.type == "cpu" else None
+        self._todo: Optional[list] = None  # the spans _write_rest has still to write, from _next on
+        self._next = 0
 
     def own(self, segments: list) -> None:
         if not self.direct:
@@ -329,30 +350,71 @@ class _Sum:
         for k in self.own_msgs[1:]:
             self.out.index_add_(0, self.index[k], segments[k])
 
-    def rest(self, segments: list) -> None:
-        if not self.direct:
-            reduce_rows(self.out, segments, self.index, self.biases)
-            return
+    def rest(self, segments: list, upto: Optional[int] = None) -> None:
+        """Sum what the other ranks sent: all of it (``upto`` None), or, on the span path (one
+        other segment, arriving in pieces), the spans' parts whose rows of it lie below ``upto``."""
         if self.spans is not None:
-            self._write_spans(segments, own=False)
-            return
-        for k, seg in enumerate(segments):
-            if k not in self.own_msgs and seg.numel():
-                self.out.index_add_(0, self.index[k], seg)
+            self._write_rest(segments, upto)
+        elif upto is not None:
+            return  # indexed ops: once everything has arrived
+        elif not self.direct:
+            reduce_rows(self.out, segments, self.index, self.biases)
+        else:
+            for k, seg in enumerate(segments):
+                if k not in self.own_msgs and seg.numel():
+                    self.out.index_add_(0, self.index[k], seg)
 
     def _write_spans(self, segments: list, own: bool) -> None:
         """The spans whose sources are all this rank's own (``own``), or the others."""
         for t0, t1, sources in self.spans:
-            if all(k in self.own_msgs for k, _ in sources) != own:
-                continue
-            n, dst = t1 - t0, self.out[t0:t1]
-            rows = [segments[k][at:at + n] for k, at in sources]
-            if not rows:
-                dst.zero_()
-            elif len(rows) == 1:
-                dst.copy_(rows[0])
-            else:
-                torch.add(rows[0], rows[1], out=dst)
+            if all(k in self.own_msgs for k, _ in sources) == own:
+                self._write(segments, t0, t1, sources)
+
+    def _write_rest(self, segments: list, upto: Optional[int]) -> None:
+        """The spans with another rank's rows, in token order (their rows of it ascend too), as
+        far as ``upto`` rows of it have arrived; a span the limit cuts is written in two parts."""
+        if self._todo is None:
+            self._todo = [span for span in self.spans if not all(k in self.own_msgs for k, _ in span[2])]
+            self._next = 0
+        while self._next < len(self._todo):
+            t0, t1, sources = self._todo[self._next]
+            if upto is not None:
+                at = next(at for k, at in sources if k not in self.own_msgs)
+                if at >= upto:
+                    return
+                if at + t1 - t0 > upto:
+                    cut = upto - at
+                    self._write(segments, t0, t0 + cut, sources)
+                    self._todo[self._next] = (t0 + cut, t1, [(k, a + cut) for k, a in sources])
+                    return
+            self._write(segments, t0, t1, sources)
+            self._next += 1
+
+    def _write(self, segments: list, t0: int, t1: int, sources: list[tuple[int, int]]) -> None:
+        """Tokens ``[t0, t1)``: zero, a copy of their one source's rows, or the sum of two."""
+        n, dst = t1 - t0, self.out[t0:t1]
+        rows = [segments[k][at:at + n] for k, at in sources]
+        if not rows:
+            dst.zero_()
+        elif len(rows) == 1:
+            dst.copy_(rows[0])
+        else:
+            torch.add(rows[0], rows[1], out=dst)
+
+
+def _piece_cuts(num_rows: int, num_peers: int, cpu: bool) -> list[tuple[int, int]]:
+    """Row ranges ``(a, b)`` a combine message of ``num_rows`` rows travels in: one, or on CPU in
+    a two-peer hop (one other rank: its sum after arrival is the combine's longest step) up to
+    ``_PIECES`` of at least ``_PIECE_ROWS`` rows, so that each is summed while the next travels.
+    Both sides call it with the same arguments (the hop's peer count is the same on both)."""
+    pieces = min(_PIECES, num_rows // _PIECE_ROWS) if cpu and num_peers == 2 else 1
+    if pieces <= 1:
+        return [(0, num_rows)] if num_rows else []
+    cuts = [num_rows * i // pieces for i in range(pieces + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+_PIECES, _PIECE_ROWS = 4, 512
 
 
 def _spans(index: list[torch.Tensor], T: int) -> Optional[list[tuple[int, int, list[tuple[int, int]]]]]:
