@@ -189,9 +189,9 @@ class PlanRunner:
         cpu = rows.device.type == "cpu"
         sent = [[(p, back(k, a, b)) for a, b in _piece_cuts(hop.recv_counts[k], len(hop.recv_peers), cpu)]
                 for k, p in enumerate(hop.recv_peers) if p != rank]
-        recvd = [[(hop.send_peers[k], _bytes(segments[k][a:b]))
-                  for a, b in _piece_cuts(hop.send_counts[k], len(hop.send_peers), cpu)] for k in remote]
-        got = [[b for a, b in _piece_cuts(hop.send_counts[k], len(hop.send_peers), cpu)] for k in remote]
+        cuts = [_piece_cuts(hop.send_counts[k], len(hop.send_peers), cpu) for k in remote]
+        recvd = [[(hop.send_peers[k], _bytes(segments[k][a:b])) for a, b in c] for k, c in zip(remote, cuts)]
+        got = [[b for _, b in c] for c in cuts]
         num_pieces = max([len(m) for m in sent + recvd] + [1])
         own_bytes = sum(hop.send_counts[ks] for ks, _ in own) * W * rows.element_size()
         pieces = []
