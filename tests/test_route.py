@@ -306,7 +306,7 @@ def test_gap_lists_make_both_sides_cut_each_message_into_the_same_runs():
         for s in range(R):
             missing = (~in_rank[s][:, d]).nonzero().flatten().tolist()
             assert gaps[s] == (missing if len(missing) <= 16 else None)
-        hops.append(flat_hop(in_rank[d], table.matrix(recv[d])[:, d].tolist(), gaps, d, 16))
+        hops.append(flat_hop(in_rank[d], table.matrix(recv[d])[:, d].tolist(), (table.gaps(sent[d]), gaps), d))
     cut = 0
     for s in range(R):
         for d in range(R):

@@ -210,7 +210,7 @@ class Buffer(DeepEPBufferMethods):
             # never leaves the others waiting in a collective.
             args, error = None, e
         device = _device_of(x, is_token_in_rank)
-        table, recv = self._exchange_counts(args, is_token_in_rank, num_tokens_per_expert, num_worst_tokens, device,
+        table, sent, recv = self._exchange_counts(args, is_token_in_rank, num_tokens_per_expert, num_worst_tokens, device,
                                             error)
         matrix = table.matrix(recv)                                          # [R, R]: rank i's rows to rank j
         W, num_recv_per_rank = num_worst_tokens, matrix[:, self.rank].tolist()
@@ -220,7 +220,7 @@ class Buffer(DeepEPBufferMethods):
                                                 for n in table.num_recv_per_expert(recv)]
         meta = RowMeta(args.scales, topk_idx, topk_weights)
         routed = self._runner.dispatch(args.x, meta, is_token_in_rank, num_recv_per_rank, args.num_experts,
-                                       table.rail(recv, self.rank), W, table.gaps(recv), self._gap_cols)
+                                       table.rail(recv, self.rank), W, (table.gaps(sent), table.gaps(recv)))
         out = routed.outputs(args.scales is not None, meta)
         handle = DispatchHandle(routed.plan.num_tokens, args.x.size(1), tuple(matrix[self.rank].tolist()),
                                 tuple(num_recv_per_rank), is_token_in_rank, routed.plan,
@@ -230,9 +230,9 @@ class Buffer(DeepEPBufferMethods):
 
     def _exchange_counts(self, args: Optional[DispatchArgs], is_token_in_rank, num_tokens_per_expert,
                          num_worst_tokens: int, device: torch.device,
-                         error: Optional[Exception]) -> tuple[CountTable, torch.Tensor]:
-        """The count exchange (see :class:`~moeflow.comm.plan.CountTable`). Returns the table
-        and every rank's rows on the host; raises on every rank when any rank's input was bad or
+                         error: Optional[Exception]) -> tuple[CountTable, torch.Tensor, torch.Tensor]:
+        """The count exchange (see :class:`~moeflow.comm.plan.CountTable`). Returns the table,
+        this rank's rows (as sent) and every rank's rows on the host; raises on every rank when any rank's input was bad or
         the ranks disagree.
 
         The table's per-expert columns are as many as the experts every rank last agreed on, not
@@ -243,14 +243,14 @@ class Buffer(DeepEPBufferMethods):
         """
         R = self.group_size
 
-        def exchange(table: CountTable) -> torch.Tensor:
+        def exchange(table: CountTable) -> tuple[torch.Tensor, torch.Tensor]:
             send = table.failed(device) if error is not None else table.pack(
                 self.rank, args.signature, is_token_in_rank, num_tokens_per_expert, num_worst_tokens)
             # Collective: the count exchange. Host sync: the counts size what follows.
-            return self.transport.exchange_counts(send).cpu()
+            return send, self.transport.exchange_counts(send).cpu()
 
         table = CountTable(R, self.ranks_per_node, self._num_local_experts, len(SIGNATURE), self._gap_cols)
-        recv = exchange(table)
+        sent, recv = exchange(table)
         if error is not None:
             raise error
         bad = table.bad_ranks(recv)
@@ -263,8 +263,8 @@ class Buffer(DeepEPBufferMethods):
         if L and L != table.num_local_experts:  # every rank agrees on E, so every rank gets here
             self._num_local_experts = L
             table = CountTable(R, self.ranks_per_node, L, len(SIGNATURE), self._gap_cols)
-            recv = exchange(table)
-        return table, recv
+            sent, recv = exchange(table)
+        return table, sent, recv
 
     def _cached_dispatch(self, x, handle, topk_idx, topk_weights, num_worst_tokens, async_finish):
         self._check_handle("dispatch", handle)

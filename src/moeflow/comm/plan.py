@@ -19,8 +19,8 @@ import torch
 
 from .. import layout as _layout
 
-__all__ = ["GAP_COLS", "Hop", "Plan", "CountTable", "RowFormat", "RowMeta", "flat_hop", "rail_hop", "in_node_hop", "offsets",
-           "pack_meta", "runs_between"]
+__all__ = ["GAP_COLS", "Hop", "Plan", "CountTable", "RowFormat", "RowMeta", "flat_hop", "rail_hop", "in_node_hop",
+           "offsets", "pack_meta", "runs_between"]
 
 _ALIGN = 8  # bytes; every field of a row starts on this boundary, so it can be viewed in place
 
@@ -148,7 +148,7 @@ class CountTable:
             table[:, self._experts:self._gaps] = num_tokens_per_expert.to(table).view(R, -1)
         if self.gap_cols:
             table[:, self._gaps] = -1
-            for r, gaps in enumerate(_gaps(is_token_in_rank, self.gap_cols)):
+            for r, gaps in enumerate(_missing_tokens(is_token_in_rank, self.gap_cols)):
                 if gaps is not None:
                     table[r, self._gaps] = gaps.numel()
                     table[r, self._gaps + 1:self._gaps + 1 + gaps.numel()] = gaps
@@ -196,7 +196,7 @@ class CountTable:
         return [None if n < 0 else row[at + 1:at + 1 + n] for row in recv.tolist() for n in (row[at],)]
 
 
-def _gaps(is_token_in_rank: torch.Tensor, limit: int) -> list[Optional[torch.Tensor]]:
+def _missing_tokens(is_token_in_rank: torch.Tensor, limit: int) -> list[Optional[torch.Tensor]]:
     """Per rank, the tokens not sent there (``[gaps]`` int64), or None when more than ``limit``."""
     missing = ~is_token_in_rank
     counts = missing.sum(0).tolist()  # host sync (CUDA)
@@ -224,15 +224,15 @@ def runs_between(gaps: Optional[list[int]], num_tokens: int) -> Optional[tuple[t
 
 
 def flat_hop(is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int],
-             recv_gaps: Optional[list[Optional[list[int]]]] = None, rank: int = -1, gap_limit: int = 0) -> Hop:
+             gaps: Optional[tuple[list, list]] = None, rank: int = -1) -> Hop:
     """Each token once to each rank it reaches, rank after rank, token order kept.
 
     Args:
         is_token_in_rank: ``[T, R]`` bool.
         num_recv_per_rank: ``[R]`` rows arriving from each rank (from the count exchange).
-        recv_gaps: per source rank, the tokens it does not send here (:meth:`CountTable.gaps`);
-            with it, messages to and from other ranks (not ``rank``) whose tokens form long runs
-            travel run by run (``gap_limit``: the table's ``gap_cols``).
+        gaps: the gap lists (:meth:`CountTable.gaps`) of this rank's table as sent (per
+            destination) and as received (per source); with them, messages to and from ranks
+            other than ``rank`` whose tokens form long runs travel run by run.
     """
     R = is_token_in_rank.size(1)
     # nonzero over the [R, T] transpose lists (rank, token) pairs rank-major: the wire order.
@@ -241,10 +241,10 @@ def flat_hop(is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int],
     counts = is_token_in_rank.sum(0).tolist()  # host sync (CUDA): message sizes
     ranks = tuple(range(R))
     num_recv = tuple(int(n) for n in num_recv_per_rank)
-    if recv_gaps is None:
+    if gaps is None or gaps[0] is None:
         return Hop(pairs[:, 1].contiguous(), ranks, tuple(counts), ranks, num_recv)
     T = is_token_in_rank.size(0)
-    sent_gaps = [g.tolist() if g is not None else None for g in _gaps(is_token_in_rank, gap_limit)]
+    sent_gaps, recv_gaps = gaps
     send_runs = tuple(runs_between(g, T) if r != rank else None for r, g in enumerate(sent_gaps))
     recv_runs = tuple(runs_between(g, num_recv[s] + len(g)) if s != rank and g is not None else None
                       for s, g in enumerate(recv_gaps))

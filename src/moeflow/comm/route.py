@@ -261,18 +261,18 @@ class PlanRunner:
     # ------------------------------------------------------------------ fresh dispatch
     def dispatch(self, x: torch.Tensor, meta: RowMeta, is_token_in_rank: torch.Tensor, num_recv_per_rank: list[int],
                  num_experts: int, num_recv_per_node: Optional[list[int]] = None, num_rows: int = 0,
-                 recv_gaps: Optional[list] = None, gap_limit: int = 0) -> Routed:
+                 gaps: Optional[tuple[list, list]] = None) -> Routed:
         """Plan and run a fresh dispatch of payload rows ``x`` ``[T, H]`` and their metadata
         ``meta``: one hop (flat), or with ``num_recv_per_node`` (the rail hop's rows from each
         node, from the count exchange) two. Metadata reaches the destination with its local ids
         (E / R local experts; -1 and weight 0 elsewhere) and its source token index. The payload
-        lands in ``recv_x`` ``[max(M, num_rows), H]``, zero rows past M. ``recv_gaps``,
-        ``gap_limit``: the count exchange's gap lists (:meth:`CountTable.gaps`) and its
-        ``gap_cols``; with them a flat hop sends long runs of tokens without gathering them."""
+        lands in ``recv_x`` ``[max(M, num_rows), H]``, zero rows past M. ``gaps``: the count
+        exchange's gap lists (:meth:`CountTable.gaps`) of what this rank sent and received; with
+        them a flat hop sends long runs of tokens without gathering them."""
         R = is_token_in_rank.size(1)
         fmt = _meta_format(meta, num_experts // R - 1)
         if num_recv_per_node is None:
-            hop = flat_hop(is_token_in_rank, num_recv_per_rank, recv_gaps, self.transport.rank, gap_limit)
+            hop = flat_hop(is_token_in_rank, num_recv_per_rank, gaps, self.transport.rank)
             recv_x = _rows_out(x, hop.num_recv, num_rows)
             works, release = self.send_forward(hop, x, recv_x[:hop.num_recv], "dispatch")
             recv_meta = self._send_meta(hop, fmt, meta, works, dst_rank=hop.send_peer_of_rows(),
