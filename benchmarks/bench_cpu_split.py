@@ -78,7 +78,8 @@ def _rank() -> dict:
     sends, recvs = list(handle.num_send_tokens_per_rank), list(handle.num_recv_tokens_per_rank)
     row = sum(buffer.counters.sent["dispatch"]) // max(sum(sends), 1)  # payload + metadata bytes per row
     d_send, d_recv = torch.zeros(sum(sends), row, dtype=torch.uint8), torch.empty(sum(recvs), row, dtype=torch.uint8)
-    c_send, c_recv = torch.zeros(sum(recvs), 2 * H, dtype=torch.uint8), torch.empty(sum(sends), 2 * H, dtype=torch.uint8)
+    c_send = torch.zeros(sum(recvs), 2 * H, dtype=torch.uint8)
+    c_recv = torch.empty(sum(sends), 2 * H, dtype=torch.uint8)
 
     def raw():
         dist.all_to_all_single(d_recv, d_send, recvs, sends)

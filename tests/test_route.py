@@ -250,7 +250,7 @@ def test_combine_messages_travel_in_pieces_only_between_two_peers_on_cpu():
 
 
 def test_spans_cut_tokens_where_their_sources_change():
-    from moeflow.comm.route import _spans
+    from moeflow.comm.plan import token_spans as _spans
 
     T = 256
     own = torch.cat([torch.arange(0, 30), torch.arange(31, T)])    # token 30 missing

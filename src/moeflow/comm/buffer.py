@@ -210,8 +210,8 @@ class Buffer(DeepEPBufferMethods):
             # never leaves the others waiting in a collective.
             args, error = None, e
         device = _device_of(x, is_token_in_rank)
-        table, sent, recv = self._exchange_counts(args, is_token_in_rank, num_tokens_per_expert, num_worst_tokens, device,
-                                            error)
+        table, sent, recv = self._exchange_counts(args, is_token_in_rank, num_tokens_per_expert, num_worst_tokens,
+                                                  device, error)
         matrix = table.matrix(recv)                                          # [R, R]: rank i's rows to rank j
         W, num_recv_per_rank = num_worst_tokens, matrix[:, self.rank].tolist()
         num_recv_per_expert = None
@@ -232,8 +232,8 @@ class Buffer(DeepEPBufferMethods):
                          num_worst_tokens: int, device: torch.device,
                          error: Optional[Exception]) -> tuple[CountTable, torch.Tensor, torch.Tensor]:
         """The count exchange (see :class:`~moeflow.comm.plan.CountTable`). Returns the table,
-        this rank's rows (as sent) and every rank's rows on the host; raises on every rank when any rank's input was bad or
-        the ranks disagree.
+        this rank's rows (as sent) and every rank's rows on the host; raises on every rank when
+        any rank's input was bad or the ranks disagree.
 
         The table's per-expert columns are as many as the experts every rank last agreed on, not
         as this call's ``num_tokens_per_expert`` says: tables of different sizes cannot even be

@@ -20,7 +20,7 @@ import torch
 from .. import layout as _layout
 
 __all__ = ["GAP_COLS", "Hop", "Plan", "CountTable", "RowFormat", "RowMeta", "flat_hop", "rail_hop", "in_node_hop",
-           "offsets", "pack_meta", "runs_between"]
+           "offsets", "pack_meta", "runs_between", "token_spans"]
 
 _ALIGN = 8  # bytes; every field of a row starts on this boundary, so it can be viewed in place
 
@@ -94,6 +94,13 @@ class Plan:
     def num_recv(self) -> int:
         """M, rows the last hop delivers here."""
         return self.hops[-1].num_recv
+
+    @cached_property
+    def spans(self) -> Optional[list[tuple[int, int, list[tuple[int, int]]]]]:
+        """:func:`token_spans` of the first hop's sent messages over the T tokens: the same for
+        every combine of this plan, so worked out once (host sync: CPU plans only)."""
+        hop, so = self.hops[0], self.hops[0].send_offsets
+        return token_spans([hop.send_idx[so[k]:so[k + 1]] for k in range(len(hop.send_peers))], self.num_tokens)
 
 
 @dataclass(frozen=True)
@@ -192,8 +199,11 @@ class CountTable:
         None without gap columns."""
         if not self.gap_cols:
             return None
-        at = self._gaps
-        return [None if n < 0 else row[at + 1:at + 1 + n] for row in recv.tolist() for n in (row[at],)]
+        at, lists = self._gaps, []
+        for row in recv.tolist():
+            n = row[at]
+            lists.append(row[at + 1:at + 1 + n] if n >= 0 else None)
+        return lists
 
 
 def _missing_tokens(is_token_in_rank: torch.Tensor, limit: int) -> list[Optional[torch.Tensor]]:
@@ -204,7 +214,29 @@ def _missing_tokens(is_token_in_rank: torch.Tensor, limit: int) -> list[Optional
 
 
 GAP_COLS = 32  # gap columns of a count table that has them: at most 33 runs, each one wire message
-MIN_RUN_ROWS = 32  # rows per run (or combine span) on average below which one indexed op beats an op per run
+MIN_RUN_ROWS = 32  # mean rows per run (or combine span) below which one indexed op beats an op per run
+
+
+def token_spans(index: list[torch.Tensor], T: int) -> Optional[list[tuple[int, int, list[tuple[int, int]]]]]:
+    """Tokens ``[0, T)`` cut into spans ``(t0, t1, sources)`` in which every token has the same
+    segments, at consecutive rows: ``sources`` lists ``(segment, row of token t0)``; token ``t``
+    of the span is row ``row + t - t0`` of each. ``index[k]`` (ascending, distinct) lists the
+    tokens of segment ``k``. None when the spans are shorter than ``MIN_RUN_ROWS`` tokens on average
+    (then indexed ops are cheaper). Host sync: CPU only. The combine's two-source sum writes span
+    by span (``moeflow.comm.route``)."""
+    if T < MIN_RUN_ROWS:
+        return None
+    row = torch.full((len(index), T), -1, dtype=torch.int64)
+    for k, idx in enumerate(index):
+        row[k, idx] = torch.arange(idx.numel())
+    before, after = row[:, :-1], row[:, 1:]
+    same = ((after == before + 1) & (before >= 0)) | ((after < 0) & (before < 0))
+    starts = [0] + (~same.all(0)).nonzero().flatten().add_(1).tolist()
+    if len(starts) * MIN_RUN_ROWS > T:
+        return None
+    firsts = row[:, starts].t().tolist()
+    return [(t0, t1, [(k, at) for k, at in enumerate(first) if at >= 0])
+            for t0, t1, first in zip(starts, starts[1:] + [T], firsts)]
 
 
 def runs_between(gaps: Optional[list[int]], num_tokens: int) -> Optional[tuple[tuple[int, int], ...]]:

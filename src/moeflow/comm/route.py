@@ -16,7 +16,7 @@ import torch
 
 from .. import layout as _layout
 from ..quant import FP8_BLOCK
-from .plan import MIN_RUN_ROWS, Hop, Plan, RowFormat, RowMeta, flat_hop, in_node_hop, pack_meta, rail_hop
+from .plan import Hop, Plan, RowFormat, RowMeta, flat_hop, in_node_hop, pack_meta, rail_hop, token_spans
 from .transport import Transport, Workspace, rows_view
 
 __all__ = ["PlanRunner", "Routed", "Outputs", "reduce_rows", "wait"]
@@ -239,7 +239,7 @@ class PlanRunner:
             index = [hop.send_idx[hop.send_offsets[k]:hop.send_offsets[k + 1]] for k in range(len(hop.send_peers))]
             if h == 0:
                 total = _Sum(out, index, biases, [ks for ks, _ in _own_pairs(hop, self.transport.rank)],
-                             {wire, rows.dtype})
+                             {wire, rows.dtype}, spans=lambda: plan.spans)
                 segments, pieces, release = self.send_backward(hop, rows, kind, wire_dtype=wire, new_call=new_call
                                                                and len(plan.hops) == 1, on_first_step=total.own)
 
@@ -322,17 +322,21 @@ class _Sum:
     in that dtype (exact: ``0 + a`` is ``a``, and ``a + b`` is computed in fp32 and rounded once,
     as the fp32 accumulation rounds it; two terms add the same in any order), and what needs
     only this rank's own segments is written while the other rows travel. On CPU, when the
-    tokens fall into long spans with the same sources (:func:`_spans`), each span is one copy or
+    tokens fall into long spans with the same sources (:func:`~moeflow.comm.plan.token_spans`), each span is one copy or
     one two-input add, which reads each row once; elsewhere the own rows are placed and the
     others added with ``index_add_``.
     """
 
     def __init__(self, out: torch.Tensor, index: list[torch.Tensor], biases: tuple, own: list[int],
-                 dtypes: set[torch.dtype]):
-        """``dtypes``: of the segments (own ones in the rows' dtype, the others in the wire's)."""
+                 dtypes: set[torch.dtype], spans: Optional[Callable[[], Optional[list]]] = None):
+        """``dtypes``: of the segments (own ones in the rows' dtype, the others in the wire's).
+        ``spans``: gives :func:`~moeflow.comm.plan.token_spans` of ``index`` when asked (a plan's
+        cached :attr:`~moeflow.comm.plan.Plan.spans`); default: computed here."""
         self.out, self.index, self.biases, self.own_msgs = out, index, biases, own
         self.direct = not biases and dtypes == {out.dtype} and sum(1 for i in index if i.numel()) <= 2
-        self.spans = _spans(index, out.size(0)) if self.direct and out.device.type == "cpu" else None
+        self.spans = None
+        if self.direct and out.device.type == "cpu":
+            self.spans = spans() if spans is not None else token_spans(index, out.size(0))
         self._todo: Optional[list] = None  # the spans _write_rest has still to write, from _next on
         self._next = 0
 
@@ -415,27 +419,6 @@ def _piece_cuts(num_rows: int, num_peers: int, cpu: bool) -> list[tuple[int, int
 
 
 _PIECES, _PIECE_ROWS = 4, 512
-
-
-def _spans(index: list[torch.Tensor], T: int) -> Optional[list[tuple[int, int, list[tuple[int, int]]]]]:
-    """Tokens ``[0, T)`` cut into spans ``(t0, t1, sources)`` in which every token has the same
-    segments, at consecutive rows: ``sources`` lists ``(segment, row of token t0)``; token ``t``
-    of the span is row ``row + t - t0`` of each. ``index[k]`` (ascending, distinct) lists the
-    tokens of segment ``k``. None when the spans are shorter than ``MIN_RUN_ROWS`` tokens on average
-    (then indexed ops are cheaper). Host sync: CPU only."""
-    if T < MIN_RUN_ROWS:
-        return None
-    row = torch.full((len(index), T), -1, dtype=torch.int64)
-    for k, idx in enumerate(index):
-        row[k, idx] = torch.arange(idx.numel())
-    before, after = row[:, :-1], row[:, 1:]
-    same = ((after == before + 1) & (before >= 0)) | ((after < 0) & (before < 0))
-    starts = [0] + (~same.all(0)).nonzero().flatten().add_(1).tolist()
-    if len(starts) * MIN_RUN_ROWS > T:
-        return None
-    firsts = row[:, starts].t().tolist()
-    return [(t0, t1, [(k, at) for k, at in enumerate(first) if at >= 0])
-            for t0, t1, first in zip(starts, starts[1:] + [T], firsts)]
 
 
 def reduce_rows(out: torch.Tensor, segments: list[torch.Tensor], index: list[torch.Tensor], biases: tuple = ()) -> None:
