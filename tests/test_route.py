@@ -201,6 +201,40 @@ def test_row_format_fields_are_aligned_and_round_trip():
     assert torch.equal(glob.topk_idx.long(), meta.topk_idx[idx])
 
 
+def test_local_topk_keeps_the_destinations_experts_and_zeroes_the_rest_bit_exactly():
+    g = torch.Generator().manual_seed(3)
+    rows, K, L, R = 40, 4, 3, 4
+    ids = torch.randint(-1, L * R, (rows, K), generator=g)
+    ids[0] = -1
+    weights = torch.rand(rows, K, generator=g)
+    weights[1, :2] = torch.tensor([float("nan"), float("inf")])
+    weights[2, :2] = torch.tensor([-0.0, float("-inf")])
+    dst = torch.randint(0, R, (rows,), generator=g)
+    dst[1:3] = 0
+    ids[1, :2] = L * R - 1  # NaN and Inf on another rank's expert: +0.0
+    ids[2, :2] = torch.tensor([0, L * R - 1])  # -0.0 on this one's: kept
+    local, local_w = layout.local_topk(ids, weights, dst, L)
+    for i in range(rows):
+        for k in range(K):
+            e = int(ids[i, k])
+            mine = e >= 0 and e // L == int(dst[i])
+            assert int(local[i, k]) == (e % L if mine else -1)
+            want = weights[i, k] if mine else torch.tensor(0.0)  # +0.0, whatever the weight was
+            assert local_w[i, k].view(torch.int32) == want.view(torch.int32), (i, k)
+
+
+@pytest.mark.parametrize("R", [1, 2, 3, 8])
+def test_dispatch_layout_counts_tokens_per_rank_and_pairs_per_expert(R):
+    (idx,) = _routing(1, 6 * R, [50], seed=R)
+    per_rank, per_expert, in_rank = layout.dispatch_layout(idx, 6 * R, R)
+    want = torch.zeros(50, R, dtype=torch.bool)
+    for t, e in (idx >= 0).nonzero().tolist():
+        want[t, int(idx[t, e]) // 6] = True
+    assert torch.equal(in_rank, want)
+    assert torch.equal(per_rank, want.sum(0, dtype=torch.int32))
+    assert per_expert.tolist() == [int((idx == e).sum()) for e in range(6 * R)]
+
+
 @pytest.mark.parametrize("listed", [50, 510])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_two_source_sum_in_the_output_dtype_is_the_fp32_sum(dtype, listed):

@@ -33,9 +33,8 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     """
     in_rank = is_token_in_rank(topk_idx, num_experts, num_ranks)
     num_tokens_per_rank = in_rank.sum(0, dtype=torch.int32)
-    # -1 entries go to an extra bin E, dropped afterwards: one bincount, no boolean indexing
-    expert_idx = torch.where(topk_idx >= 0, topk_idx, num_experts).flatten()
-    num_tokens_per_expert = torch.bincount(expert_idx, minlength=num_experts + 1)[:num_experts].to(torch.int32)
+    # ids shifted by one: -1 entries land in bin 0, dropped afterwards (one bincount, no boolean indexing)
+    num_tokens_per_expert = torch.bincount((topk_idx + 1).flatten(), minlength=num_experts + 1)[1:].to(torch.int32)
     return num_tokens_per_rank, num_tokens_per_expert, in_rank
 
 
@@ -47,11 +46,13 @@ def is_token_in_rank(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -
             ``num_ranks``: R, divides E.
     """
     T = topk_idx.size(0)
-    # -1 entries go to an extra column R, dropped afterwards: one scatter, no boolean indexing
-    rank_idx = torch.where(topk_idx >= 0, topk_idx // (num_experts // num_ranks), num_ranks).long()
+    L = num_experts // num_ranks
+    # rank + 1 (floor division: -1 entries give 0): column 0 collects them and is dropped; one
+    # scatter, no boolean indexing
+    rank_idx = (topk_idx.long() + L) // L
     hit = torch.zeros(T, num_ranks + 1, dtype=torch.bool, device=topk_idx.device)
     hit.scatter_(1, rank_idx, True)
-    return hit[:, :num_ranks].contiguous()
+    return hit[:, 1:].contiguous()
 
 
 def num_tokens_per_node(is_token_in_rank: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -91,12 +92,15 @@ def local_topk(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, dst_ra
             else ``-1``.
         local_weights: ``[rows, K]`` float32 with 0 where ``local_idx`` is ``-1`` (None if no weights).
     """
-    local = topk_idx - dst_rank.unsqueeze(1) * num_local_experts
-    mine = (topk_idx >= 0) & (local >= 0) & (local < num_local_experts)
-    local_idx = torch.where(mine, local, -1)
+    local = topk_idx - dst_rank.unsqueeze(1) * num_local_experts  # -1 (no expert) stays below 0
+    mine = (local >= 0) & (local < num_local_experts)
+    # Arithmetic and bit masks, not torch.where: a bool-mask where runs ~3x slower on CPU.
+    local_idx = local.add_(1).mul_(mine).sub_(1)  # local where mine, else -1
     local_weights = None
     if topk_weights is not None:
-        local_weights = torch.where(mine, topk_weights, 0.0)
+        # all bits kept or none: exactly the weight or +0.0, NaN and Inf included
+        keep = mine.to(torch.int32).neg_()
+        local_weights = (topk_weights.float().view(torch.int32) & keep).view(torch.float32)
     return local_idx, local_weights
 
 
