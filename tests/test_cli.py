@@ -60,3 +60,37 @@ def test_help_names_no_install_hint_or_file_that_is_not_there():
     text = " ".join(sub.format_help() for sub in _subparsers(build_parser()).values())
     assert "moeflow[" not in text  # install hints work from the repository: pip install -e '.[extra]'
     assert "legacy.md" not in text or "github.com/deepseek-ai/DeepEP" in text
+
+
+def _imports_after(code: str) -> set[str]:
+    """Modules loaded by a fresh interpreter that runs ``code`` (stdout and SystemExit ignored)."""
+    import subprocess
+    import sys
+
+    probe = ("import contextlib, io, sys\n"
+             "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+             + "".join(f"    {line}\n" for line in code.splitlines())
+             + "print(' '.join(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    return set(out.stdout.split())
+
+
+def test_help_and_import_load_no_torch():
+    # `moeflow --help` and `import moeflow` answer at once: torch (~2 s) and torch._dynamo (~1 s
+    # more, through moeflow.layer) load only when a command or a public name needs them
+    for code in ("import moeflow", "from moeflow.cli import main\nmain(['--help'])",
+                 "from moeflow.cli import main\nmain(['--version'])",
+                 "from moeflow.cli import main\nmain(['plan', '--help'])"):
+        assert "torch" not in _imports_after(code), code
+
+
+def test_every_public_name_resolves():
+    import moeflow
+
+    loaded = _imports_after("from moeflow import *")
+    assert "torch._dynamo" in loaded  # MoELayer's module came in with it
+    for name in moeflow.__all__:
+        assert getattr(moeflow, name) is not None, name
+    assert set(moeflow.__all__) <= set(dir(moeflow))
+    with pytest.raises(AttributeError, match="no attribute 'Bufer'"):
+        moeflow.Bufer

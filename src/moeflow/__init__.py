@@ -10,17 +10,41 @@ runs a function on local ranks; :mod:`moeflow.balance` plans expert placement (E
 combine, with shared experts and overlap.
 """
 
-from . import autograd, balance, layout, quant
-from .comm import (Buffer, ByteCounters, Config, DispatchHandle, ElasticBuffer, EPHandle, EventOverlap,
-                   PeerFailureError, topk_idx_t)
-from .experts import GroupedExperts, SwiGLU
-from .layer import MoELayer
-from .checkpoint import CheckpointError  # after .layer, which it builds on
-from .parallel.fsdp import parallelize
-from .routing import Router, RouterOutput
-from .launch import RankError, spawn
-from . import integrations  # after .layer: integrations.hf builds on MoELayer; imports no transformers
-from .quant import per_token_cast_back, per_token_cast_to_fp8
+import importlib
+import importlib.util
+
+# Public name -> the module that defines it, imported on first use (PEP 562): `import moeflow`
+# costs nothing, and `moeflow --help` or a planning script never pays for torch._dynamo (which
+# moeflow.layer brings in through torch.compiler.disable) or for the layers it does not use.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["Buffer", "ByteCounters", "Config", "DispatchHandle", "ElasticBuffer", "EPHandle", "EventOverlap",
+                     "PeerFailureError", "topk_idx_t"], "moeflow.comm"),
+    **dict.fromkeys(["GroupedExperts", "SwiGLU"], "moeflow.experts"),
+    "MoELayer": "moeflow.layer",
+    "CheckpointError": "moeflow.checkpoint",
+    "parallelize": "moeflow.parallel.fsdp",
+    **dict.fromkeys(["Router", "RouterOutput"], "moeflow.routing"),
+    **dict.fromkeys(["RankError", "spawn"], "moeflow.launch"),
+    **dict.fromkeys(["per_token_cast_to_fp8", "per_token_cast_back"], "moeflow.quant"),
+}
+# What a fresh rank needs at hand (moeflow.launch preloads it once in the forkserver).
+_MODULES = tuple(sorted(set(_EXPORTS.values()) | {"moeflow.integrations"}))
+
+
+def __getattr__(name: str):
+    """A public name, or a submodule (``moeflow.layout``, ``moeflow.balance``, ...), imported now."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # found directly from now on
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 

@@ -51,22 +51,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     from . import __version__
 
-    try:
-        import torch
-
-        return f"moeflow {__version__} (torch {torch.__version__})"
-    except ImportError:  # pragma: no cover - torch is a dependency
+    try:  # from the installed metadata: importing torch for its version would take seconds
+        return f"moeflow {__version__} (torch {version('torch')})"
+    except PackageNotFoundError:  # pragma: no cover - torch is a dependency
         return f"moeflow {__version__}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``only`` (a command name) the options of that command alone, so
+    that ``moeflow --help`` or ``moeflow plan`` imports no other command's module (and no torch)."""
     parser = argparse.ArgumentParser(prog="moeflow", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
         mod = importlib.import_module(module)
         description = getattr(mod, "DESCRIPTION", help_text)
         p = sub.add_parser(name, help=help_text, description=description, formatter_class=HelpFormatter)
@@ -78,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .commands import UsageError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # the command is the first word that is not an option (the top level has only --help, --version)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(only=command).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except UsageError as e:  # a flag checked before any rank started: one line, as argparse's errors

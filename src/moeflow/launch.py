@@ -29,6 +29,8 @@ import time
 import traceback
 from typing import Any, Callable
 
+from . import _MODULES
+
 __all__ = ["spawn", "RankError"]
 
 
@@ -60,12 +62,12 @@ def _context() -> mp.context.BaseContext:
     # forkserver: the server imports torch once, every rank forks from that clean process (no
     # OpenMP threads, no pytest state), so a rank starts in ~0.1 s instead of re-importing torch.
     # torch.distributed.tensor too: transformers and torch.distributed.checkpoint import it, ~2 s
-    # per rank otherwise. And moeflow itself: a rank imports it to run _worker, and moeflow.layer
-    # brings in torch._dynamo (torch.compiler.disable); without it here a 2-rank spawn took 1.4 s
-    # to reach fn on 2 cores, with it 0.06 s.
+    # per rank otherwise. And moeflow's public modules (imported lazily by `import moeflow`):
+    # moeflow.layer brings in torch._dynamo (torch.compiler.disable); without them here a 2-rank
+    # spawn took 1.4 s to reach fn on 2 cores, with them 0.06 s.
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor", "moeflow"])
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor", *_MODULES])
         return ctx
     return mp.get_context("spawn")
 
