@@ -226,3 +226,29 @@ def test_segment_loop_matches_the_padded_path_and_gradcheck(counts):
     for e, n in enumerate(counts):
         if n == 0:
             assert not w1.grad[e].any() and not w2.grad[e].any() and not w3.grad[e].any()
+
+
+@pytest.mark.parametrize("counts,weighted", [([10, 0, 25, 5], True), ([0, 0, 0, 0], True), ([7, 9, 1, 3], False)])
+def test_grouped_gemm_path_matches_the_loop_on_cpu(monkeypatch, counts, weighted):
+    """The branch GPUs take (one ``torch._grouped_mm`` per weight bank), run here through
+    PyTorch's CPU fallback of the same op, which makes the same stride checks: outputs and
+    gradients equal the per-expert loop's, also for a loss whose gradient is expanded
+    (``y.sum()``), which ``_grouped_mm``'s backward refuses unless made dense."""
+    import moeflow.experts as experts
+
+    g = torch.Generator().manual_seed(11)
+    D, FF, P = 16, 24, sum(counts)
+    bank = GroupedExperts(len(counts), D, FF)
+    x = torch.randn(P, D, generator=g, requires_grad=True)
+    w = torch.rand(P, generator=g, requires_grad=True) if weighted else None
+    params = [x, bank.w1, bank.w2, bank.w3] + ([w] if weighted else [])
+
+    def run(grouped: bool, loss):
+        monkeypatch.setattr(experts, "_native_grouped_mm", lambda *t: grouped)
+        y = bank.forward_sorted(x, counts, w)
+        return [y.detach()] + list(torch.autograd.grad(loss(y), params, allow_unused=True))
+
+    for loss in (lambda y: (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), lambda y: y.sum()):
+        want, got = run(False, loss), run(True, loss)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -275,15 +275,18 @@ class GroupedExperts(nn.Module):
                 to the ``[P, F]`` hidden rows before the (linear) down projection: the same
                 result, and a pass over F rather than D columns.
         """
-        if _native_grouped_mm(x_sorted):
-            # ``offs`` = end row of each expert's segment; a host-to-device copy of L ints.
-            offs = torch.tensor(num_tokens_per_expert, device=x_sorted.device).cumsum(0).to(torch.int32)
+        if _native_grouped_mm(x_sorted, self.w1, self.w2, self.w3):
             # a cast copy of the weights only when they are kept in another dtype (e.g. fp32 masters)
             w1, w2, w3 = (w.to(x_sorted.dtype) for w in (self.w1, self.w2, self.w3))
+            # ``offs`` = end row of each expert's segment; a host-to-device copy of L ints.
+            offs = torch.tensor(num_tokens_per_expert, device=x_sorted.device).cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x_sorted, w1, offs=offs)) * torch._grouped_mm(x_sorted, w3, offs=offs)
             if weights is not None:
                 h = h * weights.to(h.dtype).unsqueeze(1)
-            return torch._grouped_mm(h, w2, offs=offs)
+            y = torch._grouped_mm(h, w2, offs=offs)
+            if y.requires_grad:
+                y.register_hook(_dense)
+            return y
         L, N, P = len(num_tokens_per_expert), max(num_tokens_per_expert, default=0), x_sorted.size(0)
         if P < _MIN_ROWS_PER_MM * L and L * N <= _MAX_PADDING * P:
             return self._padded_bmm(x_sorted, num_tokens_per_expert, N, weights)
@@ -331,12 +334,23 @@ _MIN_ROWS_PER_MM = 64
 _MAX_PADDING = 2.0
 
 
-def _native_grouped_mm(x: torch.Tensor) -> bool:
-    # torch._grouped_mm's fused kernel: CUDA, bf16, compute capability >= 9.0 (not exercised in
-    # CI: no GPU there). PyTorch's fallback on other devices measured slower than the padded
-    # bmm on CPU (benchmarks/bench_experts.py).
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with row-major strides: ``_grouped_mm``'s backward refuses others (the expanded
+    gradient of ``y.sum()``, or an empty one with zero strides, which ``contiguous()`` keeps)."""
+    if grad.stride() == (grad.size(1), 1):
+        return grad
+    return grad.clone(memory_format=torch.contiguous_format)
+
+
+def _native_grouped_mm(x: torch.Tensor, *banks: torch.Tensor) -> bool:
+    # torch._grouped_mm's fused kernel: CUDA, bf16, compute capability >= 9.0, and operands it
+    # takes (16-byte aligned start and rows: D and F multiples of 8; a bank that is a view into
+    # a flat buffer may not be): else it raises, so such shapes take the loop. The branch's
+    # logic runs in CI through PyTorch's CPU fallback (tests/test_experts.py), which measured
+    # slower than the padded bmm there (benchmarks/bench_experts.py).
     return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and all(t.data_ptr() % 16 == 0 and t.size(-1) * x.element_size() % 16 == 0 for t in (x, *banks)))
 
 
 def _check_positive(owner: str, **sizes: int) -> None:
