@@ -71,9 +71,23 @@ def cases_for(R: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- rank side
-def _run_cases(cases):
+def _as_on_gpu(buffer) -> None:
+    """Make this rank's data path take the choices it takes for CUDA tensors on NCCL (one batch
+    of messages per hop, combine rows in one piece, indexed sums, no runs straight from x), so
+    that their logic runs here over Gloo: what differs on a GPU is then only the kernels."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("moeflow.") and hasattr(module, "host_driven"):
+            module.host_driven = lambda device: False
+    buffer._gap_cols = 0  # what the Buffer picks on NCCL
+
+
+def _run_cases(cases, as_on_gpu=False):
     R, rank = dist.get_world_size(), dist.get_rank()
     buffer = Buffer(dist.group.WORLD)
+    if as_on_gpu:
+        _as_on_gpu(buffer)
     results = []
     for case in cases:
         x, idx, w = make_case_inputs(case, rank, R)
@@ -105,7 +119,7 @@ def _tensors_equal(a, b) -> bool:
 
 
 # ----------------------------------------------------------------------------- parent side
-def _check_case(case, per_rank_results, R):
+def _check_case(case, per_rank_results, R, as_on_gpu=False):
     name = case["name"]
     xs = [r["x"] for r in per_rank_results]
     idxs = [r["idx"] for r in per_rank_results]
@@ -123,7 +137,9 @@ def _check_case(case, per_rank_results, R):
         assert got["counts"] == exp["counts"], where
         assert got["same_cached"], f"{where}: cached dispatch differs from fresh"
         assert got["per_rdma"] is None
-        if name.startswith("long-spans") and R == 2:  # the other rank's tokens go straight from x, run by run
+        if as_on_gpu:
+            assert not any(got["cut"]), where
+        elif name.startswith("long-spans") and R == 2:  # the other rank's tokens go straight from x, run by run
             assert got["cut"] == [r != d for r in range(R)], where
         # layout: counts derived from topk_idx on the source rank
         idx = got["idx"]
@@ -177,6 +193,15 @@ def test_dispatch_combine_match_reference(world_size):
     results = spawn(_run_cases, world_size, cases, timeout_s=240, collective_timeout_s=60)
     for i, case in enumerate(cases):
         _check_case(case, [results[r][i] for r in range(world_size)], world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_dispatch_combine_match_reference_with_the_gpu_choices(world_size):
+    """The same cases with the data path's CUDA/NCCL choices (see _as_on_gpu) over Gloo."""
+    cases = cases_for(world_size)
+    results = spawn(_run_cases, world_size, cases, True, timeout_s=240, collective_timeout_s=60)
+    for i, case in enumerate(cases):
+        _check_case(case, [results[r][i] for r in range(world_size)], world_size, as_on_gpu=True)
 
 
 def test_constant_input_fp32_roundtrip_is_exact():

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from moeflow import Buffer, spawn
 
 from _reference import ref_combine, ref_dispatch
-from test_buffer import expert_fn, make_case_inputs
+from test_buffer import _as_on_gpu, expert_fn, make_case_inputs
 
 
 def _cases(R: int) -> list[dict]:
@@ -56,10 +56,12 @@ def _round(buffer, case, x, idx, w, P):
                 per_node=per_node, pending=pending, wire=wire, y=y)
 
 
-def _run(cases, ranks_per_node):
+def _run(cases, ranks_per_node, as_on_gpu=False):
     R, rank = dist.get_world_size(), dist.get_rank()
     node_aware = Buffer(dist.group.WORLD, ranks_per_node=ranks_per_node)
     flat = Buffer(dist.group.WORLD, ranks_per_node=R)
+    if as_on_gpu:
+        _as_on_gpu(flat)
     assert node_aware.num_nodes == R // ranks_per_node and flat.num_nodes == 1
     out = []
     for case in cases:
@@ -145,13 +147,14 @@ def _check(case, outs, R, P):
         assert torch.equal(got["combined"][single], o["flat"]["combined"][single]), f"{name}, rank {s}"
 
 
-@pytest.mark.parametrize("world_size,ranks_per_node", [(4, 2), (8, 4)])
-def test_node_aware_matches_flat_and_reference(world_size, ranks_per_node):
+@pytest.mark.parametrize("world_size,ranks_per_node,as_on_gpu", [(4, 2, False), (8, 4, False), (4, 2, True)])
+def test_node_aware_matches_flat_and_reference(world_size, ranks_per_node, as_on_gpu):
+    """as_on_gpu: both routes take their CUDA/NCCL choices (test_buffer._as_on_gpu)."""
     cases = _cases(world_size)
     if world_size == 8:
         cases = [c for c in cases if c["name"] in ("random-bf16-weights", "fp8-async", "zero-tokens-on-rank-1",
                                                    "many-experts-top-8")]
-    outs = spawn(_run, world_size, cases, ranks_per_node, timeout_s=240, collective_timeout_s=60)
+    outs = spawn(_run, world_size, cases, ranks_per_node, as_on_gpu, timeout_s=240, collective_timeout_s=60)
     for i, case in enumerate(cases):
         _check(case, [outs[r][i] for r in range(world_size)], world_size, ranks_per_node)
 

@@ -17,7 +17,7 @@ import torch
 from .. import layout as _layout
 from ..quant import FP8_BLOCK
 from .plan import Hop, Plan, RowFormat, RowMeta, flat_hop, in_node_hop, pack_meta, rail_hop, token_spans
-from .transport import Transport, Workspace, rows_view
+from .transport import Transport, Workspace, host_driven, rows_view
 
 __all__ = ["PlanRunner", "Routed", "Outputs", "reduce_rows", "wait"]
 
@@ -186,7 +186,7 @@ class PlanRunner:
         def back(k: int, a: int, b: int) -> Callable[[], torch.Tensor]:
             return lambda: _bytes(rows[ro[k] + a:ro[k] + b].to(wire))  # a cast only where the wire is narrower
 
-        cpu = rows.device.type == "cpu"
+        cpu = host_driven(rows.device)
         sent = [[(p, back(k, a, b)) for a, b in _piece_cuts(hop.recv_counts[k], len(hop.recv_peers), cpu)]
                 for k, p in enumerate(hop.recv_peers) if p != rank]
         cuts = [_piece_cuts(hop.send_counts[k], len(hop.send_peers), cpu) for k in remote]
@@ -335,7 +335,7 @@ class _Sum:
         self.out, self.index, self.biases, self.own_msgs = out, index, biases, own
         self.direct = not biases and dtypes == {out.dtype} and sum(1 for i in index if i.numel()) <= 2
         self.spans = None
-        if self.direct and out.device.type == "cpu":
+        if self.direct and host_driven(out.device):
             self.spans = spans() if spans is not None else token_spans(index, out.size(0))
         self._todo: Optional[list] = None  # the spans _write_rest has still to write, from _next on
         self._next = 0
@@ -488,7 +488,7 @@ def _place_rows(out: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> Non
     zeroed and ``index_copy_`` scatters the rows: no host sync."""
     out_w, rows_w = _layout.wide_pair(out, rows)
     T = out.size(0)
-    if out.device.type != "cpu":
+    if not host_driven(out.device):
         out.zero_()
         out_w.index_copy_(0, idx, rows_w)
         return

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from . import interleave
 from .health import Watchdog, resolve_timeout
 
-__all__ = ["ByteCounters", "EventOverlap", "Transport", "ProcessGroupTransport", "Workspace", "make_transport",
+__all__ = ["ByteCounters", "EventOverlap", "Transport", "ProcessGroupTransport", "Workspace", "make_transport", "host_driven",
            "rows_view"]
 
 # A message of a row exchange: (peer, rows). On the sending side the rows may be a callable that
@@ -296,7 +296,7 @@ class ProcessGroupTransport(Transport):
         for peer, t in recvs:
             if peer != rank:
                 by_src.setdefault(peer, []).append(t)
-        cpu = device.type == "cpu"
+        cpu = host_driven(device)
         steps = [(rank + i) % R for i in range(1, R)]
         ops, works = [], []
         for i, dst in enumerate(steps):
@@ -352,6 +352,15 @@ class ProcessGroupTransport(Transport):
         self.counters.record(kind, [0] * self.num_ranks, [0] * self.num_ranks)
         work = self._issue(collective, *args, group=self.group, async_op=True, **kwargs)
         self._watch([work], True)[0].wait()
+
+
+def host_driven(device: torch.device) -> bool:
+    """Whether the calling thread itself does the copies for tensors on ``device`` (CPU): the
+    data path then orders them around the transfers (pairwise steps, combine pieces, span sums,
+    the row-gather trick). False on accelerators, where copies are kernels queued on a stream.
+    The one place that choice is made; tests patch it to run the accelerator's choices over
+    Gloo (tests/test_buffer.py)."""
+    return device.type == "cpu"
 
 
 def make_transport(group: Optional[dist.ProcessGroup] = None, **kwargs) -> Transport:
