@@ -24,7 +24,7 @@ import torch.distributed as dist
 from . import interleave
 from .health import Watchdog, resolve_timeout
 
-__all__ = ["ByteCounters", "EventOverlap", "Transport", "ProcessGroupTransport", "Workspace", "make_transport", "host_driven",
+__all__ = ["ByteCounters", "EventOverlap", "Transport", "ProcessGroupTransport", "Workspace", "make_transport", "host_device", "host_driven",
            "rows_view"]
 
 # A message of a row exchange: (peer, rows). On the sending side the rows may be a callable that
@@ -219,6 +219,13 @@ class ProcessGroupTransport(Transport):
         # group rank -> global rank, for point-to-point ops (which take global ranks)
         world = group is None or group is dist.group.WORLD
         self._global = list(range(self.num_ranks)) if world else dist.get_process_group_ranks(group)
+        self.host_device = host_device(group)
+
+    def _reachable(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``, or a copy on :attr:`host_device` when ``t`` is on the CPU and the group has no
+        CPU backend (count tables, agreement rows and load sums are built on the host)."""
+        moved = t.device.type == "cpu" and self.host_device.type != "cpu"
+        return t.to(self.host_device) if moved else t
 
     def _issue(self, collective: Callable, *args, **kwargs):
         """Start a collective; a backend that cannot even start it (a peer's connection is gone)
@@ -240,6 +247,7 @@ class ProcessGroupTransport(Transport):
     def exchange_counts(self, table: torch.Tensor, kind: str = "layout") -> torch.Tensor:
         """Synchronous, timed on any device: the host needs the numbers to size what follows.
         Waited on through an :class:`EventOverlap`, so the wait is a hand-over point too."""
+        table = self._reachable(table)
         recv = torch.empty_like(table)
         EventOverlap([self.all_to_all(recv, table, kind=kind, host=True, async_op=True)]).current_stream_wait()
         return recv
@@ -333,15 +341,17 @@ class ProcessGroupTransport(Transport):
         return work, None
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
-        self._host_collective(kind, dist.all_reduce, tensor, op=op)
-        return tensor
+        moved = self._reachable(tensor)
+        self._host_collective(kind, dist.all_reduce, moved, op=op)
+        return tensor if moved is tensor else tensor.copy_(moved)
 
     def barrier(self, kind: str = "barrier") -> None:
         self._host_collective(kind, dist.barrier)
 
     def broadcast(self, tensor: torch.Tensor, src: int, kind: str = "broadcast") -> torch.Tensor:
-        self._host_collective(kind, dist.broadcast, tensor, group_src=src)
-        return tensor
+        moved = self._reachable(tensor)
+        self._host_collective(kind, dist.broadcast, moved, group_src=src)
+        return tensor if moved is tensor else tensor.copy_(moved)
 
     def _host_collective(self, kind: str, collective: Callable, *args, **kwargs) -> None:
         """A small collective the host waits for, timed on any device and counted as one call
@@ -352,6 +362,15 @@ class ProcessGroupTransport(Transport):
         self.counters.record(kind, [0] * self.num_ranks, [0] * self.num_ranks)
         work = self._issue(collective, *args, group=self.group, async_op=True, **kwargs)
         self._watch([work], True)[0].wait()
+
+
+def host_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+    """Where ``group`` takes the host's small tensors: the CPU when it has a CPU backend (Gloo, or
+    ``"cpu:gloo,cuda:nccl"``), else its device (plain NCCL: the current CUDA device), as torch's
+    own object collectives choose."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    types = [d.type for d in getattr(pg, "_device_types", ())]
+    return torch.device("cpu" if not types or "cpu" in types else types[0])
 
 
 def host_driven(device: torch.device) -> bool:
@@ -365,7 +384,8 @@ def host_driven(device: torch.device) -> bool:
 
 def make_transport(group: Optional[dist.ProcessGroup] = None, **kwargs) -> Transport:
     """The transport for ``group``: ``SymmMemTransport`` (:mod:`moeflow.comm.gpu`) for NCCL groups
-    whose torch has NVSHMEM symmetric memory (unless env ``MOEFLOW_SYMM_MEM=0``), else
+    whose process has NVSHMEM symmetric memory set up (:func:`~moeflow.comm.gpu.symm_mem_unavailable`
+    says what it takes; env ``MOEFLOW_SYMM_MEM=0`` declines it), else
     :class:`ProcessGroupTransport`. ``kwargs``: ``timeout_s``, ``ranks_per_node`` as there."""
     from .gpu import SymmMemTransport, symm_mem_available  # imports no CUDA code unless usable
 
