@@ -24,7 +24,9 @@ BACKEND = "cpu:gloo,cuda:nccl"
 
 
 def _on_gpu(fn, *args):
-    return spawn(fn, 1, *args, backend=BACKEND, timeout_s=300)[0]
+    # 120 s each: CUDA and NCCL start-up take seconds, a check itself well under one; a hung one
+    # must leave gpu_check.sh's pytest budget (330 s) to the others
+    return spawn(fn, 1, *args, backend=BACKEND, timeout_s=120)[0]
 
 
 def _routing(T, E, K, seed, device):
@@ -33,6 +35,34 @@ def _routing(T, E, K, seed, device):
     idx[torch.rand(T, K, generator=g) < 0.1] = -1
     w = torch.rand(T, K, generator=g)
     return idx.to(device), w.to(device)
+
+
+# ------------------------------------------------------------------------ NCCL itself, at world size 1
+def _nccl_basics():
+    """What the data path relies on from NCCL, exercised directly: at world size 1 moeflow itself
+    sends nothing over NCCL (a rank's own rows are local copies), so these calls are the only
+    NCCL operations this check makes: a count-table all-to-all, a grouped send/receive of FP8
+    rows viewed as bytes, and a wait with a timeout."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    table = torch.arange(6, dtype=torch.int64, device="cuda").view(1, 6)
+    got_table = torch.empty_like(table)
+    dist.all_to_all_single(got_table, table)
+    rows = per_token_cast_to_fp8(torch.randn(8, 256, device="cuda").bfloat16())[0].view(torch.uint8)
+    got_rows = torch.empty_like(rows)
+    works = dist.batch_isend_irecv([dist.P2POp(dist.isend, rows, 0), dist.P2POp(dist.irecv, got_rows, 0)])
+    for work in works:
+        work.wait(datetime.timedelta(seconds=30))
+    torch.cuda.synchronize()
+    return table.cpu(), got_table.cpu(), rows.cpu(), got_rows.cpu()
+
+
+def test_nccl_all_to_all_and_grouped_send_recv_of_fp8_bytes():
+    table, got_table, rows, got_rows = _on_gpu(_nccl_basics)
+    assert torch.equal(table, got_table) and torch.equal(rows, got_rows)
 
 
 # ------------------------------------------------------------------------ dispatch / combine on NCCL
@@ -77,10 +107,18 @@ def test_world1_dispatch_combine_on_nccl_matches_reference(fp8):
 
 
 # ------------------------------------------------------------------------ low-latency in a CUDA graph
-def _ll_graph(fp8: bool):
+def _ll_graph(fp8: bool, symm: bool):
+    import os
+
+    from moeflow.comm.gpu import SymmMemTransport, symm_mem_unavailable
+
     torch.cuda.set_device(0)
+    if symm and symm_mem_unavailable(None) is not None:
+        return symm_mem_unavailable(None)
+    os.environ["MOEFLOW_SYMM_MEM"] = "1" if symm else "0"  # read when the Buffer picks its transport
     T_max, H, E, K = 32, 1024, 16, 4
     buffer = Buffer(low_latency_mode=True)
+    assert isinstance(buffer.transport, SymmMemTransport) == symm
     x = torch.empty(T_max, H, dtype=torch.bfloat16, device="cuda")
     idx = torch.empty(T_max, K, dtype=torch.int64, device="cuda")
     w = torch.empty(T_max, K, device="cuda")
@@ -121,9 +159,13 @@ def _ll_graph(fp8: bool):
     return results
 
 
+@pytest.mark.parametrize("symm", [False, True], ids=["process-group", "symm-mem"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_low_latency_captured_in_a_cuda_graph_replays_like_eager(fp8):
-    for replayed, eager, x, idx, w in _on_gpu(_ll_graph, fp8):
+def test_low_latency_captured_in_a_cuda_graph_replays_like_eager(fp8, symm):
+    out = _on_gpu(_ll_graph, fp8, symm)
+    if isinstance(out, str):
+        pytest.skip(f"no symmetric-memory exchange here: {out}")
+    for replayed, eager, x, idx, w in out:
         assert torch.equal(replayed[0], eager[0])  # recv_count
         assert torch.equal(replayed[1], eager[1])  # combined
         # and eager is right: sum_k w * 3 * x (bf16 round trip of x, FP8 when cast)
@@ -136,10 +178,11 @@ def test_low_latency_captured_in_a_cuda_graph_replays_like_eager(fp8):
 # ------------------------------------------------------------------------ symmetric memory
 def _symm_exchange():
     torch.cuda.set_device(0)
-    from moeflow.comm.gpu import SymmMemTransport, symm_mem_available
+    from moeflow.comm.gpu import SymmMemTransport, symm_mem_unavailable
 
-    if not symm_mem_available(None):
-        return None
+    why = symm_mem_unavailable(None)
+    if why is not None:
+        return why
     transport = SymmMemTransport(None)
     C, W = 64, 48
     out = []
@@ -155,8 +198,8 @@ def _symm_exchange():
 
 def test_symmetric_memory_slot_exchange_moves_the_used_slots():
     out = _on_gpu(_symm_exchange)
-    if out is None:
-        pytest.skip("torch here has no NVSHMEM symmetric memory (is_nvshmem_available() is False)")
+    if isinstance(out, str):
+        pytest.skip(f"no symmetric-memory exchange here: {out}")
     for n, no_work, valid, send, recv in out:
         assert no_work and valid.tolist() == [j < n for j in range(valid.numel())]
         assert torch.equal(recv[:n], send[:n])
@@ -191,11 +234,14 @@ def _grouped_experts():
     (ref * grad.float()).sum().backward()
     got = [out, x.grad, w.grad, ex.w1.grad, ex.w2.grad, ex.w3.grad]
     want = [ref, xr.grad, wr.grad, *(p.grad for p in ref_w)]
-    return _native_grouped_mm(x), [(g.float().cpu(), r.cpu()) for g, r in zip(got, want)]
+    native = _native_grouped_mm(x, ex.w1, ex.w2, ex.w3)
+    hopper = torch.cuda.get_device_capability(0) >= (9, 0)
+    return native, hopper, [(g.float().cpu(), r.cpu()) for g, r in zip(got, want)]
 
 
 def test_grouped_experts_bf16_match_the_loop_reference():
-    native, pairs = _on_gpu(_grouped_experts)
+    native, hopper, pairs = _on_gpu(_grouped_experts)
+    assert native == hopper  # sm90+: the fused torch._grouped_mm kernel, not the loop
     names = ["out", "grad x", "grad weights", "grad w1", "grad w2", "grad w3"]
     for name, (got, want) in zip(names, pairs):
         scale = want.abs().max().clamp(min=1e-6)
@@ -208,9 +254,12 @@ def _layer_gpu_vs_cpu():
     torch.cuda.set_device(0)
     torch.manual_seed(0)
     cpu_layer, gpu_layer = (MoELayer(256, 128, 8, 2, num_shared_experts=1, num_chunks=2) for _ in range(2))
+    with torch.no_grad():  # the fp32 reference starts from the bf16 values the GPU layer holds
+        for p in cpu_layer.parameters():
+            p.copy_(p.bfloat16().float())
     gpu_layer.load_state_dict(cpu_layer.state_dict())
     gpu_layer = gpu_layer.cuda().bfloat16()
-    x = torch.randn(4, 64, 256)
+    x = torch.randn(4, 64, 256).bfloat16().float()
     out = []
     for layer, inp in ((cpu_layer, x.clone()), (gpu_layer, x.cuda().bfloat16())):
         inp.requires_grad_()
@@ -222,8 +271,9 @@ def _layer_gpu_vs_cpu():
 
 
 def test_moe_layer_bf16_on_gpu_matches_fp32_on_cpu():
-    """Relative error in norm: bf16 gate scores may pick another expert for a near tie, which
-    moves a few tokens by a lot and the rest by bf16 rounding."""
+    """Relative error in norm, from the same bf16-rounded weights and input: what is left is
+    bf16 arithmetic (a CPU bf16 stand-in of this test: at most 5.4e-3 over seeds 0-5, no token
+    changing experts; unrounded, a near tie moved one token's experts and the gate gradient by 6%)."""
     cpu, gpu = _on_gpu(_layer_gpu_vs_cpu)
     for name, c, g in zip(["y", "grad x", "grad gate", "grad w1", "grad w2"], cpu, gpu):
-        assert torch.linalg.norm(g - c) / torch.linalg.norm(c).clamp(min=1e-6) < 5e-2, name
+        assert torch.linalg.norm(g - c) / torch.linalg.norm(c).clamp(min=1e-6) < 2e-2, name

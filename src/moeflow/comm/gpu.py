@@ -16,6 +16,8 @@ a slot row is ``Wq`` int64 words.
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -23,23 +25,45 @@ import torch.distributed as dist
 
 from .transport import ProcessGroupTransport
 
-__all__ = ["SymmMemTransport", "symm_mem_available"]
+__all__ = ["SymmMemTransport", "symm_mem_available", "symm_mem_unavailable"]
 
 
 def symm_mem_available(group: Optional[dist.ProcessGroup]) -> bool:
-    """True when ``group`` runs NCCL on CUDA and this torch has NVSHMEM symmetric memory with
-    ``all_to_all_vdev`` (and the process has not chosen another symmetric-memory backend)."""
+    """Whether :func:`make_transport` picks :class:`SymmMemTransport` for ``group``; see
+    :func:`symm_mem_unavailable`."""
+    return symm_mem_unavailable(group) is None
+
+
+def symm_mem_unavailable(group: Optional[dist.ProcessGroup]) -> Optional[str]:
+    """None when ``group`` can use the symmetric-memory slot exchange, else why not.
+
+    It needs NCCL on CUDA, a torch with NVSHMEM and the 5-argument ``all_to_all_vdev``, and two
+    settings of the process, which moeflow leaves to the user because they are process-wide:
+    torch's symmetric-memory backend ``NVSHMEM`` (env ``TORCH_SYMMMEM=NVSHMEM``; torch's default
+    is its own ``CUDA`` backend, which has no ``all_to_all_vdev``), and env
+    ``TORCH_SYMMMEM_NBLOCKS`` below twice the group size: the kernel splits each peer's bytes over
+    ``NBLOCKS // R`` blocks and asserts (ending the CUDA context) when they do not divide evenly,
+    so one block per peer is the setting under which every slot count works."""
     if not torch.cuda.is_available() or "nccl" not in str(dist.get_backend(group)).lower():
-        return False
+        return "the group is not NCCL on CUDA"
     try:
         import torch.distributed._symmetric_memory as symm_mem
-    except ImportError:
-        return False
-    if not hasattr(torch.ops, "symm_mem") or not hasattr(torch.ops.symm_mem, "all_to_all_vdev"):
-        return False
-    if not getattr(symm_mem, "is_nvshmem_available", lambda: False)():
-        return False
-    return symm_mem.get_backend(torch.device("cuda", torch.cuda.current_device())) in (None, "NVSHMEM")
+
+        op = torch.ops.symm_mem.all_to_all_vdev
+        if len(op.default._schema.arguments) != 5:  # torch <= 2.8: (input, out, in_out_splits, group)
+            return "this torch's all_to_all_vdev takes other arguments"
+        if not symm_mem.is_nvshmem_available():
+            return "this torch has no NVSHMEM (is_nvshmem_available() is False)"
+        backend = symm_mem.get_backend(torch.device("cuda", torch.cuda.current_device()))
+    except (ImportError, AttributeError, RuntimeError) as e:
+        return f"this torch has no usable symmetric memory ({type(e).__name__}: {e})"
+    if backend != "NVSHMEM":
+        return f"torch's symmetric-memory backend is {backend!r}, not 'NVSHMEM' (set env TORCH_SYMMMEM=NVSHMEM)"
+    blocks = os.environ.get("TORCH_SYMMMEM_NBLOCKS", "")
+    R = dist.get_world_size(group)
+    if not blocks.isdigit() or not 1 <= int(blocks) < 2 * R:
+        return f"env TORCH_SYMMMEM_NBLOCKS is {blocks or 'unset'}: set it to the group size ({R})"
+    return None
 
 
 class _SymmBuffers:
@@ -65,10 +89,11 @@ class SymmMemTransport(ProcessGroupTransport):
         super().__init__(group, **kwargs)
         import torch.distributed._symmetric_memory as symm_mem
 
-        device = torch.device("cuda", torch.cuda.current_device())
-        if symm_mem.get_backend(device) is None:
-            symm_mem.set_backend("NVSHMEM")
         self.group_name = (group or dist.group.WORLD).group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.11, deprecated after
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(self.group_name)
         self._buffers: dict[tuple, list] = {}  # (T_max, Wq, device) -> [two _SymmBuffers, turn]
 
     def exchange_slots(self, send: torch.Tensor, recv: torch.Tensor, num_valid_per_rank: Optional[torch.Tensor],
