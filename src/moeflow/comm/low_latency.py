@@ -261,10 +261,10 @@ class LowLatency:
                 torch.index_select(scales, 0, tok, out=fmt.view(rows, "scales", torch.float32))
             else:
                 _gather(fmt.view(rows, "x", torch.uint8), x.view(torch.uint8), tok)
-            # local id on the slot's rank; a -1 ("no expert") stays negative after the shift
-            ids = topk_idx.index_select(0, tok) - (torch.arange(R * T_max, device=device) // T_max * L).unsqueeze(1)
-            mine = (ids >= 0) & (ids < L) & (slot_token.view(-1, 1) >= 0)
-            fmt.view(rows, "ids", fmt.ids_dtype).copy_(torch.where(mine, ids, -1))
+            # local ids on the slot's rank; unused slots (token -1) hold none
+            ids, _ = _layout.local_topk(topk_idx.index_select(0, tok), None,
+                                        torch.arange(R * T_max, device=device) // T_max, L)
+            fmt.view(rows, "ids", fmt.ids_dtype).copy_(ids.masked_fill_(slot_token.view(-1, 1) < 0, -1))
         else:
             fmt.view(rows, "ids", fmt.ids_dtype).fill_(-1)
         src_sig = fmt.view(rows, "src", torch.int32)                                # [R * T_max, 2]
