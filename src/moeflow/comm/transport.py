@@ -24,8 +24,8 @@ import torch.distributed as dist
 from . import interleave
 from .health import Watchdog, resolve_timeout
 
-__all__ = ["ByteCounters", "EventOverlap", "Transport", "ProcessGroupTransport", "Workspace", "make_transport", "host_device", "host_driven",
-           "rows_view"]
+__all__ = ["ByteCounters", "EventOverlap", "Transport", "ProcessGroupTransport", "Workspace", "make_transport",
+           "host_device", "host_driven", "rows_view"]
 
 # A message of a row exchange: (peer, rows). On the sending side the rows may be a callable that
 # builds them when their turn comes (see ProcessGroupTransport.exchange).
