@@ -553,7 +553,12 @@ def _check_same_weights(model: nn.Module, group: Optional[dist.ProcessGroup]) ->
     layout = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in tensors)
     hint = "load the same checkpoint (or seed) on every rank before expert_parallelize"
     check_same(transport, dict(tensors=len(tensors), names_shapes_dtypes_hash=layout), "expert_parallelize", hint)
-    hashes = torch.stack([fingerprint(t).cpu() for _, t in tensors]) if tensors else torch.zeros(0, dtype=torch.int64)
+    hashes = torch.zeros(len(tensors), dtype=torch.int64)
+    on_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(tensors):
+        on_device.setdefault(t.device, []).append(i)
+    for at in on_device.values():  # one host sync per device, not one per tensor
+        hashes[at] = torch.stack([fingerprint(tensors[i][1]) for i in at]).cpu()
     rows = gather_rows(transport, hashes)  # [R, tensors]
     differ = (rows != rows[0]).any(0).nonzero().flatten().tolist()
     if differ:
