@@ -10,8 +10,8 @@ runs a function on local ranks; :mod:`moeflow.balance` plans expert placement (E
 combine, with shared experts and overlap.
 """
 
-import importlib
-import importlib.util
+from importlib import import_module as _import_module
+from importlib.util import find_spec as _find_spec
 
 # Public name -> the module that defines it, imported on first use (PEP 562): `import moeflow`
 # costs nothing, and `moeflow --help` or a planning script never pays for torch._dynamo (which
@@ -34,11 +34,11 @@ _MODULES = tuple(sorted(set(_EXPORTS.values()) | {"moeflow.integrations"}))
 def __getattr__(name: str):
     """A public name, or a submodule (``moeflow.layout``, ``moeflow.balance``, ...), imported now."""
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(_import_module(_EXPORTS[name]), name)
         globals()[name] = value  # found directly from now on
         return value
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")
+    if not name.startswith("_") and _find_spec(f"{__name__}.{name}") is not None:
+        return _import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

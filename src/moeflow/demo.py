@@ -381,8 +381,9 @@ def train(cfg: DemoConfig, out_dir: Optional[str] = None, show_progress: bool = 
             history["val_step"].append(step)
             history["val_loss"].append(_evaluate(model, val_data, cfg, batch, device, loop))
         if bar is not None:
+            # expert_load: this step's max/mean over experts (the report's "over experts per step")
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", tok_s=f"{tokens / dt:,.0f}",
-                            imb=f"{history['max_over_mean_expert'][-1]:.2f}")
+                            expert_load=f"{history['max_over_mean_expert'][-1]:.2f}")
             bar.update(1)
     if bar is not None:
         bar.close()

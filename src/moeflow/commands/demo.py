@@ -98,6 +98,14 @@ def check_arguments(args: argparse.Namespace) -> tuple[int, float]:
         raise UsageError(str(e).replace("moeflow.Buffer: ", "")) from None
     check_at_least(args, 1, "ranks", "dp", "steps", "batch_size", "experts")
     check_at_least(args, 0, "rebalance_every")
+    # the pipeline group's flags mean nothing without a pipeline: refused, not silently ignored
+    given = [flag for flag, value, default in (("--schedule", args.schedule, "dualpipev"),
+                                                ("--microbatches", args.microbatches, None),
+                                                ("--no-overlap", args.no_overlap, False),
+                                                ("--checkpoint", args.checkpoint, None)) if value != default]
+    if given:
+        raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --pp P with P > 1 "
+                         "(the pipelined demo; without one they change nothing)")
     if args.layers < 2:
         raise UsageError(f"--layers must be >= 2 (the first block is dense, so {args.layers} block(s) hold no MoE "
                          f"layer), got {args.layers}")
