@@ -71,7 +71,7 @@ def cases_for(R: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- rank side
-def _as_on_gpu(buffer) -> None:
+def _as_on_gpu() -> None:
     """Make this rank's data path take the choices it takes for CUDA tensors on NCCL (one batch
     of messages per hop, combine rows in one piece, indexed sums, no runs straight from x), so
     that their logic runs here over Gloo: what differs on a GPU is then only the kernels."""
@@ -80,14 +80,13 @@ def _as_on_gpu(buffer) -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("moeflow.") and hasattr(module, "host_driven"):
             module.host_driven = lambda device: False
-    buffer._gap_cols = 0  # what the Buffer picks on NCCL
 
 
 def _run_cases(cases, as_on_gpu=False):
     R, rank = dist.get_world_size(), dist.get_rank()
     buffer = Buffer(dist.group.WORLD)
     if as_on_gpu:
-        _as_on_gpu(buffer)
+        _as_on_gpu()
     results = []
     for case in cases:
         x, idx, w = make_case_inputs(case, rank, R)

@@ -61,7 +61,7 @@ def _run(cases, ranks_per_node, as_on_gpu=False):
     node_aware = Buffer(dist.group.WORLD, ranks_per_node=ranks_per_node)
     flat = Buffer(dist.group.WORLD, ranks_per_node=R)
     if as_on_gpu:
-        _as_on_gpu(flat)
+        _as_on_gpu()
     assert node_aware.num_nodes == R // ranks_per_node and flat.num_nodes == 1
     out = []
     for case in cases:

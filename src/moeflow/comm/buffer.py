@@ -23,7 +23,7 @@ from .handle import DispatchHandle
 from .low_latency import LowLatency, LowLatencyHandle
 from .plan import GAP_COLS, CountTable, RowMeta
 from .route import PlanRunner
-from .transport import ByteCounters, EventOverlap, Transport, Workspace, make_transport
+from .transport import ByteCounters, EventOverlap, Transport, Workspace, host_driven, make_transport
 
 __all__ = ["Buffer", "DispatchHandle", "EventOverlap"]
 
@@ -102,10 +102,9 @@ class Buffer(DeepEPBufferMethods):
         # L of the count table's per-expert columns, the same on every rank (see _exchange_counts)
         self._num_local_experts = 0
         # Gap lists in the count table (flat hops then send long runs of tokens without a gather):
-        # on Gloo only, where a gather is a CPU copy of most of x; on NCCL it is a cheap kernel
-        # and reading the lists would cost host syncs. Few ranks only (with many, no list fits),
-        # and one node (node-aware hops do not use them).
-        self._gap_cols = GAP_COLS if R <= 8 and self.num_nodes == 1 and dist.get_backend(group) == "gloo" else 0
+        # few ranks only (with many, no list fits), one node (node-aware hops do not use them),
+        # and host-driven copies only (see _exchange_counts).
+        self._gaps_fit = R <= 8 and self.num_nodes == 1
         # Collective, once: a rank with another topology would size its count tables and routes
         # differently from the first dispatch on.
         check_same(self.transport, dict(ranks_per_node=self.ranks_per_node, low_latency_mode=bool(low_latency_mode)),
@@ -242,6 +241,9 @@ class Buffer(DeepEPBufferMethods):
         one (the first dispatch, or E changed everywhere), all exchange again with its columns.
         """
         R = self.group_size
+        # Gap lists where the host gathers (a CPU copy of most of x); on a device a gather is a
+        # cheap kernel and reading the lists would cost host syncs.
+        gap_cols = GAP_COLS if self._gaps_fit and host_driven(device) else 0
 
         def exchange(table: CountTable) -> tuple[torch.Tensor, torch.Tensor]:
             send = table.failed(device) if error is not None else table.pack(
@@ -249,7 +251,7 @@ class Buffer(DeepEPBufferMethods):
             # Collective: the count exchange. Host sync: the counts size what follows.
             return send, self.transport.exchange_counts(send).cpu()
 
-        table = CountTable(R, self.ranks_per_node, self._num_local_experts, len(SIGNATURE), self._gap_cols)
+        table = CountTable(R, self.ranks_per_node, self._num_local_experts, len(SIGNATURE), gap_cols)
         sent, recv = exchange(table)
         if error is not None:
             raise error
@@ -262,7 +264,7 @@ class Buffer(DeepEPBufferMethods):
         L = args.num_experts // R
         if L and L != table.num_local_experts:  # every rank agrees on E, so every rank gets here
             self._num_local_experts = L
-            table = CountTable(R, self.ranks_per_node, L, len(SIGNATURE), self._gap_cols)
+            table = CountTable(R, self.ranks_per_node, L, len(SIGNATURE), gap_cols)
             sent, recv = exchange(table)
         return table, sent, recv
 
